@@ -1,0 +1,1 @@
+"""classical subpackage of hpcdeconv."""

@@ -1,0 +1,376 @@
+"""Typed configuration: pydantic models loaded from YAML with ``--set a.b=c`` overrides.
+
+Every model forbids unknown keys; a misspelled key is reported with its dotted path and
+the closest valid name. Models are frozen: a run's configuration never changes after it
+has been loaded, and the resolved form is written next to the run's outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from hpcdeconv.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Shape3D = tuple[PositiveInt, PositiveInt, PositiveInt]
+Spacing3D = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+
+
+class StrictModel(BaseModel):
+    """Base of every configuration model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------
+# Point-spread functions. Lengths are in micrometres; shapes and spacings are (Z, Y, X).
+# --------------------------------------------------------------------------------------
+
+
+class _Optics(StrictModel):
+    """Objective and sampling shared by the 3D widefield PSF models."""
+
+    shape: Shape3D = (31, 31, 31)
+    voxel_size: Spacing3D = (0.1, 0.1, 0.1)
+    na: PositiveFloat = 1.4
+    n_immersion: PositiveFloat = 1.5
+    wavelength: PositiveFloat = 0.5
+
+    @model_validator(mode="after")
+    def _na_below_index(self) -> _Optics:
+        if self.na >= self.n_immersion:
+            raise ValueError(
+                f"na={self.na} must be smaller than n_immersion={self.n_immersion}"
+            )
+        return self
+
+
+class BornWolfPSF(_Optics):
+    """Scalar Born & Wolf PSF; ``paraxial`` selects the seed paper's quadratic defocus."""
+
+    model: Literal["born_wolf"] = "born_wolf"
+    paraxial: bool = True
+
+
+class RichardsWolfPSF(_Optics):
+    """Vectorial Richards & Wolf PSF, unpolarised light, aplanatic apodisation."""
+
+    model: Literal["richards_wolf"] = "richards_wolf"
+
+
+class GibsonLanniPSF(_Optics):
+    """Gibson & Lanni PSF with a refractive-index mismatch between immersion and sample."""
+
+    model: Literal["gibson_lanni"] = "gibson_lanni"
+    n_sample: PositiveFloat = 1.33
+    n_coverslip: PositiveFloat = 1.515
+    n_coverslip_design: PositiveFloat = 1.515
+    n_immersion_design: PositiveFloat = 1.515
+    coverslip_thickness: PositiveFloat = 170.0
+    coverslip_thickness_design: PositiveFloat = 170.0
+    working_distance_design: PositiveFloat = 150.0
+    particle_depth: Annotated[float, Field(ge=0)] = 0.0
+
+
+class GaussianPSF(StrictModel):
+    """Anisotropic Gaussian PSF; ``sigma`` in voxels, one per axis (2 or 3 axes)."""
+
+    model: Literal["gaussian"] = "gaussian"
+    shape: tuple[PositiveInt, ...] = (31, 31, 31)
+    voxel_size: tuple[PositiveFloat, ...] = (0.1, 0.1, 0.1)
+    sigma: tuple[PositiveFloat, ...] = (2.0, 1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _same_rank(self) -> GaussianPSF:
+        if not (len(self.shape) == len(self.voxel_size) == len(self.sigma)) or len(
+            self.shape
+        ) not in (2, 3):
+            raise ValueError("shape, voxel_size and sigma must all have 2 or all have 3 entries")
+        return self
+
+
+class ZernikePSF(StrictModel):
+    """2D PSF of a Zernike-expanded pupil, e.g. at one defocus plane.
+
+    ``coefficients`` maps Noll indices to amplitudes in waves (RMS-normalised Zernikes).
+    ``cylinder_power`` and ``axis_angle`` (degrees) add astigmatism in the form used by
+    the PSF-regression paper; ``defocus`` is an axial offset in micrometres.
+    """
+
+    model: Literal["zernike"] = "zernike"
+    shape: tuple[PositiveInt, PositiveInt] = (64, 64)
+    pixel_size: PositiveFloat = 0.1
+    na: PositiveFloat = 1.4
+    n_immersion: PositiveFloat = 1.5
+    wavelength: PositiveFloat = 0.5
+    defocus: float = 0.0
+    cylinder_power: float = 0.0
+    axis_angle: float = 0.0
+    coefficients: dict[Annotated[int, Field(ge=1)], float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _na_below_index(self) -> ZernikePSF:
+        if self.na >= self.n_immersion:
+            raise ValueError(
+                f"na={self.na} must be smaller than n_immersion={self.n_immersion}"
+            )
+        return self
+
+
+def _psf_tag(value: Any) -> str:
+    """Tag of a PSF config; a mapping without ``model`` is a Born & Wolf PSF."""
+    if isinstance(value, Mapping):
+        return str(value.get("model", "born_wolf"))
+    return str(getattr(value, "model", "born_wolf"))
+
+
+PSFConfig = Annotated[
+    Annotated[BornWolfPSF, Tag("born_wolf")]
+    | Annotated[RichardsWolfPSF, Tag("richards_wolf")]
+    | Annotated[GibsonLanniPSF, Tag("gibson_lanni")]
+    | Annotated[GaussianPSF, Tag("gaussian")]
+    | Annotated[ZernikePSF, Tag("zernike")],
+    Discriminator(_psf_tag),
+]
+
+
+class PSFFileConfig(StrictModel):
+    """Top level of a ``hpcdeconv psf`` configuration file."""
+
+    psf: PSFConfig = Field(default_factory=BornWolfPSF)
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic data
+# --------------------------------------------------------------------------------------
+
+
+class PhantomConfig(StrictModel):
+    """Synthetic 3D microtubule network (random smooth tubular filaments)."""
+
+    kind: Literal["microtubules"] = "microtubules"
+    filaments_per_mvoxel: PositiveFloat = 60.0
+    radius: PositiveFloat = 1.2
+    intensity_range: tuple[PositiveFloat, PositiveFloat] = (0.4, 1.0)
+    stiffness: PositiveFloat = 0.9
+
+
+class NoiseConfig(StrictModel):
+    """Poisson + Gaussian noise at a requested average SNR (dB), seed paper's definition."""
+
+    snr_db: float | None = 20.0
+    poisson_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class CodecConfig(StrictModel):
+    """Blosc compression of zarr chunks."""
+
+    cname: Literal["zstd", "lz4", "lz4hc", "zlib", "blosclz"] = "zstd"
+    clevel: Annotated[int, Field(ge=0, le=9)] = 3
+    shuffle: Literal["shuffle", "bitshuffle", "noshuffle"] = "bitshuffle"
+
+
+class StorageConfig(StrictModel):
+    """How volumes are laid out on disk."""
+
+    chunks: Shape3D = (64, 64, 64)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+
+
+class SplitConfig(StrictModel):
+    """Number of volumes per split."""
+
+    train: Annotated[int, Field(ge=0)] = 4
+    val: Annotated[int, Field(ge=0)] = 1
+    test: Annotated[int, Field(ge=0)] = 1
+
+
+class SimulateConfig(StrictModel):
+    """Top level of a ``hpcdeconv simulate`` configuration file."""
+
+    shape: Shape3D = (64, 128, 128)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    psf: PSFConfig = Field(default_factory=BornWolfPSF)
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _psf_fits(self) -> SimulateConfig:
+        if len(self.psf.shape) != 3:
+            raise ValueError("simulation needs a 3D PSF")
+        if any(p > s for p, s in zip(self.psf.shape, self.shape, strict=True)):
+            raise ValueError(f"psf.shape {self.psf.shape} is larger than the volume {self.shape}")
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["a.b=3", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars.
+
+    Parameters
+    ----------
+    items
+        Strings of the form ``dotted.key=value``.
+
+    Returns
+    -------
+    dict
+        Nested mapping, e.g. ``{"a": {"b": 3}, "c": [1, 2]}``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``; mappings merge, the rest replaces."""
+    merged: dict[str, Any] = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _walk(
+    model: type[BaseModel], data: Mapping[str, Any], loc: Sequence[Any]
+) -> tuple[list[str], list[str]]:
+    """Follow a pydantic error location through ``model``.
+
+    Returns the valid field names of the (sub)model reached and the location as the
+    user wrote it (union tags that pydantic inserts are dropped).
+    """
+    current: Any = model
+    node: Any = data
+    shown: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list | tuple) and part < len(node) else None
+            shown.append(str(part))
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            tagged = [c for c in _union_members(current) if _tag_of(c) == part]
+            if tagged:
+                current = tagged[0]
+                continue
+            shown.append(str(part))
+            return [], shown
+        shown.append(part)
+        current = fields[part].annotation
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return list(getattr(current, "model_fields", {})), shown
+
+
+def _union_members(annotation: Any) -> list[type[BaseModel]]:
+    """Model classes inside a (possibly ``Annotated``, possibly tagged) union annotation."""
+    found: list[type[BaseModel]] = []
+    stack = [annotation]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            found.append(item)
+        elif get_origin(item) is not None:
+            stack.extend(a for a in get_args(item) if not isinstance(a, Tag | Discriminator))
+    return found
+
+
+def _tag_of(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("model")
+    return field.default if field is not None else None
+
+
+def _format_error(model: type[BaseModel], data: Mapping[str, Any], exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = list(err["loc"])
+    valid, shown = _walk(model, data, loc[:-1] if err["type"] == "extra_forbidden" else loc)
+    path = ".".join([*shown, str(loc[-1])] if err["type"] == "extra_forbidden" else shown)
+    path = path or "<root>"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"unknown configuration key '{path}'{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"invalid configuration value at '{path}': {msg}"
+
+
+def build_config(model: type[M], data: Mapping[str, Any] | None = None) -> M:
+    """Validate ``data`` against ``model``; errors become one-line :class:`ConfigError`."""
+    data = dict(data or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(model, data, exc)) from None
+
+
+def load_config(
+    model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> M:
+    """Load a YAML file (optional), apply ``--set`` overrides and validate.
+
+    Parameters
+    ----------
+    model
+        The pydantic model of the top level, e.g. :class:`SimulateConfig`.
+    path
+        YAML file; ``None`` starts from the model's defaults.
+    overrides
+        ``dotted.key=value`` strings applied after the file.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"configuration file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = dict(loaded or {})
+    data = deep_merge(data, parse_overrides(overrides))
+    return build_config(model, data)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Write the fully resolved configuration as YAML (tuples become lists)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
