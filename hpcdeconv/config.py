@@ -54,9 +54,7 @@ class _Optics(StrictModel):
     @model_validator(mode="after")
     def _na_below_index(self) -> _Optics:
         if self.na >= self.n_immersion:
-            raise ValueError(
-                f"na={self.na} must be smaller than n_immersion={self.n_immersion}"
-            )
+            raise ValueError(f"na={self.na} must be smaller than n_immersion={self.n_immersion}")
         return self
 
 
@@ -77,6 +75,7 @@ class GibsonLanniPSF(_Optics):
     """Gibson & Lanni PSF with a refractive-index mismatch between immersion and sample."""
 
     model: Literal["gibson_lanni"] = "gibson_lanni"
+    n_immersion: PositiveFloat = 1.515
     n_sample: PositiveFloat = 1.33
     n_coverslip: PositiveFloat = 1.515
     n_coverslip_design: PositiveFloat = 1.515
@@ -126,9 +125,7 @@ class ZernikePSF(StrictModel):
     @model_validator(mode="after")
     def _na_below_index(self) -> ZernikePSF:
         if self.na >= self.n_immersion:
-            raise ValueError(
-                f"na={self.na} must be smaller than n_immersion={self.n_immersion}"
-            )
+            raise ValueError(f"na={self.na} must be smaller than n_immersion={self.n_immersion}")
         return self
 
 
@@ -213,6 +210,8 @@ class SimulateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _psf_fits(self) -> SimulateConfig:
+        if self.split.train + self.split.val + self.split.test == 0:
+            raise ValueError("split must hold at least one volume")
         if len(self.psf.shape) != 3:
             raise ValueError("simulation needs a 3D PSF")
         if any(p > s for p, s in zip(self.psf.shape, self.shape, strict=True)):
@@ -314,8 +313,12 @@ def _union_members(annotation: Any) -> list[type[BaseModel]]:
 
 
 def _tag_of(model: type[BaseModel]) -> Any:
-    field = model.model_fields.get("model")
-    return field.default if field is not None else None
+    """The discriminating literal of a union member: its ``model`` or ``name`` default."""
+    for key in ("model", "name"):
+        field = model.model_fields.get(key)
+        if field is not None:
+            return field.default
+    return None
 
 
 def _format_error(model: type[BaseModel], data: Mapping[str, Any], exc: ValidationError) -> str:
@@ -341,9 +344,7 @@ def build_config(model: type[M], data: Mapping[str, Any] | None = None) -> M:
         raise ConfigError(_format_error(model, data, exc)) from None
 
 
-def load_config(
-    model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> M:
+def load_config(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = ()) -> M:
     """Load a YAML file (optional), apply ``--set`` overrides and validate.
 
     Parameters
@@ -374,3 +375,182 @@ def load_config(
 def dump_config(config: BaseModel, path: str | Path) -> None:
     """Write the fully resolved configuration as YAML (tuples become lists)."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------
+# Training: data, networks, methods, optimisation, strategy
+# --------------------------------------------------------------------------------------
+
+
+class DataConfig(StrictModel):
+    """Where training patches come from and how they are drawn."""
+
+    path: Path = Path("data.zarr")
+    patch: Shape3D = (64, 64, 64)
+    batch_size: PositiveInt = 1
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    augment: bool = True
+    val_volumes: Annotated[int, Field(ge=0)] = 1
+
+
+class UNetConfig(StrictModel):
+    """3D U-Net of the seed paper (two 3x3x3 conv-IN-ReLU per level, skip per level)."""
+
+    channels: PositiveInt = 16
+    depth: PositiveInt = 3
+    final_activation: Literal["sigmoid", "none"] = "sigmoid"
+    # Instance norm (the paper's choice) makes outputs depend on the whole tile;
+    # "none" gives a strictly local network whose tiled inference is exact.
+    norm: Literal["instance", "none"] = "instance"
+
+
+class KernelConfig(StrictModel):
+    """The learnable (blind) or fixed (non-blind) linear blur path ``h``."""
+
+    size: Shape3D = (31, 31, 31)
+    init: Literal["delta", "gaussian", "file", "dataset"] = "gaussian"
+    sigma: PositiveFloat = 2.0
+    file: Path | None = None
+    constraint: Literal["none", "simplex"] = "none"
+    penalty: Literal["none", "l1", "tv"] = "none"
+    penalty_weight: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _file_given(self) -> KernelConfig:
+        if self.init == "file" and self.file is None:
+            raise ValueError("init: file needs kernel.file")
+        return self
+
+
+class DiscriminatorConfig(StrictModel):
+    """Multi-scale 3D PatchGAN: independent discriminators at 1, 1/2, 1/4 resolution."""
+
+    channels: PositiveInt = 16
+    n_layers: PositiveInt = 3
+    n_scales: PositiveInt = 3
+
+
+class GANLossConfig(StrictModel):
+    """Adversarial and cycle terms: ``L = L_adv + gamma * L_cycle (+ lambda Q(h))``."""
+
+    adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
+    gp_eta: PositiveFloat = 10.0
+    cycle_weight: Annotated[float, Field(ge=0)] = 10.0
+    pool_size: Annotated[int, Field(ge=0)] = 50
+
+
+class BlindCycleGANConfig(StrictModel):
+    """cycleGAN with a learnable linear blur kernel (seed paper eq. 13)."""
+
+    name: Literal["blind_cyclegan"] = "blind_cyclegan"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+
+class NonBlindCycleGANConfig(StrictModel):
+    """cycleGAN with the known PSF as a fixed blur path (seed paper eqs. 15-18)."""
+
+    name: Literal["nonblind_cyclegan"] = "nonblind_cyclegan"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    kernel: KernelConfig = Field(default_factory=lambda: KernelConfig(init="dataset"))
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+    @model_validator(mode="after")
+    def _known_psf(self) -> NonBlindCycleGANConfig:
+        if self.kernel.init not in ("file", "dataset"):
+            raise ValueError("non-blind training needs kernel.init: file or dataset")
+        return self
+
+
+class CycleGANConfig(StrictModel):
+    """Conventional cycleGAN: a second deep generator for the blurring direction."""
+
+    name: Literal["cyclegan"] = "cyclegan"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    blur_generator: UNetConfig = Field(default_factory=UNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+
+class SupervisedConfig(StrictModel):
+    """U-Net on paired data: MSE, plus an LSGAN term if ``adversarial_weight`` > 0."""
+
+    name: Literal["supervised"] = "supervised"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    adversarial_weight: Annotated[float, Field(ge=0)] = 0.0
+
+
+def _method_tag(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return str(value.get("name", "blind_cyclegan"))
+    return str(getattr(value, "name", "blind_cyclegan"))
+
+
+MethodConfig = Annotated[
+    Annotated[BlindCycleGANConfig, Tag("blind_cyclegan")]
+    | Annotated[NonBlindCycleGANConfig, Tag("nonblind_cyclegan")]
+    | Annotated[CycleGANConfig, Tag("cyclegan")]
+    | Annotated[SupervisedConfig, Tag("supervised")],
+    Discriminator(_method_tag),
+]
+
+
+class OptimConfig(StrictModel):
+    """Adam per network; linear decay to zero from ``decay_start`` (a step) if set."""
+
+    lr: PositiveFloat = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.5,
+        0.999,
+    )
+    decay_start: Annotated[int, Field(ge=0)] | None = None
+
+
+class TrainConfig(StrictModel):
+    """The loop: budget, precision, cadence of validation/checkpoints/logs."""
+
+    steps: PositiveInt = 200
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    log_every: PositiveInt = 10
+    val_every: PositiveInt = 100
+    ckpt_every: PositiveInt = 100
+    keep_checkpoints: PositiveInt = 2
+    image_every: PositiveInt = 100
+    val_tile: Shape3D = (64, 64, 64)
+    val_overlap: Annotated[int, Field(ge=0)] = 16
+
+
+class StrategyConfig(StrictModel):
+    """How the method's networks are distributed (the method is unaware of it)."""
+
+    name: Literal["single"] = "single"
+
+
+class ExperimentConfig(StrictModel):
+    """Top level of ``hpcdeconv train``."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=BlindCycleGANConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    output: Path = Path("runs/blind")
+
+
+class PredictConfig(StrictModel):
+    """In-memory tiled prediction of one volume."""
+
+    tile: Shape3D = (64, 64, 64)
+    overlap: Annotated[int, Field(ge=0)] = 16
+    blend: Literal["constant", "linear", "gaussian"] = "linear"
+    batch_size: PositiveInt = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,375 @@
+"""Zarr v3 datasets: layout, volume I/O with NGFF-style metadata, and a text summary.
+
+A dataset is a zarr v3 group::
+
+    <root>/zarr.json        attribute "hpcdeconv": {"format": 1, "split": {...}, ...}
+    <root>/sharp/<id>       (Z, Y, X) float32, ground truth (simulated data only)
+    <root>/blurred/<id>     (Z, Y, X) float32, the microscope images
+    <root>/psf              (Z, Y, X) float32, optional, the PSF used
+
+Every array carries ``{"axes": [{"name": "z", "type": "space", "unit": "micrometer"}, ...],
+"voxel_size": [dz, dy, dx]}`` as attributes. Arrays are never sharded, so any worker may
+write any whole chunk without coordinating with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+import zarr.errors
+from zarr.codecs import BloscCodec
+
+from hpcdeconv.config import CodecConfig
+from hpcdeconv.errors import InputError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+SHARP = "sharp"
+BLURRED = "blurred"
+PSF_KEY = "psf"
+DOMAINS = (SHARP, BLURRED)
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+ROOT_KEY = "hpcdeconv"
+UNIT = "micrometer"
+_AXIS_NAMES = ("z", "y", "x")
+
+
+@dataclass(frozen=True)
+class VolumeMeta:
+    """Physical description of a stored array.
+
+    Attributes
+    ----------
+    voxel_size
+        Sampling distance per axis in ``unit``, ordered like ``axes`` (e.g. ``(dz, dy, dx)``).
+    axes
+        Axis names, e.g. ``("z", "y", "x")``.
+    unit
+        Length unit of ``voxel_size``.
+    """
+
+    voxel_size: tuple[float, ...]
+    axes: tuple[str, ...]
+    unit: str = UNIT
+
+
+def create_dataset(path: str | Path, overwrite: bool = False) -> zarr.Group:
+    """Create an empty dataset group with the root ``hpcdeconv`` attribute.
+
+    Parameters
+    ----------
+    path
+        Directory of the new zarr v3 group.
+    overwrite
+        Replace whatever is at ``path``. Without it an existing path is left untouched.
+
+    Returns
+    -------
+    zarr.Group
+        The new group, open for writing.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        if not path.is_dir():
+            path.unlink()
+        logger.info("overwriting %s", path)
+    root = {"format": FORMAT_VERSION, "split": {name: [] for name in SPLITS}}
+    # mode "w" empties an existing directory store before writing the new group.
+    return zarr.open_group(path, mode="w", zarr_format=3, attributes={ROOT_KEY: root})
+
+
+def blosc_codec(codec: CodecConfig) -> BloscCodec:
+    """The zarr v3 Blosc codec described by ``codec``."""
+    return BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle)
+
+
+def volume_attrs(voxel_size: Sequence[float], extra: Mapping[str, Any] | None = None) -> dict:
+    """NGFF-style attributes of an array with ``len(voxel_size)`` spatial axes (at most 3)."""
+    if not 1 <= len(voxel_size) <= len(_AXIS_NAMES):
+        raise ValueError(f"voxel_size needs 1 to 3 entries, got {len(voxel_size)}")
+    names = _AXIS_NAMES[-len(voxel_size) :]
+    attrs: dict[str, Any] = {
+        "axes": [{"name": n, "type": "space", "unit": UNIT} for n in names],
+        "voxel_size": [float(v) for v in voxel_size],
+    }
+    attrs.update(extra or {})
+    return attrs
+
+
+def clip_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """Chunk shape no larger than ``shape`` (and at least 1) along every axis."""
+    if len(chunks) != len(shape):
+        raise ValueError(f"chunks {tuple(chunks)} and shape {tuple(shape)} differ in length")
+    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=True))
+
+
+def write_volume(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray | da.Array,
+    voxel_size: Sequence[float],
+    chunks: Sequence[int] = (64, 64, 64),
+    codec: CodecConfig = CodecConfig(),  # noqa: B008 - frozen pydantic model, safe default
+    attrs: Mapping[str, Any] | None = None,
+) -> zarr.Array:
+    """Store one volume as float32 with Blosc compression and NGFF-style attributes.
+
+    Parameters
+    ----------
+    group
+        Dataset group open for writing.
+    name
+        Path inside the group, e.g. ``"sharp/v000"`` or ``"psf"``.
+    data
+        ``(Z, Y, X)`` (or ``(Y, X)``) array. A dask array is rechunked to the storage chunks
+        and stored block by block, so it is never loaded whole.
+    voxel_size
+        Sampling per axis in micrometres, same length as ``data.ndim``.
+    chunks
+        Storage chunk shape; its trailing ``data.ndim`` entries are used, clipped to the shape.
+    codec
+        Blosc settings.
+    attrs
+        Extra attributes stored next to ``axes`` and ``voxel_size``.
+
+    Returns
+    -------
+    zarr.Array
+        The written array.
+    """
+    if len(voxel_size) != data.ndim:
+        raise ValueError(f"voxel_size {tuple(voxel_size)} does not match {data.ndim}D data")
+    chunk_shape = clip_chunks(tuple(chunks)[-data.ndim :], data.shape)
+    try:
+        array = group.create_array(
+            name,
+            shape=data.shape,
+            dtype="float32",
+            chunks=chunk_shape,
+            compressors=blosc_codec(codec),
+            dimension_names=_AXIS_NAMES[-data.ndim :],
+            attributes=volume_attrs(voxel_size, attrs),
+        )
+    except zarr.errors.ContainsArrayError:
+        raise OutputExistsError(f"array '{name}' already exists in {group.store}") from None
+    if isinstance(data, da.Array):
+        # Blocks equal to storage chunks: every task writes whole chunks, none shares one.
+        blocks = data.astype(np.float32).rechunk(chunk_shape)
+        da.store(blocks, array, lock=False, compute=True)
+    else:
+        array[...] = np.asarray(data, dtype=np.float32)
+    return array
+
+
+def open_dataset(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open a dataset group, turning every way it can be unreadable into :class:`InputError`.
+
+    Parameters
+    ----------
+    path
+        Directory of the zarr v3 group.
+    mode
+        zarr access mode: ``"r"`` (read only) or ``"r+"`` / ``"a"`` (read and write).
+    """
+    if mode not in ("r", "r+", "a"):
+        raise ValueError(f"mode must be 'r', 'r+' or 'a', got {mode!r}")
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    try:
+        group = zarr.open_group(path, mode=mode)
+        attrs = group.attrs.asdict()
+    except zarr.errors.ContainsArrayError:
+        raise InputError(f"{path}: is a zarr array, expected a dataset group") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: not a zarr group (no zarr.json found)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None
+    _check_root_attrs(path, attrs)
+    return group
+
+
+def _check_root_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
+    """Reject a malformed or newer ``hpcdeconv`` root attribute; its absence is allowed."""
+    root = attrs.get(ROOT_KEY)
+    if root is None:
+        return
+    if not isinstance(root, Mapping) or not isinstance(root.get("format"), int):
+        raise InputError(f"{path}: root attribute '{ROOT_KEY}' is malformed")
+    if root["format"] > FORMAT_VERSION:
+        raise InputError(
+            f"{path}: dataset format {root['format']} is newer than this hpcdeconv "
+            f"(reads format {FORMAT_VERSION})"
+        )
+
+
+def _as_group(group_or_path: zarr.Group | str | Path) -> zarr.Group:
+    if isinstance(group_or_path, zarr.Group):
+        return group_or_path
+    return open_dataset(group_or_path)
+
+
+def array_names(group: zarr.Group) -> list[str]:
+    """Paths of every array below ``group``, sorted, e.g. ``["blurred/v0", "psf"]``."""
+    members = group.members(max_depth=None)
+    return sorted(key for key, node in members if isinstance(node, zarr.Array))
+
+
+def volume_meta(array: zarr.Array) -> VolumeMeta:
+    """Voxel size and axes stored in an array's attributes."""
+    attrs = array.attrs.asdict()
+    try:
+        voxel_size = tuple(float(v) for v in attrs["voxel_size"])
+        axes = tuple(str(a["name"]) for a in attrs["axes"])
+        units = {str(a.get("unit", UNIT)) for a in attrs["axes"]}
+    except (KeyError, TypeError, ValueError):
+        raise InputError(
+            f"array '{array.path}' lacks valid 'axes'/'voxel_size' attributes"
+        ) from None
+    if len(voxel_size) != array.ndim or len(axes) != array.ndim or len(units) != 1:
+        raise InputError(f"array '{array.path}': axes/voxel_size do not match its shape")
+    return VolumeMeta(voxel_size=voxel_size, axes=axes, unit=units.pop())
+
+
+def open_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group``; a missing name raises InputError listing what exists."""
+    try:
+        node = group[name]
+    except KeyError:
+        node = None
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"array '{name}' in {group.store}: corrupt metadata ({reason})") from None
+    if not isinstance(node, zarr.Array):
+        existing = ", ".join(array_names(group)) or "none"
+        raise InputError(f"no array '{name}' in {group.store}; arrays present: {existing}")
+    return node
+
+
+def read_volume(group_or_path: zarr.Group | str | Path, name: str) -> tuple[da.Array, VolumeMeta]:
+    """Lazy view of a stored volume.
+
+    Returns
+    -------
+    volume
+        ``(Z, Y, X)`` dask array whose chunks are the storage chunks; nothing is read yet.
+    meta
+        Voxel size and axes.
+    """
+    array = open_array(_as_group(group_or_path), name)
+    meta = volume_meta(array)
+    return da.from_zarr(array), meta
+
+
+def _root(group: zarr.Group) -> dict[str, Any]:
+    root = group.attrs.asdict().get(ROOT_KEY)
+    if not isinstance(root, Mapping):
+        raise InputError(f"{group.store} is not an hpcdeconv dataset (no '{ROOT_KEY}' attribute)")
+    return dict(root)
+
+
+def get_split(group: zarr.Group) -> dict[str, list[str]]:
+    """Volume ids per split: ``{"train": [...], "val": [...], "test": [...]}``."""
+    split = _root(group).get("split", {})
+    if not isinstance(split, Mapping):
+        raise InputError(f"{group.store}: the dataset split is malformed")
+    return {name: [str(i) for i in split.get(name, [])] for name in SPLITS}
+
+
+def set_split(group: zarr.Group, split: Mapping[str, Sequence[str]]) -> None:
+    """Record which volume ids belong to train/val/test; every id must exist in a domain."""
+    unknown_splits = set(split) - set(SPLITS)
+    if unknown_splits:
+        raise InputError(f"unknown split names {sorted(unknown_splits)}; use {list(SPLITS)}")
+    known = {i for domain in DOMAINS for i in volume_ids(group, domain)}
+    missing = sorted({i for ids in split.values() for i in ids} - known)
+    if missing:
+        raise InputError(f"split names volumes that are not stored: {', '.join(missing)}")
+    root = _root(group)
+    root["split"] = {name: [str(i) for i in split.get(name, [])] for name in SPLITS}
+    group.attrs[ROOT_KEY] = root
+
+
+def update_root_attrs(group: zarr.Group, **values: Any) -> None:
+    """Add keys (e.g. ``simulation=...``) to the root ``hpcdeconv`` attribute."""
+    root = _root(group)
+    root.update(values)
+    group.attrs[ROOT_KEY] = root
+
+
+def volume_ids(group: zarr.Group, domain: str) -> list[str]:
+    """Sorted ids of the arrays in ``domain`` (``"sharp"`` or ``"blurred"``); [] if absent."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    try:
+        sub = group[domain]
+    except KeyError:
+        return []
+    if not isinstance(sub, zarr.Group):
+        return []
+    return sorted(key for key, node in sub.arrays())
+
+
+def _codec_names(array: zarr.Array) -> str:
+    parts = []
+    for codec in array.compressors:
+        config = codec.to_dict().get("configuration", {})
+        if isinstance(codec, BloscCodec):
+            parts.append(f"blosc({config['cname']},{config['clevel']},{config['shuffle']})")
+        else:
+            parts.append(str(codec.to_dict().get("name")))
+    return "+".join(parts) or "none"
+
+
+def _human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    exponent = min(int(np.log2(n) // 10), 4)
+    return f"{n / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
+
+
+def _describe_array(name: str, array: zarr.Array) -> str:
+    voxel = array.attrs.asdict().get("voxel_size")
+    voxel_text = "x".join(f"{v:g}" for v in voxel) + " um" if isinstance(voxel, list) else "?"
+    stored = array.nbytes_stored()
+    ratio = array.nbytes / stored if stored else float("inf")
+    return (
+        f"  {name}: shape={tuple(array.shape)} {array.dtype} chunks={tuple(array.chunks)} "
+        f"voxel={voxel_text} codec={_codec_names(array)} "
+        f"stored={_human_bytes(stored)} ({ratio:.1f}x)"
+    )
+
+
+def describe(path: str | Path) -> str:
+    """Multi-line summary of a dataset for ``hpcdeconv info``.
+
+    Lists every array with shape, dtype, chunks, voxel size, codec and stored size, then
+    the split and the remaining root attributes (as compact JSON).
+    """
+    group = open_dataset(path)
+    names = array_names(group)
+    lines = [f"{Path(path)}: {len(names)} arrays"]
+    lines += [_describe_array(name, open_array(group, name)) for name in names]
+    root = group.attrs.asdict().get(ROOT_KEY)
+    if isinstance(root, Mapping):
+        split = get_split(group)
+        counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
+        lines.append(f"split: {counts}")
+        lines += [f"  {k}: {', '.join(v)}" for k, v in split.items() if v]
+        extra = {k: v for k, v in root.items() if k != "split"}
+        lines.append(f"attributes: {json.dumps(extra, separators=(',', ':'), sort_keys=True)}")
+    else:
+        lines.append(f"(no '{ROOT_KEY}' root attribute: not written by hpcdeconv)")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Image-quality metrics for restored volumes: PSNR, SSIM (2D/3D), PCC, R², SNR.
+
+Every function takes array-likes (numpy, or dask through ``np.asarray``) of equal shape
+and computes in float64; the result is a Python float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import ndimage
+
+from hpcdeconv.errors import InputError
+
+__all__ = ["delta_snr", "pcc", "psnr", "r2", "snr", "ssim"]
+
+_K1 = 0.01
+_K2 = 0.03
+_TRUNCATE = 3.5  # Gaussian kernel extent in sigmas, as skimage uses for SSIM
+
+
+def _pair(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Both inputs as float64 arrays of one shape."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"arrays must have the same shape, got {a.shape} and {b.shape}")
+    return a, b
+
+
+def _ratio_db(signal_power: float, noise_power: float) -> float:
+    """``10 log10(signal / noise)``; ``inf`` when the noise power is zero."""
+    if noise_power == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(signal_power / noise_power))
+
+
+def psnr(x: ArrayLike, ref: ArrayLike, data_range: float) -> float:
+    """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` in dB.
+
+    Parameters
+    ----------
+    x, ref
+        Image and reference, same shape ``(*spatial)``.
+    data_range
+        Peak-to-peak range of valid intensities (e.g. 1 for images in ``[0, 1]``).
+    """
+    x, ref = _pair(x, ref)
+    return _ratio_db(data_range**2, float(np.mean((x - ref) ** 2)))
+
+
+def _local_mean(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-weighted local mean with reflecting borders, same shape as ``image``."""
+    return ndimage.gaussian_filter(image, sigma, mode="reflect", truncate=_TRUNCATE)
+
+
+def ssim(
+    x: ArrayLike,
+    ref: ArrayLike,
+    data_range: float,
+    sigma: float = 1.5,
+    win_size: int | None = None,
+) -> float:
+    """Mean structural similarity with a Gaussian window (Wang et al. 2004).
+
+    Local means, variances and covariance come from a Gaussian filter of std ``sigma``
+    truncated at 3.5 sigma with reflecting borders; the SSIM map
+
+        ((2 mu_x mu_y + C1)(2 s_xy + C2)) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)),
+
+    ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, is averaged after cropping
+    ``(win_size - 1) // 2`` voxels at every border. This equals
+    ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
+    use_sample_covariance=False)``, including its ``win_size`` semantics.
+
+    Parameters
+    ----------
+    x, ref
+        Images, same shape, 2D ``(Y, X)`` or 3D ``(Z, Y, X)``.
+    data_range
+        Peak-to-peak range ``L`` of valid intensities.
+    sigma
+        Standard deviation of the Gaussian window, in voxels.
+    win_size
+        Odd border-crop width; defaults to the kernel width ``2 int(3.5 sigma + 0.5) + 1``.
+    """
+    x, ref = _pair(x, ref)
+    if x.ndim not in (2, 3):
+        raise InputError(f"ssim needs 2D or 3D images, got {x.ndim} dimensions")
+    if win_size is None:
+        win_size = 2 * int(_TRUNCATE * sigma + 0.5) + 1
+    if win_size % 2 == 0 or win_size > min(x.shape):
+        raise InputError(
+            f"win_size must be odd and at most the smallest image side {min(x.shape)}, "
+            f"got {win_size}"
+        )
+    mu_x, mu_y = _local_mean(x, sigma), _local_mean(ref, sigma)
+    var_x = _local_mean(x * x, sigma) - mu_x**2
+    var_y = _local_mean(ref * ref, sigma) - mu_y**2
+    cov = _local_mean(x * ref, sigma) - mu_x * mu_y
+    c1 = (_K1 * data_range) ** 2
+    c2 = (_K2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    pad = (win_size - 1) // 2
+    core = tuple(slice(pad, n - pad) for n in ssim_map.shape)
+    return float(ssim_map[core].mean())
+
+
+def pcc(x: ArrayLike, y: ArrayLike) -> float:
+    """Pearson correlation coefficient of all voxels; ``nan`` if either input is constant."""
+    x, y = _pair(x, y)
+    dx = x - x.mean()
+    dy = y - y.mean()
+    denominator = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
+    if denominator == 0.0:
+        return float("nan")
+    return float(np.sum(dx * dy) / denominator)
+
+
+def r2(pred: ArrayLike, target: ArrayLike) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` (PSF-regression paper, eq. 15).
+
+    ``SS_res = sum((target - pred)^2)`` and ``SS_tot = sum((target - mean(target))^2)``;
+    ``nan`` when the target is constant.
+    """
+    pred, target = _pair(pred, target)
+    ss_tot = float(np.sum((target - target.mean()) ** 2))
+    if ss_tot == 0.0:
+        return float("nan")
+    return 1.0 - float(np.sum((target - pred) ** 2)) / ss_tot
+
+
+def snr(clean: ArrayLike, noisy: ArrayLike) -> float:
+    """SNR in dB of ``noisy`` against ``clean``: ``10 log10(sum(c^2) / sum((n - c)^2))``."""
+    clean, noisy = _pair(clean, noisy)
+    return _ratio_db(float(np.sum(clean**2)), float(np.sum((noisy - clean) ** 2)))
+
+
+def delta_snr(clean: ArrayLike, noisy: ArrayLike, restored: ArrayLike) -> float:
+    """SNR gain of a restoration: ``snr(clean, restored) - snr(clean, noisy)`` in dB."""
+    return snr(clean, restored) - snr(clean, noisy)

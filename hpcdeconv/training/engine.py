@@ -1,0 +1,284 @@
+"""The training loop: AMP, validation, atomic checkpoints, resume, logging.
+
+Knows the :class:`~hpcdeconv.methods.base.Method` interface and the
+:class:`~hpcdeconv.training.strategy.Strategy` interface, nothing of any particular
+method or strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hpcdeconv import __version__
+from hpcdeconv.config import ExperimentConfig, dump_config
+from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
+from hpcdeconv.methods import build_method
+from hpcdeconv.methods.base import Method
+from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hpcdeconv.training.feed import TrainingFeed
+from hpcdeconv.training.runlog import RunLogger
+from hpcdeconv.training.strategy import SingleStrategy, Strategy, resolve_device
+from hpcdeconv.training.validate import validate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDivergedError(HpcdeconvError):
+    """A loss became NaN or infinite."""
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or resumed-and-finished) run reports."""
+
+    run_dir: Path
+    steps: int
+    losses: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    exports: dict[str, Path] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, numpy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run directory; refuse to clobber a previous run unless asked to."""
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    if resume and not has_ckpt:
+        raise InputError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(
+                f"run directory {run_dir} is not empty; pass --resume to continue it "
+                "or --overwrite to start again"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def default_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The single-process strategy on the configured device."""
+    device = resolve_device(cfg.train.device)
+    return SingleStrategy(device, cfg.train.precision)
+
+
+def _check_precision(cfg: ExperimentConfig, device: torch.device) -> None:
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision fp16 needs a GPU; use bf16 on the CPU")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs a method under a strategy for ``cfg.train.steps`` steps."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        strategy: Strategy,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.run_dir = Path(cfg.output)
+        self.progress = progress and strategy.is_main
+        _check_precision(cfg, strategy.device)
+        if strategy.is_main:
+            prepare_run_dir(self.run_dir, resume, overwrite)
+        strategy.barrier()
+        # Same seed on every rank: networks start identical before any broadcast.
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.feed = TrainingFeed(
+            cfg.data, seed=cfg.train.seed, rank=strategy.rank, world_size=strategy.world_size
+        )
+        self.method: Method = build_method(
+            cfg.method,
+            dataset_psf=self.feed.psf,
+            seed=cfg.train.seed + 7919 * strategy.rank,
+            checkpointing=cfg.train.grad_checkpointing,
+            voxel_size=self.feed.voxel_size,
+        )
+        self.feed.require(paired=self.method.paired)
+        rates = self.method.learning_rates()
+        self.trainables = {
+            name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name))
+            for name, module in self.method.groups().items()
+        }
+        self.method.bind(self.trainables)
+        self.step = 0
+        if resume:
+            self._restore(latest_checkpoint(self.run_dir))
+        if strategy.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.logger = RunLogger(self.run_dir, enabled=strategy.is_main)
+
+    # ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "method": self.cfg.method.name,
+            "config": self.cfg.model_dump(mode="json"),
+            "step": self.step,
+            "groups": {name: t.state_dict() for name, t in self.trainables.items()},
+            "method_state": self.method.state_dict(),
+            # G_Θ alone, so inference needs neither the method nor the training data.
+            "deblur": self.method.deblur_net().state_dict(),
+            "feed": self.feed.state_dict(),
+            "rng": _rng_state(),
+        }
+
+    def _restore(self, path: Path | None) -> None:
+        assert path is not None
+        state = load_checkpoint(path, map_location=self.strategy.device)
+        if state.get("method") != self.cfg.method.name:
+            raise InputError(
+                f"checkpoint {path} is from method '{state.get('method')}', "
+                f"the configuration asks for '{self.cfg.method.name}'"
+            )
+        try:
+            for name, trainable in self.trainables.items():
+                trainable.load_state_dict(state["groups"][name])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise InputError(
+                f"checkpoint {path} does not fit the configured networks ({first})"
+            ) from None
+        self.method.load_state_dict(state["method_state"])
+        self.feed.load_state_dict(state["feed"])
+        _set_rng_state({k: v.cpu() if torch.is_tensor(v) else v for k, v in state["rng"].items()})
+        self.step = int(state["step"])
+        log.info("resumed %s at step %d", path, self.step)
+
+    def save(self) -> Path | None:
+        """Checkpoint on rank 0 (atomic), then wait for every rank."""
+        path = None
+        if self.strategy.is_main:
+            path = save_checkpoint(
+                self.run_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints
+            )
+        self.strategy.barrier()
+        return path
+
+    # ----------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        pin = self.strategy.device.type == "cuda"
+        batches = self.feed.loader(start_step=self.step, paired=self.method.paired, pin_memory=pin)
+        for batch in batches:
+            yield {k: v.to(self.strategy.device, non_blocking=pin) for k, v in batch.items()}
+
+    def _check_finite(self, losses: Mapping[str, torch.Tensor]) -> None:
+        bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+        if bad:
+            last = latest_checkpoint(self.run_dir)
+            keep = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+            raise TrainingDivergedError(
+                f"non-finite loss at step {self.step + 1} ({bad}); stopped, {keep}"
+            )
+
+    def validate(self) -> dict[str, float]:
+        """PSNR/SSIM of the tiled whole-volume prediction of the validation volumes."""
+        if not self.strategy.is_main or not self.feed.val_ids:
+            return {}
+        metrics = validate(
+            self.method.deblur_net(),
+            self.feed,
+            tile=self.cfg.train.val_tile,
+            overlap=self.cfg.train.val_overlap,
+            device=self.strategy.device,
+            autocast_dtype=self.strategy.autocast_dtype,
+        )
+        self.logger.scalars(self.step, "val", metrics)
+        return metrics
+
+    def fit(self) -> RunSummary:
+        """Train until ``cfg.train.steps``; returns the final losses and validation."""
+        tc = self.cfg.train
+        summary = RunSummary(self.run_dir, tc.steps)
+        bar = tqdm(
+            total=tc.steps, initial=self.step, disable=not self.progress, desc="train", unit="step"
+        )
+        batches = self._batches()
+        try:
+            while self.step < tc.steps:
+                batch = next(batches)
+                with self.strategy.autocast():
+                    losses = self.method.step(batch)
+                self._check_finite(losses)
+                self.step += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    values = {k: float(self.strategy.all_reduce_mean(v)) for k, v in losses.items()}
+                    lr = next(iter(self.trainables.values()))
+                    values["lr"] = _current_lr(lr)
+                    self.logger.scalars(self.step, "train", values)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "lr"})
+                    summary.losses = values
+                if self.step % tc.image_every == 0:
+                    self.logger.images(self.step, self.method.images())
+                if self.step % tc.val_every == 0 or self.step == tc.steps:
+                    summary.validation = self.validate() or summary.validation
+                if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
+                    self.save()
+        finally:
+            bar.close()
+            self.logger.close()
+        if self.strategy.is_main:
+            truth = None if self.feed.psf is None else torch.from_numpy(self.feed.psf)
+            summary.exports = self.method.export(self.run_dir, truth)
+        self.strategy.barrier()
+        return summary
+
+
+def _current_lr(trainable: Any) -> float:
+    optimizer = getattr(trainable, "optimizer", None)
+    return float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    strategy: Strategy | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Build the method and strategy from ``cfg`` and train it."""
+    strategy = strategy or default_strategy(cfg)
+    trainer = Trainer(cfg, strategy, resume=resume, overwrite=overwrite, progress=progress)
+    return trainer.fit()

@@ -1,0 +1,249 @@
+"""Shapes, parameter counts, receptive field and checkpointing of the networks."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+import torch
+from torch import nn
+
+from hpcdeconv.errors import ConfigError
+from hpcdeconv.models.blocks import (
+    ConvNormAct,
+    avg_pool_nd,
+    conv_nd,
+    instance_norm_nd,
+    max_pool_nd,
+)
+from hpcdeconv.models.discriminators import MultiScalePatchGAN, PatchGAN
+from hpcdeconv.models.unet import UNet
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize(
+    ("factory", "two", "three"),
+    [
+        (conv_nd, nn.Conv2d, nn.Conv3d),
+        (instance_norm_nd, nn.InstanceNorm2d, nn.InstanceNorm3d),
+        (max_pool_nd, nn.MaxPool2d, nn.MaxPool3d),
+        (avg_pool_nd, nn.AvgPool2d, nn.AvgPool3d),
+    ],
+)
+def test_factories_pick_layer_by_dimension(factory, two, three) -> None:
+    assert factory(2) is two
+    assert factory(3) is three
+    with pytest.raises(ConfigError, match="spatial_dims"):
+        factory(1)
+
+
+def test_conv_norm_act_keeps_size_and_normalises() -> None:
+    torch.manual_seed(0)
+    block = ConvNormAct(3, 2, 5, act="leaky_relu")
+    block[2] = nn.Identity()  # inspect the normalised pre-activation
+    y = block(torch.randn(2, 2, 6, 7, 8))
+    assert y.shape == (2, 5, 6, 7, 8)
+    # Instance norm with its initial affine (1, 0): zero mean, unit variance per channel.
+    torch.testing.assert_close(y.mean(dim=(2, 3, 4)), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    assert block[0].bias is None
+
+
+def test_conv_norm_act_stride_two_halves() -> None:
+    block = ConvNormAct(2, 1, 3, kernel_size=4, stride=2, norm=False)
+    assert block(torch.randn(1, 1, 16, 10)).shape == (1, 3, 8, 5)
+    assert n_params(block) == 16 * 3 + 3
+
+
+# ----------------------------------------------------------------------------- UNet
+
+
+def unet_param_formula(
+    d: int, c_in: int, c_out: int, channels: int, depth: int, norm: bool = True
+) -> int:
+    """Independent count: k=3 convs (bias only without norm), affine norms, k=2 up-convs."""
+    k = 3**d
+    widths = [channels * 2**i for i in range(depth + 1)]
+
+    def conv(a: int, b: int) -> int:
+        return k * a * b + (2 * b if norm else b)
+
+    total = 0
+    prev = c_in
+    for w in widths:  # encoder levels and bottleneck
+        total += conv(prev, w) + conv(w, w)
+        prev = w
+    for i in range(depth):  # decoder levels
+        up = 2**d * widths[i + 1] * widths[i] + (0 if norm else widths[i])
+        total += up + conv(2 * widths[i], widths[i]) + conv(widths[i], widths[i])
+    return total + widths[0] * c_out + c_out
+
+
+@pytest.mark.parametrize(
+    ("dims", "channels", "depth", "norm"), [(3, 32, 3, True), (2, 8, 2, True), (3, 4, 2, False)]
+)
+def test_unet_parameter_count(dims: int, channels: int, depth: int, norm: bool) -> None:
+    net = UNet(dims, 1, 2, channels=channels, depth=depth, norm=norm)
+    assert n_params(net) == unet_param_formula(dims, 1, 2, channels, depth, norm)
+
+
+def test_unet_default_is_about_5_6_million_parameters() -> None:
+    assert n_params(UNet()) == 5_600_897
+
+
+@pytest.mark.parametrize(("dims", "shape"), [(3, (2, 1, 16, 24, 32)), (2, (3, 1, 32, 48))])
+def test_unet_shapes_and_sigmoid_range(dims: int, shape: tuple[int, ...]) -> None:
+    net = UNet(dims, 1, 1, channels=4, depth=3)
+    y = net(torch.randn(shape) * 5)
+    assert y.shape == shape
+    assert torch.all((y > 0) & (y < 1))
+
+
+def test_unet_linear_output_and_channels() -> None:
+    net = UNet(3, 2, 3, channels=4, depth=1, final_activation="none")
+    y = net(torch.randn(1, 2, 8, 8, 8))
+    assert y.shape == (1, 3, 8, 8, 8)
+    assert (y < 0).any() or (y > 1).any()
+
+
+def test_unet_rejects_sizes_not_multiple_of_size_multiple() -> None:
+    net = UNet(3, channels=2, depth=3)
+    assert net.size_multiple == 8
+    with pytest.raises(ValueError, match="size_multiple=8"):
+        net(torch.randn(1, 1, 16, 20, 16))
+    with pytest.raises(ValueError, match="B, C, Z, Y, X"):
+        net(torch.randn(1, 16, 16, 16))
+
+
+def test_unet_rejects_bad_configuration() -> None:
+    with pytest.raises(ConfigError):
+        UNet(depth=0)
+    with pytest.raises(ConfigError):
+        UNet(final_activation="tanh")  # type: ignore[arg-type]
+
+
+def _reach(net: UNet, length: int, positions: range) -> tuple[int, int]:
+    """Largest distance below/above an input voxel z at which the output changes."""
+    side = max(net.size_multiple, 4)
+    x = torch.rand(1, 1, length, side, side, generator=torch.Generator().manual_seed(3))
+    x = x.double()
+    bumped = x.repeat(len(positions), 1, 1, 1, 1)
+    for b, z in enumerate(positions):
+        bumped[b, 0, z, 1, 2] += 1e3
+    with torch.no_grad():
+        changed = (net(bumped) - net(x)).abs().amax(dim=(1, 3, 4)) > 1e-12  # (B, Z)
+    pairs = list(zip(positions, changed, strict=True))
+    below = max(z - int(torch.nonzero(row).min()) for z, row in pairs)
+    above = max(int(torch.nonzero(row).max()) - z for z, row in pairs)
+    return below, above
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_unet_receptive_field_matches_perturbation(depth: int) -> None:
+    # Without instance norm the network is local. Positive weights on a positive input
+    # keep every ReLU open and let a large bump win every max-pool window, so each
+    # structural path shows up as a change.
+    net = UNet(3, channels=2, depth=depth, norm=False, final_activation="none").double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.uniform_(0.1, 1.0, generator=torch.Generator().manual_seed(p.numel()))
+    radius = net.receptive_field() // 2
+    m = net.size_multiple
+    length = -(-(2 * radius + 2 * m + 8) // m) * m
+    # The reach depends on the output position modulo 2**depth: probe a full period.
+    positions = range(length // 2, length // 2 + m)
+    assert _reach(net, length, positions) == (radius, radius)
+
+
+def test_unet_receptive_field_values() -> None:
+    assert [UNet(depth=d).receptive_field() for d in (1, 2, 3, 4)] == [19, 47, 103, 215]
+
+
+def test_checkpointing_gives_identical_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    plain = UNet(3, channels=2, depth=2)
+    ckpt = UNet(3, channels=2, depth=2, checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 8, 8, 8)
+    outs, grads, calls = [], [], []
+    for net in (plain, ckpt):
+        net.train()
+        count = [0]
+        conv = net.bottleneck[0][0]
+        conv.register_forward_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
+        y = net(x)
+        (y**2).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in net.parameters()])
+        calls.append(count[0])
+    assert calls == [1, 2]  # the checkpointed stage is recomputed during backward
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
+    ckpt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt(x), plain.eval()(x))
+
+
+# ----------------------------------------------------------------------------- discriminators
+
+
+def patchgan_param_formula(d: int, c_in: int, channels: int, n_layers: int) -> int:
+    widths = [channels * min(2**i, 8) for i in range(n_layers + 1)]
+    total = 4**d * c_in * widths[0] + widths[0]  # first layer: bias, no norm
+    for a, b in pairwise(widths[:n_layers]):
+        total += 4**d * a * b + 2 * b
+    total += 3**d * widths[n_layers - 1] * widths[n_layers] + 2 * widths[n_layers]
+    return total + 3**d * widths[n_layers] + 1
+
+
+@pytest.mark.parametrize(("dims", "n_layers"), [(3, 3), (2, 4), (3, 1)])
+def test_patchgan_parameter_count(dims: int, n_layers: int) -> None:
+    disc = PatchGAN(dims, in_channels=2, channels=4, n_layers=n_layers)
+    assert n_params(disc) == patchgan_param_formula(dims, 2, 4, n_layers)
+
+
+@pytest.mark.parametrize(
+    ("dims", "shape", "expected"),
+    [(3, (2, 1, 16, 32, 24), (2, 1, 2, 4, 3)), (2, (2, 1, 32, 16), (2, 1, 4, 2))],
+)
+def test_patchgan_shapes(dims: int, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    disc = PatchGAN(dims, channels=4, n_layers=3)
+    assert disc(torch.randn(shape)).shape == expected
+
+
+def test_patchgan_rejects_too_small_inputs() -> None:
+    disc = PatchGAN(3, channels=2, n_layers=3)
+    with pytest.raises(ValueError, match="too small"):
+        disc(torch.randn(1, 1, 8, 8, 8))  # a single score: its norm would be all zeros
+    with pytest.raises(ValueError, match="too small"):
+        disc(torch.randn(1, 1, 4, 32, 32))
+
+
+def test_multiscale_patchgan_scales_and_independence() -> None:
+    disc = MultiScalePatchGAN(3, channels=2, n_layers=2, n_scales=3)
+    assert disc.n_scales == 3
+    assert disc.reduction == 16
+    x = torch.randn(2, 1, 32, 32, 16)
+    outs = disc(x)
+    assert [o.shape for o in outs] == [(2, 1, 8, 8, 4), (2, 1, 4, 4, 2), (2, 1, 2, 2, 1)]
+    assert n_params(disc) == 3 * n_params(PatchGAN(3, channels=2, n_layers=2))
+    # Scale 1 judges the 2× average-pooled input with its own weights.
+    pooled = nn.functional.avg_pool3d(x, 2)
+    torch.testing.assert_close(outs[1], disc.discriminators[1](pooled))
+    assert not torch.equal(
+        disc.discriminators[0].model[0][0].weight, disc.discriminators[1].model[0][0].weight
+    )
+
+
+def test_multiscale_patchgan_2d_and_scale_count() -> None:
+    disc = MultiScalePatchGAN(2, channels=2, n_layers=2, n_scales=2)
+    outs = disc(torch.randn(1, 1, 16, 32))
+    assert [o.shape for o in outs] == [(1, 1, 4, 8), (1, 1, 2, 4)]
+    with pytest.raises(ConfigError):
+        MultiScalePatchGAN(2, n_scales=0)
