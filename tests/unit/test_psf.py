@@ -403,7 +403,7 @@ def test_make_psf_dispatches_every_model() -> None:
             psf.richards_wolf((9, 11, 11), (0.1, 0.1, 0.1), 1.2, 1.33, 0.5),
         ),
         (
-            GibsonLanniPSF(shape=(9, 11, 11), particle_depth=3.0),
+            GibsonLanniPSF(shape=(9, 11, 11), particle_depth=3.0, n_immersion=1.5),
             psf.gibson_lanni(
                 (9, 11, 11),
                 (0.1, 0.1, 0.1),

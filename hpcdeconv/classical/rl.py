@@ -1,0 +1,277 @@
+"""Richardson-Lucy and total-variation regularised Richardson-Lucy deconvolution in torch.
+
+The imaging model is ``y ~ Poisson(H x)`` with ``H`` the linear (zero-padded, cropped)
+convolution of :mod:`hpcdeconv.physics.forward`: PSF centre at index ``k // 2``, dark
+outside the field of view, OTF computed once on fast FFT sizes. Richardson-Lucy is the
+EM algorithm for this likelihood (Richardson 1972, Lucy 1974; Shepp & Vardi 1982)::
+
+    x <- x / N * H^T( y / H x ),        N = H^T 1   (``normalize=True``)
+                                        N = 1       (``normalize=False``)
+
+Because ``H`` is truncated to the field of view, ``H^T 1`` is the fraction of a voxel's
+light that reaches the detector: 1 in the interior and down to about ``2^-d`` in the
+corners of a ``d``-dimensional volume with a symmetric PSF. Dividing by it is the exact
+MLEM update of the truncated operator and keeps ``sum(H x) -> sum(y)``; without it the
+update is the textbook one (scikit-image, ``clip=False``), which under-weights voxels
+within half a PSF of the border. The two agree wherever the full PSF fits inside.
+
+TV-regularised RL (Dey et al., Microsc. Res. Tech. 69:260, 2006) adds ``lambda * TV(x)``
+to the negative log-likelihood and takes the one-step-late update::
+
+    x <- x * H^T( y / H x ) / ( N * (1 - lambda * div( grad x / |grad x|_eps )) )
+
+with forward differences for ``grad``, its negative adjoint for ``div`` and
+``|g|_eps = sqrt(|g|^2 + eps^2)``. With ``N = 1`` this is Dey's update; with ``N = H^T 1``
+it coincides with it wherever ``N = 1`` and stays positive at the borders. Since every
+component of ``grad x / |grad x|_eps`` is a unit-bounded vector, ``|div| <= 2 sqrt(d)``,
+so ``lambda < 1 / (2 sqrt(d))`` keeps the denominator positive.
+
+The initial estimate is the constant mean of the image. For any constant start the first
+update gives ``x_1 = H^T(y / H 1) / N`` regardless of the constant, so this matches
+scikit-image's start at 0.5 up to the ``eps`` floor; the mean keeps ``eps`` small relative
+to the data's own scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.physics.forward import FFTConvolver
+
+__all__ = ["richardson_lucy", "richardson_lucy_torch", "rl_halo", "tv_divergence"]
+
+logger = logging.getLogger(__name__)
+
+
+def _check_parameters(iterations: int, tv: float, eps: float, ndim: int) -> None:
+    """Raise ``ConfigError`` for an iteration count, TV weight or epsilon out of range."""
+    if iterations < 0:
+        raise ConfigError(f"iterations must be >= 0, got {iterations}")
+    if not eps > 0.0:
+        raise ConfigError(f"eps must be > 0, got {eps}")
+    tv_max = 1.0 / (2.0 * math.sqrt(ndim))
+    if not 0.0 <= tv < tv_max:
+        raise ConfigError(f"tv must lie in [0, {tv_max:.3f}) for {ndim}D data, got {tv}")
+
+
+def _check_arrays(image: Tensor, psf: Tensor) -> None:
+    """Raise ``InputError`` unless image and PSF are finite, non-empty and 2D/3D alike."""
+    if image.ndim not in (2, 3):
+        raise InputError(f"image must be 2D (Y, X) or 3D (Z, Y, X), got {image.ndim} axes")
+    if psf.ndim != image.ndim:
+        raise InputError(f"PSF has {psf.ndim} axes but the image has {image.ndim}; they must match")
+    if image.numel() == 0 or psf.numel() == 0:
+        raise InputError(f"empty input: image {tuple(image.shape)}, PSF {tuple(psf.shape)}")
+    for name, array in (("image", image), ("PSF", psf)):
+        if not bool(torch.isfinite(array).all()):
+            raise InputError(f"{name} contains NaN or infinite values")
+
+
+def _non_negative(array: Tensor, name: str) -> Tensor:
+    """Copy of ``array`` with negative values (noise, background subtraction) set to 0."""
+    negative = int((array < 0).sum())
+    if negative:
+        logger.debug("clipping %d negative %s values to 0", negative, name)
+    return array.clamp_min(0.0)
+
+
+def _unit_psf(psf: Tensor) -> Tensor:
+    """Non-negative PSF scaled to unit sum, so that ``H`` conserves light."""
+    psf = _non_negative(psf, "PSF")
+    total = psf.sum()
+    if not total > 0:
+        raise InputError("PSF has no positive values")
+    return psf / total
+
+
+def _compute_dtype(image: Tensor) -> torch.dtype:
+    """float64 stays float64; every other dtype (integers, halves) runs in float32."""
+    return torch.float64 if image.dtype == torch.float64 else torch.float32
+
+
+def tv_divergence(x: Tensor, eps: float) -> Tensor:
+    """Curvature term ``div( grad x / sqrt(|grad x|^2 + eps^2) )`` of TV regularisation.
+
+    ``grad`` is the forward difference with a zero last difference (Neumann boundary) and
+    ``div`` is its negative adjoint, so ``<grad u, p> = -<u, div p>`` for all ``u``, ``p``.
+
+    Parameters
+    ----------
+    x
+        Estimate, shape ``(*spatial)``; every axis is differentiated.
+    eps
+        Smoothing of the gradient magnitude, in the units of ``x``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape and dtype of ``x``; bounded by ``2 sqrt(x.ndim)`` in magnitude.
+    """
+    grads = [_forward_difference(x, axis) for axis in range(x.ndim)]
+    magnitude = torch.stack(grads).square_().sum(0).add_(eps * eps).sqrt_()
+    return sum(_backward_difference(g / magnitude, axis) for axis, g in enumerate(grads))
+
+
+def _forward_difference(x: Tensor, axis: int) -> Tensor:
+    """``x[i + 1] - x[i]`` along ``axis``, 0 at the last index."""
+    pad = [0, 0] * (x.ndim - 1 - axis) + [0, 1]
+    return torch.nn.functional.pad(torch.diff(x, dim=axis), pad)
+
+
+def _backward_difference(p: Tensor, axis: int) -> Tensor:
+    """``p[i] - p[i - 1]`` along ``axis`` with ``p[-1] = 0``: minus the adjoint of the above.
+
+    Exact as the adjoint only for fields whose last entry along ``axis`` is 0, which
+    :func:`_forward_difference` guarantees.
+    """
+    pad = [0, 0] * (p.ndim - 1 - axis) + [1, 0]
+    return torch.diff(torch.nn.functional.pad(p, pad), dim=axis)
+
+
+def _rl_step(
+    x: Tensor,
+    y: Tensor,
+    convolver: FFTConvolver,
+    sensitivity: Tensor | None,
+    tv: float,
+    eps: float,
+) -> Tensor:
+    """One (TV-)RL update of ``x`` in place; all tensors have shape ``(*spatial)``."""
+    blurred = convolver.forward(x).clamp_min_(eps)
+    correction = convolver.adjoint(torch.div(y, blurred, out=blurred))
+    # FFT round-off can leave tiny negative corrections; a negative factor would flip x's sign.
+    correction.clamp_min_(0.0)
+    if tv > 0.0:
+        correction /= 1.0 - tv * tv_divergence(x, eps)
+    if sensitivity is not None:
+        correction /= sensitivity
+    return x.mul_(correction)
+
+
+def richardson_lucy_torch(
+    image: Tensor,
+    psf: Tensor,
+    iterations: int = 20,
+    tv: float = 0.0,
+    eps: float = 1e-6,
+    normalize: bool = True,
+) -> Tensor:
+    """Richardson-Lucy (``tv = 0``) or TV-regularised RL deconvolution of one volume.
+
+    Implements the updates in the module docstring on the device of ``image``.
+
+    Parameters
+    ----------
+    image
+        Observed image, shape ``(Y, X)`` or ``(Z, Y, X)``; negative values (noise) are
+        clipped to 0, NaN or infinite values are rejected.
+    psf
+        Point-spread function with as many axes as ``image``, centre at ``k // 2`` per axis
+        (so even sizes are centred like :func:`hpcdeconv.physics.forward.convolve`); any
+        size, also larger than the image. Negative values are clipped to 0 and the PSF is
+        scaled to unit sum.
+    iterations
+        Number of updates; 0 returns the initial estimate.
+    tv
+        TV weight ``lambda`` in ``[0, 1 / (2 sqrt(d)))``; typical values are 1e-3 to 1e-2.
+    eps
+        Floor of ``H x`` before the division and smoothing of ``|grad x|``, in image units.
+    normalize
+        Divide by ``H^T 1`` (exact MLEM for the field-of-view-truncated operator) or not
+        (textbook update, as scikit-image).
+
+    Returns
+    -------
+    torch.Tensor
+        Non-negative estimate, shape of ``image``; float64 for float64 input, otherwise
+        float32.
+
+    Raises
+    ------
+    InputError
+        Wrong number of axes, empty arrays, non-finite values, or a PSF without positive
+        values.
+    ConfigError
+        ``iterations``, ``tv`` or ``eps`` out of range.
+    """
+    _check_arrays(image, psf)
+    _check_parameters(iterations, tv, eps, image.ndim)
+    dtype = _compute_dtype(image)
+    y = _non_negative(image.to(dtype), "image")
+    convolver = FFTConvolver(_unit_psf(psf.to(device=y.device, dtype=dtype)), tuple(y.shape))
+    sensitivity = convolver.adjoint(torch.ones_like(y)) if normalize else None
+    x = torch.full_like(y, float(y.mean()))
+    for iteration in range(iterations):
+        x = _rl_step(x, y, convolver, sensitivity, tv, eps)
+        logger.debug("RL iteration %d/%d done", iteration + 1, iterations)
+    return x
+
+
+def richardson_lucy(
+    image: np.ndarray,
+    psf: np.ndarray,
+    iterations: int = 20,
+    tv: float = 0.0,
+    eps: float = 1e-6,
+    normalize: bool = True,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """NumPy front end of :func:`richardson_lucy_torch`, run on ``device`` (default CPU).
+
+    Parameters
+    ----------
+    image, psf
+        Arrays of shape ``(Y, X)`` or ``(Z, Y, X)``; see :func:`richardson_lucy_torch`.
+    iterations, tv, eps, normalize
+        As in :func:`richardson_lucy_torch`.
+    device
+        Torch device for the computation, e.g. ``"cuda"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Estimate, shape of ``image``; float64 for float64 input, otherwise float32.
+    """
+    target = torch.device("cpu") if device is None else torch.device(device)
+    result = richardson_lucy_torch(
+        torch.as_tensor(np.asarray(image)).to(target),
+        torch.as_tensor(np.asarray(psf)).to(target),
+        iterations=iterations,
+        tv=tv,
+        eps=eps,
+        normalize=normalize,
+    )
+    return result.cpu().numpy()
+
+
+def rl_halo(psf_shape: Sequence[int]) -> tuple[int, ...]:
+    """Halo per axis for running RL block-wise with the result matching a whole-volume run.
+
+    Each RL iteration couples voxels up to ``2 (k // 2)`` apart (``H`` then ``H^T``), so
+    after ``n`` iterations a voxel depends in principle on everything within
+    ``2 n (k // 2)``. The dependence decays fast: a block only misses the light that
+    crosses its edge, and the estimate within about a PSF width of the edge absorbs it.
+    A halo of ``k - 1 = 2 (k // 2)`` (odd ``k``) was measured to keep the core within
+    about 1e-3 of the whole-volume result after 20 iterations (microtubule phantom,
+    31^3 Born & Wolf PSF, ``normalize=True``), so that is the halo returned.
+
+    Parameters
+    ----------
+    psf_shape
+        PSF shape ``(*K)``.
+
+    Returns
+    -------
+    tuple of int
+        Halo in voxels on each side of a block, one entry per axis.
+    """
+    if any(int(k) < 1 for k in psf_shape):
+        raise InputError(f"PSF shape must be positive, got {tuple(psf_shape)}")
+    return tuple(2 * (int(k) // 2) for k in psf_shape)

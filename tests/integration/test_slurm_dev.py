@@ -1,0 +1,73 @@
+"""The dev SLURM from slurm/dev: a 2-task job step finds its ranks and all-reduces over gloo,
+accounting records the outcome, and a cancelled job is seen to end."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+
+def test_two_task_step_discovers_and_reduces(
+    slurm_cluster: SlurmCluster,
+    dist_worker: list[str],
+    check_allreduce: Callable[[str, int, str], list[dict]],
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "job.out"
+    worker = shlex.join(dist_worker)
+    # The batch step itself carries SLURM_PROCID=0 and SLURM_NTASKS=2 but is one process.
+    batch_probe = (
+        "from dataclasses import asdict; import json; "
+        "from hpcdeconv.training.dist import discover; "
+        "print('batch_step', json.dumps(asdict(discover())))"
+    )
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --job-name=hpcdeconv-dist-test\n"
+        "#SBATCH --ntasks=2\n"
+        "#SBATCH --time=5\n"
+        f"#SBATCH --output={output}\n"
+        "set -e\n"
+        f"{shlex.quote(dist_worker[0])} -c {shlex.quote(batch_probe)}\n"
+        f"srun --mpi=pmi2 {worker}\n"
+    )
+    job_id, status = slurm_cluster.sbatch_wait(script)
+    text = output.read_text()
+    assert status == 0, text
+    reports = check_allreduce(text, 2, "slurm")
+    assert {r["master_port"] for r in reports} == {10000 + job_id % 50000}
+    assert sorted(r["local_rank"] for r in reports) == [0, 1]
+    batch_line = next(line for line in text.splitlines() if line.startswith("batch_step "))
+    batch = json.loads(batch_line.removeprefix("batch_step "))
+    assert (batch["launcher"], batch["world_size"]) == ("single", 1)
+    states = slurm_cluster.job_states(job_id)
+    assert states == {
+        str(job_id): "COMPLETED",
+        f"{job_id}.batch": "COMPLETED",
+        f"{job_id}.0": "COMPLETED",
+    }
+
+
+def test_cancelled_job_is_accounted(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = slurm_cluster.run(
+        "sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 120", cwd=tmp_path
+    )
+    job_id = int(out.strip().split(";")[0])
+    deadline = time.monotonic() + 30
+    while slurm_cluster.run("squeue", "-h", "-j", str(job_id), "-o", "%T").strip() != "RUNNING":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", str(job_id))
+    assert slurm_cluster.job_states(job_id)[str(job_id)] == "CANCELLED"
