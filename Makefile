@@ -25,6 +25,9 @@ demo: venv
 	$(VENV)/bin/hpcdeconv simulate --config configs/simulate_microtubules.yaml $(DEMO_DIR)/data.zarr --png $(DEMO_DIR)/data.png --overwrite
 	$(VENV)/bin/hpcdeconv psf --config configs/psf_born_wolf.yaml --out $(DEMO_DIR)/psf.tif --png $(DEMO_DIR)/psf.png --log --overwrite
 	$(VENV)/bin/hpcdeconv info $(DEMO_DIR)/data.zarr
+	$(VENV)/bin/hpcdeconv train --config configs/blind.yaml --set data.path=$(DEMO_DIR)/data.zarr --output $(DEMO_DIR)/runs/blind --overwrite
+	$(VENV)/bin/hpcdeconv predict --checkpoint $(DEMO_DIR)/runs/blind $(DEMO_DIR)/data.zarr/blurred/test000 --output $(DEMO_DIR)/deconvolved.tif --truth $(DEMO_DIR)/data.zarr/sharp/test000 --png $(DEMO_DIR)/deconvolved.png --overwrite
+	@echo "figures: $(DEMO_DIR)/data.png $(DEMO_DIR)/psf.png $(DEMO_DIR)/deconvolved.png $(DEMO_DIR)/runs/blind/psf/psf_learned.png"
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -422,6 +422,12 @@ class KernelConfig(StrictModel):
         return self
 
 
+class KnownKernelConfig(KernelConfig):
+    """The fixed blur path of non-blind training: the dataset's PSF or a file."""
+
+    init: Literal["file", "dataset"] = "dataset"
+
+
 class DiscriminatorConfig(StrictModel):
     """Multi-scale 3D PatchGAN: independent discriminators at 1, 1/2, 1/4 resolution."""
 
@@ -454,15 +460,9 @@ class NonBlindCycleGANConfig(StrictModel):
 
     name: Literal["nonblind_cyclegan"] = "nonblind_cyclegan"
     generator: UNetConfig = Field(default_factory=UNetConfig)
-    kernel: KernelConfig = Field(default_factory=lambda: KernelConfig(init="dataset"))
+    kernel: KnownKernelConfig = Field(default_factory=KnownKernelConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     loss: GANLossConfig = Field(default_factory=GANLossConfig)
-
-    @model_validator(mode="after")
-    def _known_psf(self) -> NonBlindCycleGANConfig:
-        if self.kernel.init not in ("file", "dataset"):
-            raise ValueError("non-blind training needs kernel.init: file or dataset")
-        return self
 
 
 class CycleGANConfig(StrictModel):

@@ -27,6 +27,7 @@ from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
 from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hpcdeconv.training.feed import TrainingFeed
+from hpcdeconv.training.preemption import StopRequest, requeue_slurm_job
 from hpcdeconv.training.runlog import RunLogger
 from hpcdeconv.training.strategy import SingleStrategy, Strategy, resolve_device
 from hpcdeconv.training.validate import validate
@@ -49,6 +50,8 @@ class RunSummary:
     losses: dict[str, float] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
     exports: dict[str, Path] = field(default_factory=dict)
+    #: Set when a stop signal ended the run early (after a checkpoint).
+    stopped_at: int | None = None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -108,7 +111,7 @@ class Trainer:
         cfg: ExperimentConfig,
         strategy: Strategy,
         *,
-        resume: bool = False,
+        resume: bool | str = False,
         overwrite: bool = False,
         progress: bool = True,
     ) -> None:
@@ -117,6 +120,9 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         self.progress = progress and strategy.is_main
         _check_precision(cfg, strategy.device)
+        if resume == "auto":
+            # Requeued SLURM jobs: continue when a checkpoint exists, else start.
+            resume = latest_checkpoint(self.run_dir) is not None
         if strategy.is_main:
             prepare_run_dir(self.run_dir, resume, overwrite)
         strategy.barrier()
@@ -230,6 +236,11 @@ class Trainer:
         self.logger.scalars(self.step, "val", metrics)
         return metrics
 
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank received a stop signal (all ranks stop at the same step)."""
+        flag = torch.tensor(1.0 if stop.requested else 0.0)
+        return bool(self.strategy.all_reduce_max(flag) > 0)
+
     def fit(self) -> RunSummary:
         """Train until ``cfg.train.steps``; returns the final losses and validation."""
         tc = self.cfg.train
@@ -238,8 +249,16 @@ class Trainer:
             total=tc.steps, initial=self.step, disable=not self.progress, desc="train", unit="step"
         )
         batches = self._batches()
+        stop = StopRequest().install()
         try:
             while self.step < tc.steps:
+                if self._stop_agreed(stop):
+                    self.save()
+                    summary.stopped_at = self.step
+                    if self.strategy.is_main:
+                        requeue_slurm_job()
+                    log.warning("stop signal: checkpoint at step %d written", self.step)
+                    return summary
                 batch = next(batches)
                 with self.strategy.autocast():
                     losses = self.method.step(batch)
@@ -260,6 +279,7 @@ class Trainer:
                 if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
                     self.save()
         finally:
+            stop.uninstall()
             bar.close()
             self.logger.close()
         if self.strategy.is_main:
@@ -277,7 +297,7 @@ def _current_lr(trainable: Any) -> float:
 def train(
     cfg: ExperimentConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     strategy: Strategy | None = None,
     progress: bool = True,

@@ -140,9 +140,7 @@ class TrainingFeed:
         mine = self.state_dict()
         for key, value in mine.items():
             if state.get(key) != value:
-                raise InputError(
-                    f"cannot resume: data {key} was {state.get(key)!r}, now {value!r}"
-                )
+                raise InputError(f"cannot resume: data {key} was {state.get(key)!r}, now {value!r}")
 
 
 def _any_array(group: Any, ids: set[str]) -> str:

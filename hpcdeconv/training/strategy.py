@@ -177,6 +177,10 @@ class Strategy(ABC):
         """Mean over ranks (identity in one process)."""
         return value
 
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks (identity in one process)."""
+        return value
+
 
 class SingleStrategy(Strategy):
     """One process on the CPU or one GPU."""

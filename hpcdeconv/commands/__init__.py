@@ -1,0 +1,12 @@
+"""One module per ``hpcdeconv`` verb: ``NAME``, ``HELP``, ``add_arguments(p)``, ``run(args)``.
+
+A verb is listed here only once it works end to end.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from hpcdeconv.commands import info, ingest, predict, psf, simulate, train
+
+COMMANDS: tuple[ModuleType, ...] = (simulate, psf, ingest, info, train, predict)

@@ -1,0 +1,54 @@
+"""``hpcdeconv train``: train a deconvolution method."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hpcdeconv.commands.common import VAL_KEYS, add_config_args
+
+NAME = "train"
+HELP = "train a method (blind/non-blind cycleGAN, baselines)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``hpcdeconv train``."""
+    add_config_args(p)
+    p.add_argument("--output", type=Path, help="run directory (overrides output:)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    mode.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume if the run has a checkpoint, else start (for requeued jobs)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start again in a used run dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train a method: blind / non-blind cycleGAN, conventional cycleGAN, supervised."""
+    from hpcdeconv.config import ExperimentConfig, load_config
+    from hpcdeconv.training.engine import train
+
+    overrides = list(args.set)
+    if args.output is not None:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    resume = "auto" if args.auto_resume else args.resume
+    summary = train(cfg, resume=resume, overwrite=args.overwrite)
+    if summary.stopped_at is not None:
+        print(f"stopped by signal after step {summary.stopped_at}; checkpoint written")
+        return 0
+    losses = ", ".join(f"{k}={v:.4g}" for k, v in summary.losses.items())
+    print(f"trained {cfg.method.name} for {summary.steps} steps -> {summary.run_dir}")
+    if losses:
+        print(f"final losses: {losses}")
+    if summary.validation:
+        val = {k: summary.validation.get(k, float("nan")) for k in VAL_KEYS}
+        print(
+            f"validation: PSNR {val['psnr_input']:.2f} -> {val['psnr']:.2f} dB, "
+            f"SSIM {val['ssim_input']:.3f} -> {val['ssim']:.3f}"
+        )
+    for name, path in summary.exports.items():
+        print(f"exported {name}: {path}")
+    return 0

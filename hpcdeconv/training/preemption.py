@@ -1,0 +1,71 @@
+"""Graceful stop on SIGUSR1 / SIGTERM: checkpoint, then requeue the SLURM job.
+
+SLURM sends ``--signal=USR1@120`` to every task some time before the time limit (and
+SIGTERM on preemption). The handler only records the request; the training loop checks it
+between steps (agreed across ranks), writes a checkpoint and, under SLURM, asks the
+controller to requeue the job, whose next run resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Mapping
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Records the first stop signal received; installs handlers from the main thread only."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived."""
+        return self.signum is not None
+
+    def install(self) -> StopRequest:
+        """Catch the stop signals (no-op outside the main thread, e.g. in notebooks)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+
+def requeue_slurm_job(env: Mapping[str, str] = os.environ) -> bool:
+    """``scontrol requeue $SLURM_JOB_ID``; returns whether a requeue was requested."""
+    job = env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID")
+    job_id = (
+        f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        if job
+        else env.get("SLURM_JOB_ID")
+    )
+    if not job_id:
+        return False
+    result = subprocess.run(
+        ["scontrol", "requeue", job_id], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job_id)
+    return True

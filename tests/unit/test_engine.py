@@ -1,0 +1,242 @@
+"""The training engine: outputs, bad input, non-finite losses, checkpoints, inference model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.data.zarr_io import create_dataset, set_split, write_volume
+from hpcdeconv.errors import ConfigError, InputError, OutputExistsError
+from hpcdeconv.inference.model import load_model
+from hpcdeconv.inference.predict import predict_volume
+from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint
+from hpcdeconv.training.engine import TrainingDivergedError, train
+from hpcdeconv.training.runlog import read_metrics
+from tests.conftest import TINY_TRAINING
+
+
+def config(data: Path, run: Path, *extra: str) -> ExperimentConfig:
+    overrides = [*TINY_TRAINING, f"data.path={data}", f"output={run}", *extra]
+    return load_config(ExperimentConfig, None, overrides)
+
+
+def test_blind_run_writes_everything(tiny_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = train(
+        config(
+            tiny_dataset, run, "train.steps=4", "method.kernel.size=[7, 7, 7]", "train.val_every=4"
+        ),
+        progress=False,
+    )
+    assert summary.steps == 4
+    assert (run / "config.yaml").is_file()
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4]
+    assert {"psnr", "ssim", "psnr_input", "ssim_input"} <= set(summary.validation)
+    assert latest_checkpoint(run).name == "step_00000004.pt"
+    assert len(list((run / "checkpoints").glob("step_*.pt"))) == 2  # keep_checkpoints
+    for name in ("psf_learned_raw.tif", "psf_learned_smoothed.npy", "psf_learned.png"):
+        assert (run / "psf" / name).is_file()
+    assert any((run / "tensorboard").iterdir())
+    smoothed = np.load(run / "psf" / "psf_learned_smoothed.npy")
+    assert smoothed.shape == (7, 7, 7) and abs(float(smoothed.sum()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["nonblind_cyclegan", "cyclegan", "supervised"])
+def test_every_method_trains(tiny_dataset: Path, tmp_path: Path, method: str) -> None:
+    extra = [f"method.name={method}", "train.steps=2"]
+    if method == "nonblind_cyclegan":
+        extra.append("method.kernel.size=[7, 7, 7]")
+    summary = train(config(tiny_dataset, tmp_path / method, *extra), progress=False)
+    assert all(np.isfinite(v) for v in summary.losses.values())
+    state = load_checkpoint(tmp_path / method)
+    assert state["method"] == method and state["step"] == 2
+
+
+def test_nonblind_uses_the_dataset_psf_and_keeps_it_fixed(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    cfg = config(
+        tiny_dataset,
+        tmp_path / "nb",
+        "method.name=nonblind_cyclegan",
+        "method.kernel.size=[7, 7, 7]",
+        "train.steps=2",
+    )
+    train(cfg, progress=False)
+    state = load_checkpoint(tmp_path / "nb")
+    kernel = [v for k, v in state["groups"]["G"]["module"].items() if k.startswith("blur.")]
+    from hpcdeconv.data.zarr_io import read_volume
+
+    truth = np.asarray(read_volume(tiny_dataset, "psf")[0])
+    assert len(kernel) == 1
+    np.testing.assert_allclose(kernel[0].numpy(), truth, rtol=1e-6, atol=1e-8)
+    assert "D" in state["groups"] and list(state["method_state"]["pools"]) == ["x"]
+
+
+def test_bf16_and_gradient_checkpointing_paths_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    cfg = config(
+        tiny_dataset,
+        tmp_path / "bf16",
+        "train.steps=1",
+        "train.precision=bf16",
+        "train.grad_checkpointing=true",
+        "method.kernel.size=[7, 7, 7]",
+    )
+    summary = train(cfg, progress=False)
+    assert all(np.isfinite(v) for v in summary.losses.values())
+
+
+def test_fp16_on_cpu_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        train(config(tiny_dataset, tmp_path / "r", "train.precision=fp16"), progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "nan"
+    # An absurd learning rate on an unbounded generator overflows within a few steps.
+    cfg = config(
+        tiny_dataset,
+        run,
+        "method.name=supervised",
+        "train.steps=40",
+        "method.generator.final_activation=none",
+        "optim.lr=1.0e+30",
+        "train.ckpt_every=1",
+    )
+    with pytest.raises(TrainingDivergedError, match="non-finite loss at step") as info:
+        train(cfg, progress=False)
+    last = latest_checkpoint(run)
+    assert last is not None and str(last) in str(info.value)
+    state = load_checkpoint(last)
+    assert all(torch.isfinite(v).all() for v in state["deblur"].values())
+
+
+def test_run_dir_protection_and_resume_errors(tiny_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match="no checkpoint"):
+        train(config(tiny_dataset, run, "train.steps=2"), resume=True, progress=False)
+    train(
+        config(tiny_dataset, run, "train.steps=2", "method.kernel.size=[7, 7, 7]"), progress=False
+    )
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(config(tiny_dataset, run, "train.steps=2"), progress=False)
+    with pytest.raises(InputError, match="from method 'blind_cyclegan'"):
+        train(
+            config(tiny_dataset, run, "train.steps=4", "method.name=cyclegan"),
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(InputError, match="does not fit"):
+        train(
+            config(tiny_dataset, run, "train.steps=4", "method.kernel.size=[5, 5, 5]"),
+            resume=True,
+            progress=False,
+        )
+
+
+def test_psf_file_of_the_wrong_size(tiny_dataset: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "psf.npy", np.ones((5, 5, 5), np.float32) / 125)
+    cfg = config(
+        tiny_dataset,
+        tmp_path / "r",
+        "method.kernel.init=file",
+        f"method.kernel.file={tmp_path / 'psf.npy'}",
+        "method.kernel.size=[7, 7, 7]",
+    )
+    with pytest.raises(InputError, match="size"):
+        train(cfg, progress=False)
+
+
+def test_patch_larger_than_volume(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="larger than volume"):
+        train(config(tiny_dataset, tmp_path / "r", "data.patch=[32, 32, 32]"), progress=False)
+
+
+def _dataset(path: Path, domains: dict[str, list[str]], nan: bool = False) -> Path:
+    group = create_dataset(path)
+    rng = np.random.default_rng(0)
+    ids = sorted({i for v in domains.values() for i in v})
+    for domain, vids in domains.items():
+        for vid in vids:
+            data = rng.random((16, 32, 32)).astype(np.float32)
+            if nan:
+                data[...] = np.nan
+            write_volume(group, f"{domain}/{vid}", data, (0.1, 0.1, 0.1))
+    set_split(group, {"train": ids, "val": [], "test": []})
+    return path
+
+
+def test_supervised_needs_pairs(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "u.zarr", {"sharp": ["a", "b"], "blurred": ["c", "d"]})
+    with pytest.raises(InputError, match="both a sharp and a blurred"):
+        train(config(data, tmp_path / "r", "method.name=supervised"), progress=False)
+
+
+def test_cyclegan_needs_both_domains(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "b.zarr", {"blurred": ["c", "d"]})
+    with pytest.raises(InputError, match="needs both domains"):
+        train(config(data, tmp_path / "r"), progress=False)
+
+
+def test_nan_voxels_are_reported(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "n.zarr", {"sharp": ["a", "b"], "blurred": ["a", "b"]}, nan=True)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        train(config(data, tmp_path / "r", "method.name=supervised"), progress=False)
+
+
+def test_checkpoint_generator_tiles_exactly_when_local(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A norm-free U-Net from a checkpoint: constant-blend tiling equals whole-volume output."""
+    run = tmp_path / "local"
+    train(
+        config(
+            tiny_dataset,
+            run,
+            "method.name=supervised",
+            "train.steps=2",
+            "method.generator.norm=none",
+            "method.generator.depth=1",
+        ),
+        progress=False,
+    )
+    model = load_model(run)
+    radius = model.receptive_field // 2
+    rng = np.random.default_rng(3)
+    volume = rng.random((24, 40, 56)).astype(np.float32)
+    tiled = predict_volume(
+        model.net,
+        volume,
+        tile=(24, 24, 24),
+        overlap=2 * radius,
+        blend="constant",
+        size_multiple=model.size_multiple,
+    )
+    with torch.inference_mode():
+        whole = model.net(torch.from_numpy(volume)[None, None])[0, 0].numpy()
+    np.testing.assert_allclose(tiled, whole, atol=2e-6)
+    too_small = predict_volume(
+        model.net,
+        volume,
+        tile=(24, 24, 24),
+        overlap=2,
+        blend="constant",
+        size_multiple=model.size_multiple,
+    )
+    assert np.abs(too_small - whole).max() > 1e-4
+
+
+def test_load_model_rejects_non_checkpoints(tmp_path: Path) -> None:
+    bogus = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(2)}, bogus)
+    with pytest.raises(InputError, match="not an hpcdeconv checkpoint"):
+        load_model(bogus)
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a readable"):
+        load_model(tmp_path / "junk.pt")
+    with pytest.raises(InputError, match="no checkpoint"):
+        load_model(tmp_path / "empty_dir_that_does_not_exist")
