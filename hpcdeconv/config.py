@@ -528,10 +528,22 @@ class TrainConfig(StrictModel):
     val_overlap: Annotated[int, Field(ge=0)] = 16
 
 
+class DeepSpeedConfig(StrictModel):
+    """DeepSpeed engine settings; precision comes from ``train.precision`` only."""
+
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 1
+    #: Extra DeepSpeed JSON keys (e.g. ``zero_optimization.overlap_comm``); keys that
+    #: contradict the YAML (precision, batch size, optimizer) are rejected.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
 class StrategyConfig(StrictModel):
     """How the method's networks are distributed (the method is unaware of it)."""
 
-    name: Literal["single"] = "single"
+    name: Literal["single", "ddp", "deepspeed"] = "single"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: PositiveFloat = 120.0
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 
 class ExperimentConfig(StrictModel):
@@ -543,6 +555,42 @@ class ExperimentConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     output: Path = Path("runs/blind")
+
+
+class ClusterConfig(StrictModel):
+    """Where the dask workers of ``hpcdeconv deconvolve`` / ``rl`` come from."""
+
+    kind: Literal["local", "slurm", "mpi", "scheduler"] = "local"
+    scheduler: str | None = None
+    workers: Annotated[int, Field(ge=1)] | None = None
+    threads_per_worker: PositiveInt = 1
+    memory_per_worker: str = "4GiB"
+    #: dask-jobqueue SLURMCluster settings (partition, walltime, GPUs per worker job).
+    partition: str | None = None
+    walltime: str = "01:00:00"
+    gpus_per_worker: Annotated[int, Field(ge=0)] = 0
+    dashboard: bool = True
+
+    @model_validator(mode="after")
+    def _scheduler_given(self) -> ClusterConfig:
+        if self.kind == "scheduler" and not self.scheduler:
+            raise ValueError("cluster.kind scheduler needs cluster.scheduler (tcp://host:port)")
+        return self
+
+
+class DeconvolveConfig(StrictModel):
+    """Block-wise, dask-distributed deconvolution of whole volumes into zarr."""
+
+    block: Shape3D = (128, 128, 128)
+    halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    tile: Shape3D = (64, 64, 64)
+    overlap: Annotated[int, Field(ge=0)] = 16
+    blend: Literal["constant", "linear", "gaussian"] = "linear"
+    batch_size: PositiveInt = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    chunks: Shape3D = (64, 64, 64)
+    retries: Annotated[int, Field(ge=0)] = 2
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 class PredictConfig(StrictModel):
