@@ -13,7 +13,8 @@ light that reaches the detector: 1 in the interior and down to about ``2^-d`` in
 corners of a ``d``-dimensional volume with a symmetric PSF. Dividing by it is the exact
 MLEM update of the truncated operator and keeps ``sum(H x) -> sum(y)``; without it the
 update is the textbook one (scikit-image, ``clip=False``), which under-weights voxels
-within half a PSF of the border. The two agree wherever the full PSF fits inside.
+within half a PSF of the border. The two updates are identical wherever the whole PSF fits
+inside the field of view, but border differences spread inward over the iterations.
 
 TV-regularised RL (Dey et al., Microsc. Res. Tech. 69:260, 2006) adds ``lambda * TV(x)``
 to the negative log-likelihood and takes the one-step-late update::
@@ -22,9 +23,10 @@ to the negative log-likelihood and takes the one-step-late update::
 
 with forward differences for ``grad``, its negative adjoint for ``div`` and
 ``|g|_eps = sqrt(|g|^2 + eps^2)``. With ``N = 1`` this is Dey's update; with ``N = H^T 1``
-it coincides with it wherever ``N = 1`` and stays positive at the borders. Since every
-component of ``grad x / |grad x|_eps`` is a unit-bounded vector, ``|div| <= 2 sqrt(d)``,
-so ``lambda < 1 / (2 sqrt(d))`` keeps the denominator positive.
+it coincides with it wherever ``N = 1`` and stays positive at the borders. The field
+``p = grad x / |grad x|_eps`` has ``|p| <= 1`` at every voxel, so
+``|div p| = |sum_a (p_a[i] - p_a[i - e_a])| <= sqrt(d) + d`` and
+``lambda < 1 / (d + sqrt(d))`` keeps the denominator positive.
 
 The initial estimate is the constant mean of the image. For any constant start the first
 update gives ``x_1 = H^T(y / H 1) / N`` regardless of the constant, so this matches
@@ -39,6 +41,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.fft
 import torch
 from torch import Tensor
 
@@ -56,7 +59,7 @@ def _check_parameters(iterations: int, tv: float, eps: float, ndim: int) -> None
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     if not eps > 0.0:
         raise ConfigError(f"eps must be > 0, got {eps}")
-    tv_max = 1.0 / (2.0 * math.sqrt(ndim))
+    tv_max = 1.0 / (ndim + math.sqrt(ndim))
     if not 0.0 <= tv < tv_max:
         raise ConfigError(f"tv must lie in [0, {tv_max:.3f}) for {ndim}D data, got {tv}")
 
@@ -112,7 +115,7 @@ def tv_divergence(x: Tensor, eps: float) -> Tensor:
     Returns
     -------
     torch.Tensor
-        Shape and dtype of ``x``; bounded by ``2 sqrt(x.ndim)`` in magnitude.
+        Shape and dtype of ``x``; bounded by ``x.ndim + sqrt(x.ndim)`` in magnitude.
     """
     grads = [_forward_difference(x, axis) for axis in range(x.ndim)]
     magnitude = torch.stack(grads).square_().sum(0).add_(eps * eps).sqrt_()
@@ -135,17 +138,68 @@ def _backward_difference(p: Tensor, axis: int) -> Tensor:
     return torch.diff(torch.nn.functional.pad(p, pad), dim=axis)
 
 
+class _PocketFFT:
+    """``H`` and ``H^T`` of an :class:`FFTConvolver` on the CPU, one axis at a time.
+
+    The OTF is the convolver's; only the transforms differ. Axis by axis, each transform
+    skips the lines that are all padding on the way in (the operand lives in the first
+    ``n`` of ``N`` entries per axis) and those cropped away on the way out: about 20 %
+    fewer butterflies than a full ``N``-point transform. With scipy's pocketfft this runs
+    about 1.5x faster than torch's CPU FFT on the project's machines (AMD EPYC, where
+    MKL's complex-to-real transform is slow); results agree to float round-off.
+
+    Parameters
+    ----------
+    convolver
+        Convolver whose ``otf`` (on the CPU) and ``fft_shape`` define the operator.
+    """
+
+    def __init__(self, convolver: FFTConvolver) -> None:
+        self.shape = convolver.shape
+        self.fft_shape = convolver.fft_shape
+        self.otf = convolver.otf.numpy()
+        self.otf_conj = np.conjugate(self.otf)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``H x``: ``(*spatial) -> (*spatial)``."""
+        return self._apply(x, self.otf)
+
+    def adjoint(self, x: Tensor) -> Tensor:
+        """``H^T x``: ``(*spatial) -> (*spatial)``."""
+        return self._apply(x, self.otf_conj)
+
+    def _apply(self, x: Tensor, otf: np.ndarray) -> Tensor:
+        workers = torch.get_num_threads()
+        axes = range(len(self.shape))
+        spectrum = scipy.fft.rfft(x.numpy(), n=self.fft_shape[-1], axis=-1, workers=workers)
+        for axis in reversed(axes[:-1]):
+            spectrum = scipy.fft.fft(
+                spectrum, n=self.fft_shape[axis], axis=axis, workers=workers, overwrite_x=True
+            )
+        spectrum *= otf
+        for axis in axes[:-1]:
+            spectrum = scipy.fft.ifft(spectrum, axis=axis, workers=workers, overwrite_x=True)
+            spectrum = spectrum[(slice(None),) * axis + (slice(0, self.shape[axis]),)]
+        out = scipy.fft.irfft(spectrum, n=self.fft_shape[-1], axis=-1, workers=workers)
+        return torch.from_numpy(out[..., : self.shape[-1]])
+
+
+def _operator(convolver: FFTConvolver) -> FFTConvolver | _PocketFFT:
+    """The fastest implementation of the convolver's ``H`` / ``H^T`` for its device."""
+    return _PocketFFT(convolver) if convolver.otf.device.type == "cpu" else convolver
+
+
 def _rl_step(
     x: Tensor,
     y: Tensor,
-    convolver: FFTConvolver,
+    operator: FFTConvolver | _PocketFFT,
     sensitivity: Tensor | None,
     tv: float,
     eps: float,
 ) -> Tensor:
     """One (TV-)RL update of ``x`` in place; all tensors have shape ``(*spatial)``."""
-    blurred = convolver.forward(x).clamp_min_(eps)
-    correction = convolver.adjoint(torch.div(y, blurred, out=blurred))
+    blurred = operator.forward(x).clamp_min_(eps)
+    correction = operator.adjoint(torch.div(y, blurred, out=blurred))
     # FFT round-off can leave tiny negative corrections; a negative factor would flip x's sign.
     correction.clamp_min_(0.0)
     if tv > 0.0:
@@ -155,6 +209,7 @@ def _rl_step(
     return x.mul_(correction)
 
 
+@torch.no_grad()
 def richardson_lucy_torch(
     image: Tensor,
     psf: Tensor,
@@ -180,7 +235,8 @@ def richardson_lucy_torch(
     iterations
         Number of updates; 0 returns the initial estimate.
     tv
-        TV weight ``lambda`` in ``[0, 1 / (2 sqrt(d)))``; typical values are 1e-3 to 1e-2.
+        TV weight ``lambda`` in ``[0, 1 / (d + sqrt(d)))`` for ``d`` axes; typical values
+        are 1e-3 to 1e-2.
     eps
         Floor of ``H x`` before the division and smoothing of ``|grad x|``, in image units.
     normalize
@@ -206,10 +262,11 @@ def richardson_lucy_torch(
     dtype = _compute_dtype(image)
     y = _non_negative(image.to(dtype), "image")
     convolver = FFTConvolver(_unit_psf(psf.to(device=y.device, dtype=dtype)), tuple(y.shape))
-    sensitivity = convolver.adjoint(torch.ones_like(y)) if normalize else None
+    operator = _operator(convolver)
+    sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
     x = torch.full_like(y, float(y.mean()))
     for iteration in range(iterations):
-        x = _rl_step(x, y, convolver, sensitivity, tv, eps)
+        x = _rl_step(x, y, operator, sensitivity, tv, eps)
         logger.debug("RL iteration %d/%d done", iteration + 1, iterations)
     return x
 
@@ -251,21 +308,33 @@ def richardson_lucy(
     return result.cpu().numpy()
 
 
-def rl_halo(psf_shape: Sequence[int]) -> tuple[int, ...]:
-    """Halo per axis for running RL block-wise with the result matching a whole-volume run.
+def rl_halo(psf_shape: Sequence[int], widths: int = 3) -> tuple[int, ...]:
+    """Halo per axis for running RL block-wise so that block cores match a whole-volume run.
 
     Each RL iteration couples voxels up to ``2 (k // 2)`` apart (``H`` then ``H^T``), so
-    after ``n`` iterations a voxel depends in principle on everything within
-    ``2 n (k // 2)``. The dependence decays fast: a block only misses the light that
-    crosses its edge, and the estimate within about a PSF width of the edge absorbs it.
-    A halo of ``k - 1 = 2 (k // 2)`` (odd ``k``) was measured to keep the core within
-    about 1e-3 of the whole-volume result after 20 iterations (microtubule phantom,
-    31^3 Born & Wolf PSF, ``normalize=True``), so that is the halo returned.
+    after ``n`` iterations a voxel depends in principle on everything ``2 n (k // 2)`` away.
+    In practice a block only misses the light crossing its edge and the error decays
+    about tenfold per PSF width ``2 (k // 2)`` of halo. Measured maximum deviation of the
+    block core from the whole-volume result, relative to its maximum (microtubule phantom
+    at 20 dB, Born & Wolf PSF, ``normalize=True``):
+
+    ============  ==========  ==========  ==========  ==========
+    PSF, iters    1 width     2 widths    3 widths    4 widths
+    ============  ==========  ==========  ==========  ==========
+    9^3, 20       9e-2        6e-3        7e-4        1e-4
+    9^3, 40       2e-1        2e-2        2e-3        3e-4
+    15^3, 20      1e-1        2e-2        2e-3        --
+    ============  ==========  ==========  ==========  ==========
+
+    The default of 3 widths keeps the core within a few 1e-3 of the whole volume for the
+    usual 10-40 iterations; 2 widths halves the halo at about 1 % error.
 
     Parameters
     ----------
     psf_shape
         PSF shape ``(*K)``.
+    widths
+        Halo in units of the PSF width ``2 (k // 2)``.
 
     Returns
     -------
@@ -274,4 +343,6 @@ def rl_halo(psf_shape: Sequence[int]) -> tuple[int, ...]:
     """
     if any(int(k) < 1 for k in psf_shape):
         raise InputError(f"PSF shape must be positive, got {tuple(psf_shape)}")
-    return tuple(2 * (int(k) // 2) for k in psf_shape)
+    if widths < 0:
+        raise ConfigError(f"widths must be >= 0, got {widths}")
+    return tuple(2 * widths * (int(k) // 2) for k in psf_shape)
