@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint format clean benchmarks
+.PHONY: venv demo test lint format clean bench-deps
 
 venv: $(STAMP)
 
@@ -40,8 +40,8 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-benchmarks: venv
-	$(PY) benchmarks/run_all.py
+bench-deps: venv
+	$(PY) -m pip install -q -e ".[dev,bench]"
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
