@@ -51,6 +51,9 @@ class BlindCycleGAN(CycleGANMethod):
             return None
         return k.penalty_weight * self.kernel.penalty(k.penalty)
 
+    def images(self) -> dict[str, torch.Tensor]:
+        return {**super().images(), "psf": self.kernel.kernel().detach().float()}
+
     def export(self, run_dir: Path, true_psf: torch.Tensor | None) -> dict[str, Path]:
         truth = None if true_psf is None else true_psf.numpy()
         info = export_kernel(self.blur_layer(), run_dir / "psf", self.voxel_size, truth)
