@@ -593,6 +593,23 @@ class DeconvolveConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
+class RLConfig(StrictModel):
+    """Top level of ``hpcdeconv rl``: the PSF, the iterations and the decomposition.
+
+    ``halo: auto`` reads ``rl_halo(psf.shape)`` voxels beyond each block side (three PSF
+    widths), which keeps blocks within a few 1e-3 of whole-volume RL for 10-40 iterations.
+    """
+
+    psf: PSFConfig = Field(default_factory=BornWolfPSF)
+    iterations: PositiveInt = 20
+    tv: Annotated[float, Field(ge=0)] = 0.0
+    block: Shape3D = (256, 256, 256)
+    halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    chunks: Shape3D = (64, 64, 64)
+    retries: Annotated[int, Field(ge=0)] = 2
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+
 class PredictConfig(StrictModel):
     """In-memory tiled prediction of one volume."""
 

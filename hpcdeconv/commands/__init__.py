@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hpcdeconv.commands import info, ingest, predict, psf, simulate, train
+from hpcdeconv.commands import deconvolve, info, ingest, predict, psf, rl, simulate, train
 
-COMMANDS: tuple[ModuleType, ...] = (simulate, psf, ingest, info, train, predict)
+COMMANDS: tuple[ModuleType, ...] = (simulate, psf, ingest, info, train, predict, deconvolve, rl)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcdeconv.commands.common import VAL_KEYS, add_config_args
+
+if TYPE_CHECKING:
+    from hpcdeconv.training.engine import RunSummary
 
 NAME = "train"
 HELP = "train a method (blind/non-blind cycleGAN, baselines)"
@@ -29,18 +33,30 @@ def run(args: argparse.Namespace) -> int:
     """Train a method: blind / non-blind cycleGAN, conventional cycleGAN, supervised."""
     from hpcdeconv.config import ExperimentConfig, load_config
     from hpcdeconv.training.engine import train
+    from hpcdeconv.training.launch import build_strategy
 
     overrides = list(args.set)
     if args.output is not None:
         overrides.append(f"output={args.output}")
     cfg = load_config(ExperimentConfig, args.config, overrides)
     resume = "auto" if args.auto_resume else args.resume
-    summary = train(cfg, resume=resume, overwrite=args.overwrite)
+    strategy = build_strategy(cfg)
+    try:
+        summary = train(cfg, resume=resume, overwrite=args.overwrite, strategy=strategy)
+    finally:
+        strategy.close()
+    if strategy.is_main:
+        _report(cfg.method.name, summary)
+    return 0
+
+
+def _report(method: str, summary: RunSummary) -> None:
+    """Print what the run did (rank 0 only: every rank returns the same summary)."""
     if summary.stopped_at is not None:
         print(f"stopped by signal after step {summary.stopped_at}; checkpoint written")
-        return 0
+        return
     losses = ", ".join(f"{k}={v:.4g}" for k, v in summary.losses.items())
-    print(f"trained {cfg.method.name} for {summary.steps} steps -> {summary.run_dir}")
+    print(f"trained {method} for {summary.steps} steps -> {summary.run_dir}")
     if losses:
         print(f"final losses: {losses}")
     if summary.validation:
@@ -51,4 +67,3 @@ def run(args: argparse.Namespace) -> int:
         )
     for name, path in summary.exports.items():
         print(f"exported {name}: {path}")
-    return 0

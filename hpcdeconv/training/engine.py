@@ -27,9 +27,10 @@ from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
 from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hpcdeconv.training.feed import TrainingFeed
+from hpcdeconv.training.launch import build_strategy
 from hpcdeconv.training.preemption import StopRequest, requeue_slurm_job
 from hpcdeconv.training.runlog import RunLogger
-from hpcdeconv.training.strategy import SingleStrategy, Strategy, resolve_device
+from hpcdeconv.training.strategy import Strategy
 from hpcdeconv.training.validate import validate
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def default_strategy(cfg: ExperimentConfig) -> Strategy:
-    """The single-process strategy on the configured device."""
-    device = resolve_device(cfg.train.device)
-    return SingleStrategy(device, cfg.train.precision)
+    """The configured strategy in the launcher's environment (joins the process group)."""
+    return build_strategy(cfg)
 
 
 def _check_precision(cfg: ExperimentConfig, device: torch.device) -> None:
@@ -145,7 +145,7 @@ class Trainer:
         self.feed.require(paired=self.method.paired)
         rates = self.method.learning_rates()
         self.trainables = {
-            name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name))
+            name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name), name=name)
             for name, module in self.method.groups().items()
         }
         self.method.bind(self.trainables)
@@ -197,6 +197,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint on rank 0 (atomic), then wait for every rank."""
+        # Per-rank state (DeepSpeed partitions) is on disk before rank 0 refers to it.
+        self.strategy.save_shards(self.run_dir, self.step)
         path = None
         if self.strategy.is_main:
             path = save_checkpoint(
@@ -236,10 +238,9 @@ class Trainer:
         self.logger.scalars(self.step, "val", metrics)
         return metrics
 
-    def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether any rank received a stop signal (all ranks stop at the same step)."""
-        flag = torch.tensor(1.0 if stop.requested else 0.0)
-        return bool(self.strategy.all_reduce_max(flag) > 0)
+    def _stop_level(self, stop: StopRequest) -> float:
+        """The strongest stop request of any rank, so all ranks stop at the same step."""
+        return float(self.strategy.all_reduce_max(torch.tensor(stop.level)))
 
     def fit(self) -> RunSummary:
         """Train until ``cfg.train.steps``; returns the final losses and validation."""
@@ -252,10 +253,11 @@ class Trainer:
         stop = StopRequest().install()
         try:
             while self.step < tc.steps:
-                if self._stop_agreed(stop):
+                level = self._stop_level(stop)
+                if level > 0:
                     self.save()
                     summary.stopped_at = self.step
-                    if self.strategy.is_main:
+                    if level >= 2 and self.strategy.is_main:
                         requeue_slurm_job()
                     log.warning("stop signal: checkpoint at step %d written", self.step)
                     return summary

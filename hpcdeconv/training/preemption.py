@@ -1,9 +1,11 @@
 """Graceful stop on SIGUSR1 / SIGTERM: checkpoint, then requeue the SLURM job.
 
-SLURM sends ``--signal=USR1@120`` to every task some time before the time limit (and
-SIGTERM on preemption). The handler only records the request; the training loop checks it
-between steps (agreed across ranks), writes a checkpoint and, under SLURM, asks the
-controller to requeue the job, whose next run resumes from that checkpoint.
+SLURM sends ``--signal=USR1@120`` to every task some time before the time limit; SIGTERM
+comes from ``scancel`` or from preemption. The handler only records the request; the
+training loop checks it between steps (agreed across ranks) and writes a checkpoint. On
+SIGUSR1 it also asks the controller to requeue the job, whose next run resumes from that
+checkpoint; on SIGTERM it just stops, so ``scancel`` ends a job instead of requeueing it
+(a preempting scheduler requeues by itself).
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ class StopRequest:
     def requested(self) -> bool:
         """Whether a stop signal arrived."""
         return self.signum is not None
+
+    @property
+    def level(self) -> float:
+        """0: none; 1: stop (SIGTERM); 2: stop and requeue (SIGUSR1). Reduced by max."""
+        if self.signum is None:
+            return 0.0
+        return 2.0 if self.signum == signal.SIGUSR1 else 1.0
 
     def install(self) -> StopRequest:
         """Catch the stop signals (no-op outside the main thread, e.g. in notebooks)."""

@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from hpcdeconv.config import OptimConfig
 
@@ -137,6 +140,37 @@ class LocalTrainable(Trainable):
         self.scaler.load_state_dict(state["scaler"])
 
 
+class FrozenTrainable(Trainable):
+    """A group none of whose parameters is trained (e.g. only a fixed PSF): no optimiser.
+
+    It still takes part in forward passes and checkpoints, so a method needs no special
+    case for it; :meth:`step` has nothing to update.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        """Nothing to update."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+
+
+def has_trainable_parameters(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` requires a gradient."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 class Strategy(ABC):
     """Where and how groups run: device, precision, process group."""
 
@@ -166,12 +200,32 @@ class Strategy(ABC):
 
     @abstractmethod
     def wrap(
-        self, module: nn.Module, optim: OptimConfig, total_steps: int, lr: float | None = None
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        lr: float | None = None,
+        name: str | None = None,
     ) -> Trainable:
-        """Place ``module`` on the device and return its :class:`Trainable`."""
+        """Place ``module`` on the device and return its :class:`Trainable`.
+
+        ``name`` is the method's name of the group (e.g. ``"G"``); strategies that write
+        per-group files use it.
+        """
 
     def barrier(self) -> None:  # noqa: B027 - a no-op in one process
         """Wait for every rank (no-op in one process)."""
+
+    def save_shards(self, run_dir: Path, step: int) -> None:  # noqa: B027 - optional hook
+        """Collective: write the state that lives on every rank, before rank 0's checkpoint.
+
+        Called by every rank before rank 0 writes the checkpoint of ``step``, which then
+        refers to what was written here (DeepSpeed's partitioned optimiser states). A no-op
+        for strategies whose whole state is on rank 0.
+        """
+
+    def close(self) -> None:  # noqa: B027 - nothing to release in one process
+        """Release the process group (no-op in one process)."""
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over ranks (identity in one process)."""
@@ -186,9 +240,89 @@ class SingleStrategy(Strategy):
     """One process on the CPU or one GPU."""
 
     def wrap(
-        self, module: nn.Module, optim: OptimConfig, total_steps: int, lr: float | None = None
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        lr: float | None = None,
+        name: str | None = None,
     ) -> Trainable:
         module.to(self.device)
+        if not has_trainable_parameters(module):
+            return FrozenTrainable(module)
         return LocalTrainable(
             module, module, optim, total_steps, fp16=self.precision == "fp16", lr=lr
+        )
+
+
+class DistributedStrategy(Strategy):
+    """Base of the multi-process strategies: collectives over the joined process group.
+
+    The process group must already be initialised (see
+    :func:`hpcdeconv.training.dist.init_process_group`); :meth:`close` destroys it.
+    Collectives run on ``device`` (nccl needs CUDA tensors); results come back on the
+    caller's device.
+    """
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        super().__init__(device, precision)
+        if not dist.is_initialized():
+            raise RuntimeError("a distributed strategy needs an initialised process group")
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def _reduce(self, value: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
+        buffer = value.detach().to(self.device, copy=True)
+        dist.all_reduce(buffer, op=op)
+        return buffer.to(value.device)
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks of a floating-point tensor."""
+        return self._reduce(value, dist.ReduceOp.SUM) / self.world_size
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over ranks."""
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Overwrite ``module``'s parameters and buffers with rank 0's."""
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DDPStrategy(DistributedStrategy):
+    """Data parallelism: each group in ``DistributedDataParallel``, gradients averaged.
+
+    DDP broadcasts rank 0's parameters and buffers when it wraps a group, so every rank
+    starts from the same networks, and all-reduces gradients during ``backward``: with
+    batch-mean losses, ``W`` ranks of batch ``b`` take the step one process takes with
+    batch ``W b``. A group without trainable parameters is not wrapped (DDP refuses
+    it); its tensors are broadcast from rank 0 instead. History pools and other method
+    state stay per rank.
+    """
+
+    def wrap(
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        lr: float | None = None,
+        name: str | None = None,
+    ) -> Trainable:
+        module.to(self.device)
+        if not has_trainable_parameters(module):
+            self.broadcast_module(module)
+            return FrozenTrainable(module)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(module, device_ids=device_ids)
+        return LocalTrainable(
+            module, wrapped, optim, total_steps, fp16=self.precision == "fp16", lr=lr
         )

@@ -65,7 +65,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dataset: Path, tmp_path: 
     assert killed_at < STEPS, "the run finished before it could be killed"
 
     subprocess.run(
-        _cli(tiny_dataset, broken) + ["--resume"], env=_env(), check=True, capture_output=True
+        [*_cli(tiny_dataset, broken), "--resume"], env=_env(), check=True, capture_output=True
     )
     expected, got = _losses(whole), _losses(broken)
     assert load_checkpoint(broken)["step"] == STEPS

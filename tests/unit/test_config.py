@@ -8,8 +8,11 @@ import pytest
 import yaml
 
 from hpcdeconv.config import (
+    DeconvolveConfig,
     ExperimentConfig,
     GibsonLanniPSF,
+    PSFFileConfig,
+    RLConfig,
     SimulateConfig,
     dump_config,
     load_config,
@@ -28,7 +31,7 @@ def test_overrides_parse_yaml_values_into_nested_dicts() -> None:
 
 @pytest.mark.parametrize("bad", ["novalue", "=3"])
 def test_malformed_override_is_rejected(bad: str) -> None:
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         parse_overrides([bad])
 
 
@@ -60,7 +63,7 @@ def test_unknown_key_names_dotted_path_and_closest(overrides: list[str], message
 def test_unknown_key_inside_a_tagged_method_union() -> None:
     with pytest.raises(ConfigError, match=r"'method.kernel.sizee'; did you mean 'size'"):
         load_config(ExperimentConfig, None, ["method.kernel.sizee=[3, 3, 3]"])
-    with pytest.raises(ConfigError, match="'method.kernel'"):
+    with pytest.raises(ConfigError, match=r"'method\.kernel'"):
         load_config(
             ExperimentConfig, None, ["method.name=supervised", "method.kernel.size=[3,3,3]"]
         )
@@ -102,13 +105,17 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 def test_repo_configs_all_load() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
-    for path in sorted(root.glob("*.yaml")):
-        if path.name.startswith("simulate"):
-            load_config(SimulateConfig, path)
-        elif path.name.startswith("psf"):
-            continue
-        else:
-            load_config(ExperimentConfig, path)
+    kinds = {
+        "simulate": SimulateConfig,
+        "psf": PSFFileConfig,
+        "deconvolve": DeconvolveConfig,
+        "rl": RLConfig,
+    }
+    paths = sorted(root.glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        prefix = path.stem.split("_")[0]
+        load_config(kinds.get(prefix, ExperimentConfig), path)
 
 
 def test_gibson_lanni_defaults_have_no_immersion_mismatch() -> None:

@@ -1,0 +1,141 @@
+"""``hpcdeconv deconvolve``: block-wise deconvolution of whole volumes on a dask cluster."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpcdeconv.commands.common import add_config_args, positive_int
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from hpcdeconv.config import ClusterConfig
+    from hpcdeconv.inference.driver import OutputMode, RunReport
+
+NAME = "deconvolve"
+HELP = "deconvolve whole volumes block by block on a dask cluster into zarr"
+
+
+def _halo(text: str) -> str:
+    """argparse type: ``auto`` or a non-negative integer."""
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 0, got {text!r}")
+    return text
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """Cluster, decomposition and output-mode arguments shared with ``hpcdeconv rl``."""
+    add_config_args(p)
+    p.add_argument("--output", type=Path, required=True, help="output .zarr directory")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        choices=["local", "slurm", "mpi"],
+        help="where the dask workers come from (default: cluster.kind, i.e. local)",
+    )
+    where.add_argument("--scheduler", metavar="ADDRESS", help="existing scheduler, tcp://host:port")
+    p.add_argument("--workers", type=positive_int, help="number of dask workers")
+    p.add_argument("--block", type=positive_int, help="block side in voxels (all three axes)")
+    p.add_argument("--halo", type=_halo, help="'auto' or voxels read beyond each block side")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+
+def cluster_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` style overrides for the shortcut flags; they win over --config and --set."""
+    overrides = []
+    if args.cluster is not None:
+        overrides.append(f"cluster.kind={args.cluster}")
+    if args.scheduler is not None:
+        overrides += ["cluster.kind=scheduler", f"cluster.scheduler={args.scheduler}"]
+    if args.workers is not None:
+        overrides.append(f"cluster.workers={args.workers}")
+    if args.block is not None:
+        overrides.append(f"block=[{args.block}, {args.block}, {args.block}]")
+    if args.halo is not None:
+        overrides.append(f"halo={args.halo}")
+    return overrides
+
+
+def output_mode(args: argparse.Namespace) -> OutputMode:
+    """``new``, ``overwrite`` or ``resume``."""
+    return "overwrite" if args.overwrite else "resume" if args.resume else "new"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``hpcdeconv deconvolve``."""
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="TIFF or zarr array")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
+    add_cluster_arguments(p)
+
+
+def print_client(client: Client, cfg: ClusterConfig) -> None:
+    """Where the scheduler (and its dashboard) can be reached."""
+    from hpcdeconv.inference.cluster import dashboard_url
+
+    where = f"dask scheduler {client.scheduler.address}"
+    url = dashboard_url(client, cfg)
+    print(where if url is None else f"{where}, dashboard {url}")
+
+
+def print_report(report: RunReport) -> None:
+    """One summary line and the output arrays."""
+    print(
+        f"{report.processed} block(s) computed, {report.skipped} already done, "
+        f"{report.voxels} voxels in {report.seconds:.1f} s "
+        f"({report.voxels_per_second:.3g} voxels/s)"
+    )
+    for path in report.outputs:
+        print(f"  -> {path}")
+    if not report.complete:
+        print("stopped before every block was done; run again with --resume")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Deconvolve the inputs block by block with a trained deblurring generator."""
+    from hpcdeconv.config import DeconvolveConfig, load_config
+    from hpcdeconv.inference.cluster import open_client
+    from hpcdeconv.inference.driver import (
+        BlockPlan,
+        NetworkProcessor,
+        check_halo,
+        check_output,
+        deconvolve_volumes,
+        open_sources,
+    )
+    from hpcdeconv.inference.model import load_model
+
+    cfg = load_config(DeconvolveConfig, args.config, [*args.set, *cluster_overrides(args)])
+    mode = output_mode(args)
+    sources = open_sources(args.inputs)
+    check_output(args.output, sources, mode)
+    model = load_model(args.checkpoint, "cpu")
+    radius = model.receptive_field // 2
+    halo = radius if cfg.halo == "auto" else cfg.halo
+    check_halo((halo,) * 3, (radius,) * 3, "receptive-field radius of the network")
+    plan = BlockPlan(cfg.block, (halo,) * 3, cfg.chunks, cfg.retries)
+    processor = NetworkProcessor.from_model(
+        model,
+        cfg.tile,
+        cfg.overlap,
+        cfg.blend,
+        cfg.batch_size,
+        cfg.precision,
+        cfg.cluster.threads_per_worker,
+    )
+    provenance = {
+        "command": "deconvolve",
+        "checkpoint": str(processor.checkpoint),
+        "checkpoint_sha256": processor.sha256,
+        "step": model.step,
+        "method": model.config.method.name,
+        "config": cfg.model_dump(mode="json"),
+    }
+    with open_client(cfg.cluster) as client:
+        print_client(client, cfg.cluster)
+        report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)
+    print_report(report)
+    return 0

@@ -1,0 +1,776 @@
+"""Block-wise, dask-distributed deconvolution of whole volumes into a zarr group.
+
+Each input volume ``(Z, Y, X)`` is cut by :func:`~hpcdeconv.inference.tiling.block_grid`
+into blocks that each own whole chunks of a pre-created output array
+``OUT.zarr/deconvolved/<name>``. One dask task per block
+
+1. opens the input itself (paths travel, never arrays) and reads the block grown by the
+   halo (``Block.read``),
+2. refuses NaN/Inf voxels, reporting the block and the input,
+3. runs a :class:`BlockProcessor` on it: a network via
+   :func:`~hpcdeconv.inference.predict.predict_block` (tiles and blending inside the
+   block, symmetric padding where the halo leaves the volume), or Richardson-Lucy (whose
+   operator is truncated to the field of view, so it needs no padding),
+4. writes exactly ``Block.write`` into the output array: whole chunks that no other task
+   touches, so there is no read-modify-write and no lock (the array is not sharded).
+
+With a halo at least the network's receptive-field radius, every block computes what the
+network gives on the whole volume (padded symmetrically by the halo) on its region, so the
+stitched output has no seams. RL couples voxels ``2 r`` apart per iteration for a PSF of
+radius ``r``; its blocks match whole-volume RL to within the error documented in
+:func:`~hpcdeconv.classical.rl.rl_halo`. The client alone records finished blocks
+(:mod:`~hpcdeconv.inference.manifest`), which makes ``--resume`` skip them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import tifffile
+import torch
+import zarr
+from distributed import Client, as_completed
+from tqdm import tqdm
+
+from hpcdeconv import __version__
+from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.ingest import inspect_tiff
+from hpcdeconv.data.zarr_io import (
+    blosc_codec,
+    clip_chunks,
+    create_dataset,
+    open_dataset,
+    volume_attrs,
+)
+from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
+from hpcdeconv.inference.cluster import GPU_RESOURCE, workers_declare_gpus
+from hpcdeconv.inference.manifest import Manifest
+from hpcdeconv.inference.model import LoadedModel, load_model
+from hpcdeconv.inference.predict import PredictSettings, predict_block
+from hpcdeconv.inference.tiling import BlendMode, Block, Slices, block_grid
+from hpcdeconv.inference.volume_io import TIFF_SUFFIXES, open_input
+
+logger = logging.getLogger(__name__)
+
+OutputMode = Literal["new", "overwrite", "resume"]
+
+#: Group inside the output store that holds one array per input.
+OUTPUT_GROUP = "deconvolved"
+_AXES = ("z", "y", "x")
+
+
+class NonFiniteOutputError(HpcdeconvError):
+    """A block of finite input produced NaN or Inf (e.g. fp16 overflow)."""
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """One input volume, described by path so that any worker can open it.
+
+    Attributes
+    ----------
+    path
+        Absolute path of a TIFF stack or of an array directory inside a zarr store.
+    name
+        Name of the output array (``deconvolved/<name>``).
+    shape
+        ``(Z, Y, X)``.
+    voxel_size
+        ``(dz, dy, dx)`` in micrometres, carried over to the output.
+    """
+
+    path: Path
+    name: str
+    shape: tuple[int, ...]
+    voxel_size: tuple[float, ...]
+
+    @property
+    def is_tiff(self) -> bool:
+        """Whether the volume is a TIFF stack (else a zarr array)."""
+        return self.path.suffix.lower() in TIFF_SUFFIXES
+
+    def read(self, region: Slices) -> np.ndarray:
+        """``volume[region]`` as float32, read on whichever process calls it."""
+        if self.is_tiff:
+            stat = self.path.stat()
+            volume = _tiff_volume(str(self.path), stat.st_mtime_ns, self.shape)
+            return np.asarray(volume[region], dtype=np.float32)
+        return np.asarray(zarr.open_array(self.path, mode="r")[region], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _tiff_volume(path: str, mtime_ns: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A TIFF stack as a ``(Z, Y, X)`` array, memory-mapped where the file allows it.
+
+    Cached per process (``mtime_ns`` keys out a rewritten file), so a worker reads a
+    compressed stack once rather than once per block.
+    """
+    try:
+        data = tifffile.memmap(path, mode="r")
+    except ValueError:  # compressed or not contiguous: decode it once
+        data = tifffile.imread(path)
+    return data.reshape(shape)
+
+
+def open_source(path: Path) -> VolumeSource:
+    """Describe one input (a TIFF stack or an array inside a zarr store) without reading it.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable input, or not three-dimensional.
+    """
+    path = Path(path).absolute()
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        info = inspect_tiff(path)
+        if len(info.squeezed_shape) != 3:
+            raise InputError(f"{path}: expected a 3D (Z, Y, X) stack, got shape {info.shape}")
+        voxel = info.voxel_size or (1.0, 1.0, 1.0)
+        shape = tuple(int(n) for n in info.squeezed_shape)
+        return VolumeSource(path, info.volume_id, shape, tuple(voxel))
+    volume = open_input(path)
+    shape = tuple(int(n) for n in volume.data.shape)
+    return VolumeSource(path, volume.name, shape, tuple(volume.voxel_size))
+
+
+def open_sources(paths: Sequence[Path]) -> list[VolumeSource]:
+    """:func:`open_source` for each path; two inputs may not share an output name."""
+    sources = [open_source(p) for p in paths]
+    seen: dict[str, Path] = {}
+    for source in sources:
+        if source.name in seen:
+            raise InputError(
+                f"{source.path} and {seen[source.name]} would both be written to "
+                f"'{OUTPUT_GROUP}/{source.name}'"
+            )
+        seen[source.name] = source.path
+    return sources
+
+
+# --------------------------------------------------------------------------------------
+# Decomposition
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How volumes are cut into tasks and how failed tasks are retried.
+
+    Attributes
+    ----------
+    block
+        Block shape ``(Z, Y, X)``: a multiple of ``chunks`` and at least ``2 * halo``.
+    halo
+        Voxels read beyond each side of a block, per axis.
+    chunks
+        Output chunk shape; clipped to the volume along short axes.
+    retries
+        Times a failed task is run again before the run fails.
+    """
+
+    block: tuple[int, int, int]
+    halo: tuple[int, int, int]
+    chunks: tuple[int, int, int]
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.block) < 1 or min(self.chunks) < 1 or min(self.halo) < 0:
+            raise ConfigError(
+                f"block {self.block} and chunks {self.chunks} must be positive, "
+                f"halo {self.halo} non-negative"
+            )
+        if self.retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {self.retries}")
+        if any(b % c for b, c in zip(self.block, self.chunks, strict=True)):
+            raise ConfigError(f"block {self.block} must be a multiple of chunks {self.chunks}")
+        if any(b < 2 * h for b, h in zip(self.block, self.halo, strict=True)):
+            raise ConfigError(
+                f"block {self.block} is smaller than 2 x halo {self.halo}; "
+                "use a larger block or a smaller halo"
+            )
+
+    def chunks_for(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Output chunks of a volume of ``shape``: ``chunks`` clipped to the volume."""
+        return clip_chunks(self.chunks, shape)
+
+    def grid(self, shape: Sequence[int]) -> list[Block]:
+        """Blocks of a volume of ``shape``, in C order of block index.
+
+        Along an axis no longer than a chunk, the single chunk is the single block.
+        """
+        chunks = self.chunks_for(shape)
+        block = tuple(
+            b if s > c else s for b, c, s in zip(self.block, self.chunks, shape, strict=True)
+        )
+        return block_grid(shape, block, self.halo, chunks)
+
+
+def check_halo(halo: Sequence[int], needed: Sequence[int], what: str) -> None:
+    """Warn when the halo is below the radius the processing needs for seamless output."""
+    if any(h < n for h, n in zip(halo, needed, strict=True)):
+        logger.warning(
+            "halo %s is smaller than the %s %s: block borders will show seams",
+            tuple(halo),
+            what,
+            tuple(needed),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# What runs on a block
+# --------------------------------------------------------------------------------------
+
+
+class BlockProcessor(Protocol):
+    """Maps one block's read region to its write region, on a worker.
+
+    ``fingerprint`` is a JSON-serialisable description of everything that determines the
+    output (compared before resuming a run).
+    """
+
+    @property
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def __call__(self, data: np.ndarray, block: Block) -> np.ndarray: ...
+
+
+# Per-process worker state; filled on first use so that importing has no side effects.
+_RUNTIME: dict[str, torch.device] = {}
+_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_LOCK = threading.Lock()
+_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def _local_index() -> int:
+    """Which of the node's GPUs this worker takes.
+
+    A LocalCluster numbers its workers 0, 1, …; other workers (dask-mpi ranks, SLURM jobs)
+    have string names and take their node-local rank from the launcher.
+    """
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:
+        name = None
+    if isinstance(name, int):
+        return name
+    for variable in _LOCAL_RANK_VARIABLES:
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
+
+
+def worker_device() -> torch.device:
+    """The device of this worker: one GPU per worker if any are visible, else the CPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return torch.device("cpu")
+    return torch.device("cuda", _local_index() % count)
+
+
+def _worker_runtime(threads: int, client_pid: int) -> torch.device:
+    """Pin this worker process to its device and thread count, once.
+
+    Torch threads are set only in worker processes: a worker thread inside the client
+    process must not change the client's own setting.
+    """
+    with _LOCK:
+        if "device" not in _RUNTIME:
+            if os.getpid() != client_pid:
+                torch.set_num_threads(threads)
+            device = worker_device()
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            _RUNTIME["device"] = device
+            logger.info("worker %d uses %s with %d thread(s)", os.getpid(), device, threads)
+        return _RUNTIME["device"]
+
+
+def _cached_model(checkpoint: Path, device: torch.device) -> LoadedModel:
+    """The generator of ``checkpoint`` on ``device``, loaded once per worker process."""
+    key = (str(checkpoint), str(device))
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_model(checkpoint, device)
+        return _MODELS[key]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class NetworkProcessor:
+    """Tiled inference of a checkpoint's deblurring generator G_Θ inside each block.
+
+    Attributes
+    ----------
+    checkpoint
+        Resolved checkpoint file; every worker loads it once (``weights_only=True``).
+    sha256
+        Its digest, recorded and compared on resume.
+    settings
+        Tiling, blending and precision inside a block (``device`` is chosen per worker).
+    precision
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``, as configured.
+    threads
+        Torch threads per worker process.
+    client_pid
+        Process id of the client (see :func:`_worker_runtime`).
+    """
+
+    checkpoint: Path
+    sha256: str
+    settings: PredictSettings
+    precision: str
+    threads: int = 1
+    client_pid: int = field(default_factory=os.getpid)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: LoadedModel,
+        tile: Sequence[int],
+        overlap: int,
+        blend: BlendMode,
+        batch_size: int,
+        precision: str,
+        threads: int = 1,
+    ) -> NetworkProcessor:
+        """Settings for ``model`` (loaded on the client to validate the checkpoint)."""
+        settings = PredictSettings(
+            tile=tuple(int(t) for t in tile),
+            overlap=overlap,
+            blend=blend,
+            batch_size=batch_size,
+            autocast_dtype=_AUTOCAST.get(precision),
+            size_multiple=model.size_multiple,
+        )
+        checkpoint = model.checkpoint.absolute()
+        return cls(checkpoint, file_sha256(checkpoint), settings, precision, threads)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What determines the output: weights, tiling, blending, precision."""
+        return {
+            "kind": "network",
+            "checkpoint_sha256": self.sha256,
+            "tile": list(self.settings.tile),
+            "overlap": self.settings.overlap,
+            "blend": self.settings.blend,
+            "precision": self.precision,
+        }
+
+    def __call__(self, data: np.ndarray, block: Block) -> np.ndarray:
+        """G_Θ on the padded block, tiled and blended, cropped to ``block.write``."""
+        device = _worker_runtime(self.threads, self.client_pid)
+        model = _cached_model(self.checkpoint, device)
+        settings = dataclasses.replace(self.settings, device=device)
+        return predict_block(model.net, data, block, settings)
+
+
+@dataclass(frozen=True)
+class RLProcessor:
+    """(TV-)Richardson-Lucy of each padded block, cropped to the block's own region.
+
+    Attributes
+    ----------
+    psf
+        ``(Kz, Ky, Kx)`` PSF, centre at ``k // 2``.
+    iterations
+        RL updates.
+    tv
+        TV weight (0 for plain RL).
+    threads, client_pid
+        As in :class:`NetworkProcessor`.
+    """
+
+    psf: np.ndarray = field(repr=False)
+    iterations: int
+    tv: float = 0.0
+    threads: int = 1
+    client_pid: int = field(default_factory=os.getpid)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What determines the output: PSF, iteration count, TV weight."""
+        psf = np.ascontiguousarray(self.psf, dtype=np.float32)
+        return {
+            "kind": "richardson_lucy",
+            "psf_sha256": hashlib.sha256(psf.tobytes()).hexdigest(),
+            "psf_shape": list(psf.shape),
+            "iterations": self.iterations,
+            "tv": self.tv,
+        }
+
+    def __call__(self, data: np.ndarray, block: Block) -> np.ndarray:
+        """RL on the unpadded read region; the part of the result that ``block`` writes.
+
+        Unlike a network, RL is not padded where the halo leaves the volume: its operator is
+        truncated to the field of view (see :mod:`hpcdeconv.classical.rl`), so a block on
+        the border sees the border exactly as whole-volume RL does.
+        """
+        from hpcdeconv.classical.rl import richardson_lucy
+
+        device = _worker_runtime(self.threads, self.client_pid)
+        result = richardson_lucy(data, self.psf, self.iterations, tv=self.tv, device=device)
+        keep = tuple(
+            slice(c.start - before, c.stop - before)
+            for c, (before, _) in zip(block.crop, block.pad, strict=True)
+        )
+        return np.asarray(result[keep], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """What a task reports back: which block, and how many bad voxels it met."""
+
+    name: str
+    flat: int
+    voxels: int
+    nonfinite_input: int = 0
+    nonfinite_output: int = 0
+
+
+def _count_nonfinite(array: np.ndarray) -> int:
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def process_block(
+    source: VolumeSource, target: Path, block: Block, flat: int, processor: BlockProcessor
+) -> BlockOutcome:
+    """Read, check, process and write one block (runs on a worker).
+
+    Nothing is written when the input region or the result holds NaN/Inf; the client
+    turns that outcome into an error naming the block.
+    """
+    data = source.read(block.read)
+    voxels = int(np.prod([s.stop - s.start for s in block.write]))
+    bad = _count_nonfinite(data)
+    if bad:
+        return BlockOutcome(source.name, flat, voxels, nonfinite_input=bad)
+    result = processor(data, block)
+    bad = _count_nonfinite(result)
+    if bad:
+        return BlockOutcome(source.name, flat, voxels, nonfinite_output=bad)
+    zarr.open_array(target, mode="r+")[block.write] = result
+    return BlockOutcome(source.name, flat, voxels)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_output(output: Path, sources: Sequence[VolumeSource], mode: OutputMode) -> None:
+    """Refuse an output that is not ``.zarr``, overlaps an input, or exists (mode ``new``)."""
+    output = Path(output).absolute()
+    for source in sources:
+        if _contains(output, source.path) or _contains(source.path, output):
+            raise InputError(f"input {source.path} and output {output} overlap; choose another")
+    if output.suffix != ".zarr":
+        raise InputError(f"--output must be a .zarr directory, got {output.name}")
+    if mode == "new" and (output.exists() or output.is_symlink()):
+        raise OutputExistsError(
+            f"{output} exists; pass --overwrite to replace it or --resume to continue it"
+        )
+
+
+def _create_arrays(
+    group: zarr.Group,
+    sources: Sequence[VolumeSource],
+    plan: BlockPlan,
+    provenance: Mapping[str, Any],
+) -> None:
+    for source in sources:
+        group.create_array(
+            f"{OUTPUT_GROUP}/{source.name}",
+            shape=source.shape,
+            dtype="float32",
+            chunks=plan.chunks_for(source.shape),
+            compressors=blosc_codec(CodecConfig()),
+            dimension_names=_AXES,
+            attributes=volume_attrs(
+                source.voxel_size, {"provenance": {**provenance, "input": str(source.path)}}
+            ),
+        )
+
+
+def prepare_output(
+    output: Path,
+    sources: Sequence[VolumeSource],
+    plan: BlockPlan,
+    fingerprint: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    mode: OutputMode,
+) -> Manifest:
+    """Create the output group and its arrays, or reopen them to resume.
+
+    ``resume`` of an output that does not exist starts a new one.
+    """
+    output = Path(output)
+    if mode == "resume" and output.exists():
+        return Manifest.resume(open_dataset(output, mode="r+"), fingerprint)
+    group = create_dataset(output, overwrite=mode == "overwrite")
+    _create_arrays(group, sources, plan, provenance)
+    manifest = Manifest(group, fingerprint, provenance)
+    manifest.flush()
+    return manifest
+
+
+def run_fingerprint(
+    sources: Sequence[VolumeSource], plan: BlockPlan, processor: BlockProcessor
+) -> dict[str, Any]:
+    """Everything a resumed run must share with the run it continues."""
+    return {
+        "inputs": [{"name": s.name, "path": str(s.path), "shape": list(s.shape)} for s in sources],
+        "block": list(plan.block),
+        "halo": list(plan.halo),
+        "chunks": list(plan.chunks),
+        "processor": processor.fingerprint,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Outcome of :func:`deconvolve_volumes`.
+
+    Attributes
+    ----------
+    outputs
+        Output array paths, one per input, e.g. ``out.zarr/deconvolved/test000``.
+    total_blocks
+        Blocks of all inputs together.
+    skipped
+        Blocks already finished by an earlier run (``--resume``).
+    processed
+        Blocks computed by this run.
+    voxels
+        Output voxels computed by this run.
+    seconds
+        Wall time from the first submission to the last result.
+    """
+
+    outputs: tuple[Path, ...]
+    total_blocks: int
+    skipped: int
+    processed: int
+    voxels: int
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        """Whether every block of every input is now stored."""
+        return self.skipped + self.processed == self.total_blocks
+
+    @property
+    def voxels_per_second(self) -> float:
+        """Throughput of this run."""
+        return self.voxels / self.seconds if self.seconds > 0 else 0.0
+
+
+def _region_text(block: Block) -> str:
+    return ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip(_AXES, block.write, strict=True))
+
+
+def _raise_for(outcome: BlockOutcome, source: VolumeSource, block: Block) -> None:
+    where = f"{source.path}: block {block.index} ({_region_text(block)})"
+    if outcome.nonfinite_input:
+        raise InputError(f"{where} reads {outcome.nonfinite_input} NaN or Inf voxel(s)")
+    if outcome.nonfinite_output:
+        raise NonFiniteOutputError(
+            f"{where} produced {outcome.nonfinite_output} NaN or Inf voxel(s) from finite "
+            "input; try precision fp32"
+        )
+
+
+def _task_resources(client: Client) -> dict[str, int] | None:
+    if not client.scheduler_info(n_workers=-1).get("workers"):
+        logger.info("waiting for the first dask worker to connect")
+        client.wait_for_workers(1)
+    return {GPU_RESOURCE: 1} if workers_declare_gpus(client) else None
+
+
+def _run_blocks(
+    client: Client,
+    work: Sequence[tuple[VolumeSource, int, Block]],
+    output: Path,
+    processor: BlockProcessor,
+    retries: int,
+    manifest: Manifest,
+    bar: tqdm,
+) -> int:
+    """Submit one task per block, record each as it finishes; returns the voxels written."""
+    if not work:
+        return 0
+    run_id = uuid.uuid4().hex[:8]
+    resources = _task_resources(client)
+    # One task holds the processor (e.g. a PSF) so it is shipped once per worker, not per block.
+    shared = client.submit(_identity, processor, key=f"hpcdeconv-processor-{run_id}")
+    futures = {
+        client.submit(
+            process_block,
+            source,
+            output / OUTPUT_GROUP / source.name,
+            block,
+            flat,
+            shared,
+            key=f"hpcdeconv-block-{run_id}-{source.name}-{flat}",
+            retries=retries,
+            resources=resources,
+        ): (source, block)
+        for source, flat, block in work
+    }
+    voxels = 0
+    try:
+        for future in as_completed(futures):
+            outcome: BlockOutcome = future.result()
+            _raise_for(outcome, *futures[future])
+            manifest.mark(outcome.name, outcome.flat)
+            voxels += outcome.voxels
+            bar.update(1)
+    except BaseException:
+        client.cancel([*futures, shared])
+        raise
+    finally:
+        manifest.flush()
+    shared.release()
+    return voxels
+
+
+def deconvolve_volumes(
+    client: Client,
+    sources: Sequence[VolumeSource],
+    output: Path,
+    processor: BlockProcessor,
+    plan: BlockPlan,
+    mode: OutputMode = "new",
+    provenance: Mapping[str, Any] | None = None,
+    max_blocks: int | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """Process every block of every input on the cluster behind ``client``.
+
+    Parameters
+    ----------
+    client
+        Connected dask client.
+    sources
+        Inputs, from :func:`open_sources`.
+    output
+        ``.zarr`` directory; input ``name`` is written to ``deconvolved/<name>`` with the
+        input's voxel size and ``plan.chunks`` chunks.
+    processor
+        What runs on a block (:class:`NetworkProcessor`, :class:`RLProcessor`).
+    plan
+        Blocks, halo, chunks and retries.
+    mode
+        ``"new"`` (the output must not exist), ``"overwrite"`` or ``"resume"`` (skip blocks
+        recorded as finished; the inputs, plan and processor must be those of the record).
+    provenance
+        Extra attributes stored on the output (configuration, checkpoint, ...).
+    max_blocks
+        Stop after submitting this many blocks (to interrupt a run in tests).
+    progress
+        Show a progress bar over blocks.
+
+    Returns
+    -------
+    RunReport
+        Counts and throughput.
+
+    Raises
+    ------
+    InputError
+        A block reads NaN/Inf voxels (named with its input), or the record to resume does
+        not match.
+    NonFiniteOutputError
+        A block of finite input produced NaN/Inf.
+    """
+    output = Path(output).absolute()
+    check_output(output, sources, mode)
+    fingerprint = run_fingerprint(sources, plan, processor)
+    provenance = {
+        "version": __version__,
+        "block": list(plan.block),
+        "halo": list(plan.halo),
+        "chunks": list(plan.chunks),
+        "processor": processor.fingerprint,
+        **(provenance or {}),
+    }
+    manifest = prepare_output(output, sources, plan, fingerprint, provenance, mode)
+    grids = {s.name: plan.grid(s.shape) for s in sources}
+    total = sum(len(g) for g in grids.values())
+    work = [
+        (source, flat, block)
+        for source in sources
+        for flat, block in enumerate(grids[source.name])
+        if flat not in manifest.done(source.name)
+    ]
+    skipped = total - len(work)
+    work = work if max_blocks is None else work[:max_blocks]
+    start = time.perf_counter()
+    with tqdm(
+        total=total, initial=skipped, unit="block", disable=not progress, smoothing=0.1
+    ) as bar:
+        voxels = _run_blocks(client, work, output, processor, plan.retries, manifest, bar)
+    report = RunReport(
+        outputs=tuple(output / OUTPUT_GROUP / s.name for s in sources),
+        total_blocks=total,
+        skipped=skipped,
+        processed=len(work),
+        voxels=voxels,
+        seconds=time.perf_counter() - start,
+    )
+    logger.info(
+        "%d block(s), %d voxels in %.1f s: %.3g voxels/s",
+        report.processed,
+        report.voxels,
+        report.seconds,
+        report.voxels_per_second,
+    )
+    return report

@@ -1,0 +1,317 @@
+"""DeepSpeed strategy: one engine per group, ZeRO stage and precision from the YAML.
+
+Each group becomes a ``deepspeed.initialize`` engine around a client ``torch.optim.Adam``
+(DeepSpeed then compiles no fused optimiser) with the linear-decay schedule of
+``optim:``, so the optimisation is the one the other strategies run, with the optimiser
+states (ZeRO-1) and gradients (ZeRO-2) partitioned over the ranks. The DeepSpeed JSON is
+built from the YAML; ``strategy.deepspeed.extra`` may add keys but not contradict it.
+
+Checkpoints. DeepSpeed state is partitioned, so every rank writes its part::
+
+    RUN/checkpoints/deepspeed/step_00000100/G/...   # engine files of group G, all ranks
+    RUN/checkpoints/step_00000100.pt                # rank 0: {"groups": {"G": {"deepspeed":
+                                                    #   {"tag": "step_00000100", ...}}}, ...}
+
+The order keeps the engine's atomic-checkpoint contract: all ranks write the tag directory
+and meet at a barrier *before* rank 0 writes the torch checkpoint and moves ``latest``, so
+``latest`` only ever names a checkpoint whose shards are complete. Tag directories are
+pruned (at the next save, by rank 0) only once no listed torch checkpoint refers to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcdeconv.config import DeepSpeedConfig, OptimConfig, deep_merge
+from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.training.checkpoint import CKPT_DIR, list_checkpoints
+from hpcdeconv.training.strategy import (
+    DistributedStrategy,
+    FrozenTrainable,
+    Trainable,
+    has_trainable_parameters,
+    linear_decay,
+)
+
+log = logging.getLogger(__name__)
+
+#: Sub-directory of ``RUN/checkpoints`` that holds DeepSpeed tag directories.
+SHARD_DIR = "deepspeed"
+# DeepSpeed prints a throughput line every `steps_per_print` steps; the trainer logs.
+_QUIET_STEPS = 2**31 - 1
+# Sections whose content the YAML decides entirely.
+_OWNED_SECTIONS = {
+    "optimizer": "optim (a client Adam)",
+    "scheduler": "optim.decay_start (linear decay)",
+}
+# Precision switches: which train.precision turns each on. DeepSpeed's own autocast and
+# AMP stay off: the trainer's autocast covers the whole step, frozen passes included.
+_PRECISION_LEAVES = {"bf16.enabled": "bf16", "bfloat16.enabled": "bf16", "fp16.enabled": "fp16"}
+_OFF_LEAVES = ("amp.enabled", "torch_autocast.enabled")
+
+
+def shard_tag(step: int) -> str:
+    """DeepSpeed tag of the checkpoint of ``step``: the torch checkpoint's file stem."""
+    return f"step_{step:08d}"
+
+
+def deepspeed_config(
+    ds: DeepSpeedConfig, precision: str, micro_batch: int, world_size: int
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for one engine, built from the YAML.
+
+    Parameters
+    ----------
+    ds
+        ``strategy.deepspeed``: ZeRO stage and extra keys.
+    precision
+        ``train.precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    micro_batch
+        ``data.batch_size``, the per-rank batch.
+    world_size
+        Number of ranks; the global batch is ``micro_batch * world_size``.
+
+    Returns
+    -------
+    dict
+        ``train_batch_size``, ``train_micro_batch_size_per_gpu``,
+        ``gradient_accumulation_steps`` (1), ``zero_optimization.stage``, a ``bf16`` or
+        ``fp16`` section as ``precision`` asks, merged with ``ds.extra``.
+
+    Raises
+    ------
+    ConfigError
+        ZeRO stage 3 was asked for, or an ``extra`` key contradicts the YAML (a different
+        precision, batch size, ZeRO stage, or any optimizer/scheduler section).
+    """
+    if ds.zero_stage == 3:
+        raise ConfigError(
+            "strategy.deepspeed.zero_stage 3 is not supported: validation, the exported "
+            "networks and checkpoints are made on rank 0 from whole parameters; use 0, 1 or 2"
+        )
+    base: dict[str, Any] = {
+        "train_batch_size": micro_batch * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        base["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        base["fp16"] = {"enabled": True}
+    extra = _nested(ds.extra)
+    _check_extra(extra, _owned_values(ds, precision, micro_batch, world_size))
+    return deep_merge(base, extra)
+
+
+def _owned_values(
+    ds: DeepSpeedConfig, precision: str, micro_batch: int, world_size: int
+) -> dict[str, tuple[Any, str]]:
+    """Dotted DeepSpeed keys the YAML decides: value and the YAML key it comes from."""
+    owned: dict[str, tuple[Any, str]] = {
+        "train_batch_size": (micro_batch * world_size, "data.batch_size x world size"),
+        "train_micro_batch_size_per_gpu": (micro_batch, "data.batch_size"),
+        "gradient_accumulation_steps": (1, "one optimiser step per training step"),
+        "zero_optimization.stage": (ds.zero_stage, "strategy.deepspeed.zero_stage"),
+    }
+    for leaf, turned_on_by in _PRECISION_LEAVES.items():
+        owned[leaf] = (precision == turned_on_by, f"train.precision={precision}")
+    for leaf in _OFF_LEAVES:
+        owned[leaf] = (False, f"train.precision={precision} (autocast is the trainer's)")
+    return owned
+
+
+def _nested(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "c": {"d": 2}}`` → ``{"a": {"b": 1}, "c": {"d": 2}}``."""
+    out: dict[str, Any] = {}
+    for key, value in extra.items():
+        parts = str(key).split(".")
+        value = _nested(value) if isinstance(value, Mapping) else value
+        for part in reversed(parts[1:]):
+            value = {part: value}
+        out = deep_merge(out, {parts[0]: value})
+    return out
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted paths of the non-mapping values of ``tree``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_leaves(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def _check_extra(extra: Mapping[str, Any], owned: Mapping[str, tuple[Any, str]]) -> None:
+    for path, value in _leaves(extra).items():
+        section = path.split(".", 1)[0]
+        if section in _OWNED_SECTIONS:
+            raise ConfigError(
+                f"strategy.deepspeed.extra.{path} contradicts the YAML: "
+                f"{section} comes from {_OWNED_SECTIONS[section]}"
+            )
+        if path in owned and value != owned[path][0]:
+            expected, source = owned[path]
+            raise ConfigError(
+                f"strategy.deepspeed.extra.{path}={value!r} contradicts {source} "
+                f"(which gives {expected!r})"
+            )
+        if any(key.startswith(f"{path}.") for key in owned):
+            raise ConfigError(
+                f"strategy.deepspeed.extra.{path}={value!r} contradicts the YAML: "
+                "it would replace a section whose keys the YAML sets"
+            )
+
+
+class DeepSpeedTrainable(Trainable):
+    """A group trained by a DeepSpeed engine.
+
+    ``backward`` and ``step`` are the engine's (loss scaling, ZeRO gradient partitioning,
+    optimiser step, schedule step, zeroing of gradients). The checkpoint state is a
+    reference to the engine files written by :meth:`save_shards`.
+
+    Parameters
+    ----------
+    engine
+        The ``deepspeed.DeepSpeedEngine`` around the group module.
+    optimizer
+        The client optimiser (its ``param_groups`` carry the scheduled learning rate).
+    name
+        Group name; the engine's sub-directory of a tag directory.
+    shard_root
+        ``RUN/checkpoints/deepspeed``.
+    """
+
+    def __init__(
+        self, engine: Any, optimizer: torch.optim.Optimizer, name: str, shard_root: Path
+    ) -> None:
+        self.engine = engine
+        self.module = engine.module
+        self.optimizer = optimizer
+        self.name = name
+        self.shard_root = shard_root
+        self._tag: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def save_shards(self, tag: str) -> None:
+        """Collective: every rank writes its part of the engine state under ``tag``."""
+        self.engine.save_checkpoint(str(self.shard_root / tag), tag=self.name, save_latest=False)
+        self._tag = tag
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._tag is None:
+            raise RuntimeError(f"group {self.name}: save_shards must run before state_dict")
+        return {"deepspeed": {"tag": self._tag, "group": self.name}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ref = state["deepspeed"]
+        tag_dir = self.shard_root / ref["tag"]
+        if not (tag_dir / ref["group"]).is_dir():
+            raise InputError(f"the DeepSpeed files {tag_dir / ref['group']} are missing")
+        loaded, _ = self.engine.load_checkpoint(
+            str(tag_dir),
+            tag=ref["group"],
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if loaded is None:
+            raise InputError(f"DeepSpeed could not load {tag_dir / ref['group']}")
+        self._tag = ref["tag"]
+
+
+class DeepSpeedStrategy(DistributedStrategy):
+    """Each group in a DeepSpeed engine (ZeRO 0-2; bf16 or fp16 from ``train.precision``).
+
+    The process group must already be joined (DeepSpeed uses it as it is). A group
+    without trainable parameters gets no engine; its tensors are broadcast from rank 0.
+
+    Parameters
+    ----------
+    device, precision
+        As for every strategy.
+    config
+        DeepSpeed JSON from :func:`deepspeed_config`.
+    run_dir
+        The run directory; shards live under ``run_dir/checkpoints/deepspeed``.
+    """
+
+    def __init__(
+        self, device: torch.device, precision: str, config: Mapping[str, Any], run_dir: Path
+    ) -> None:
+        super().__init__(device, precision)
+        self.config = dict(config)
+        self.shard_root = Path(run_dir) / CKPT_DIR / SHARD_DIR
+        self.trainables: dict[str, DeepSpeedTrainable] = {}
+
+    def wrap(
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        lr: float | None = None,
+        name: str | None = None,
+    ) -> Trainable:
+        module.to(self.device)
+        if not has_trainable_parameters(module):
+            self.broadcast_module(module)
+            return FrozenTrainable(module)
+        # Imported here: deepspeed is slow to import and only this strategy needs it.
+        import deepspeed
+
+        name = name or f"group{len(self.trainables)}"
+        if name in self.trainables:
+            raise ValueError(f"group {name!r} is already wrapped")
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=lr or optim.lr, betas=optim.betas)
+        factor = linear_decay(total_steps, optim.decay_start)
+        engine, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+            config=dict(self.config),
+            dist_init_required=False,
+        )
+        trainable = DeepSpeedTrainable(engine, optimizer, name, self.shard_root)
+        self.trainables[name] = trainable
+        return trainable
+
+    def save_shards(self, run_dir: Path, step: int) -> None:
+        """Every rank writes its engine state under the tag of ``step``, then all meet."""
+        tag = shard_tag(step)
+        if self.is_main:
+            _prune_unreferenced(Path(run_dir), self.shard_root, keep=tag)
+        for trainable in self.trainables.values():
+            trainable.save_shards(tag)
+        # Rank 0's checkpoint may refer to the tag only once every rank has written it.
+        self.barrier()
+
+
+def _prune_unreferenced(run_dir: Path, shard_root: Path, keep: str) -> None:
+    """Remove tag directories that no listed torch checkpoint refers to (except ``keep``)."""
+    if not shard_root.is_dir():
+        return
+    referenced = {path.stem for path in list_checkpoints(run_dir)} | {keep}
+    for tag_dir in shard_root.iterdir():
+        if tag_dir.is_dir() and tag_dir.name not in referenced:
+            log.debug("removing unreferenced DeepSpeed checkpoint %s", tag_dir)
+            shutil.rmtree(tag_dir)
