@@ -240,3 +240,27 @@ def test_load_model_rejects_non_checkpoints(tmp_path: Path) -> None:
         load_model(tmp_path / "junk.pt")
     with pytest.raises(InputError, match="no checkpoint"):
         load_model(tmp_path / "empty_dir_that_does_not_exist")
+
+
+def test_predict_command_writes_output_metrics_and_figure(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hpcdeconv.cli import main
+
+    run = tmp_path / "run"
+    train(config(tiny_dataset, run, "method.name=supervised", "train.steps=1"), progress=False)
+    source = f"{tiny_dataset}/blurred/test000"
+    out, png = tmp_path / "out.tif", tmp_path / "out.png"
+    argv = ["predict", "--checkpoint", str(run), source, "--output", str(out)]
+    assert main([*argv, "--truth", f"{tiny_dataset}/sharp/test000", "--png", str(png)]) == 0
+    stdout = capsys.readouterr().out
+    assert "PSNR input" in stdout and "SSIM input" in stdout
+    import tifffile
+
+    assert tifffile.imread(out).shape == (16, 32, 32)
+    assert png.stat().st_size > 10_000
+    assert main(argv) == 2  # the output exists
+    assert "--overwrite" in capsys.readouterr().err
+    same = ["predict", "--checkpoint", str(run), str(out), "--output", str(out), "--overwrite"]
+    assert main(same) == 2
+    assert "differ from the input" in capsys.readouterr().err
