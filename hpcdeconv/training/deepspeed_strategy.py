@@ -34,9 +34,7 @@ from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.training.checkpoint import CKPT_DIR, list_checkpoints
 from hpcdeconv.training.strategy import (
     DistributedStrategy,
-    FrozenTrainable,
     Trainable,
-    has_trainable_parameters,
     linear_decay,
 )
 
@@ -263,18 +261,14 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.shard_root = Path(run_dir) / CKPT_DIR / SHARD_DIR
         self.trainables: dict[str, DeepSpeedTrainable] = {}
 
-    def wrap(
+    def _wrap_trainable(
         self,
         module: nn.Module,
         optim: OptimConfig,
         total_steps: int,
-        lr: float | None = None,
-        name: str | None = None,
+        lr: float | None,
+        name: str | None,
     ) -> Trainable:
-        module.to(self.device)
-        if not has_trainable_parameters(module):
-            self.broadcast_module(module)
-            return FrozenTrainable(module)
         # Imported here: deepspeed is slow to import and only this strategy needs it.
         import deepspeed
 

@@ -198,7 +198,6 @@ class Strategy(ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    @abstractmethod
     def wrap(
         self,
         module: nn.Module,
@@ -209,9 +208,30 @@ class Strategy(ABC):
     ) -> Trainable:
         """Place ``module`` on the device and return its :class:`Trainable`.
 
+        A group without trainable parameters (e.g. the fixed PSF of non-blind training)
+        gets no optimiser and no wrapper; it is only made identical on every rank.
         ``name`` is the method's name of the group (e.g. ``"G"``); strategies that write
         per-group files use it.
         """
+        module.to(self.device)
+        if not has_trainable_parameters(module):
+            self.sync_frozen(module)
+            return FrozenTrainable(module)
+        return self._wrap_trainable(module, optim, total_steps, lr, name)
+
+    @abstractmethod
+    def _wrap_trainable(
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        lr: float | None,
+        name: str | None,
+    ) -> Trainable:
+        """The :class:`Trainable` of a group with trainable parameters, on the device."""
+
+    def sync_frozen(self, module: nn.Module) -> None:  # noqa: B027 - one process: nothing
+        """Make a group without trainable parameters identical on every rank."""
 
     def barrier(self) -> None:  # noqa: B027 - a no-op in one process
         """Wait for every rank (no-op in one process)."""
@@ -239,17 +259,14 @@ class Strategy(ABC):
 class SingleStrategy(Strategy):
     """One process on the CPU or one GPU."""
 
-    def wrap(
+    def _wrap_trainable(
         self,
         module: nn.Module,
         optim: OptimConfig,
         total_steps: int,
-        lr: float | None = None,
-        name: str | None = None,
+        lr: float | None,
+        name: str | None,
     ) -> Trainable:
-        module.to(self.device)
-        if not has_trainable_parameters(module):
-            return FrozenTrainable(module)
         return LocalTrainable(
             module, module, optim, total_steps, fp16=self.precision == "fp16", lr=lr
         )
@@ -287,6 +304,9 @@ class DistributedStrategy(Strategy):
         """Element-wise maximum over ranks."""
         return self._reduce(value, dist.ReduceOp.MAX)
 
+    def sync_frozen(self, module: nn.Module) -> None:
+        self.broadcast_module(module)
+
     def broadcast_module(self, module: nn.Module) -> None:
         """Overwrite ``module``'s parameters and buffers with rank 0's."""
         with torch.no_grad():
@@ -309,18 +329,14 @@ class DDPStrategy(DistributedStrategy):
     state stay per rank.
     """
 
-    def wrap(
+    def _wrap_trainable(
         self,
         module: nn.Module,
         optim: OptimConfig,
         total_steps: int,
-        lr: float | None = None,
-        name: str | None = None,
+        lr: float | None,
+        name: str | None,
     ) -> Trainable:
-        module.to(self.device)
-        if not has_trainable_parameters(module):
-            self.broadcast_module(module)
-            return FrozenTrainable(module)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(module, device_ids=device_ids)
         return LocalTrainable(
