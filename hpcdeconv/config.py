@@ -588,6 +588,9 @@ class DeconvolveConfig(StrictModel):
     blend: Literal["constant", "linear", "gaussian"] = "linear"
     batch_size: PositiveInt = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
+    #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
+    freeze: bool = True
     chunks: Shape3D = (64, 64, 64)
     retries: Annotated[int, Field(ge=0)] = 2
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -618,4 +621,7 @@ class PredictConfig(StrictModel):
     blend: Literal["constant", "linear", "gaussian"] = "linear"
     batch_size: PositiveInt = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
+    #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
+    freeze: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"

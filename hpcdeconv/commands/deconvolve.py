@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.batch_size,
         cfg.precision,
         cfg.cluster.threads_per_worker,
+        freeze=cfg.freeze,
     )
     provenance = {
         "command": "deconvolve",

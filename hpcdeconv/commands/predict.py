@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hpcdeconv.config import PredictConfig, load_config
+    from hpcdeconv.inference.frozen import inference_network
     from hpcdeconv.inference.model import load_model
     from hpcdeconv.inference.predict import predict_volume
     from hpcdeconv.inference.volume_io import check_finite, open_input, write_output
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     check_finite(volume, str(args.input))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     pred = predict_volume(
-        model.net,
+        inference_network(model.net, device, dtype, cfg.freeze),
         volume,
         tile=cfg.tile,
         overlap=cfg.overlap,

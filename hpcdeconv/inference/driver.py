@@ -56,9 +56,10 @@ from hpcdeconv.data.zarr_io import (
 )
 from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
 from hpcdeconv.inference.cluster import GPU_RESOURCE, workers_declare_gpus
+from hpcdeconv.inference.frozen import inference_network
 from hpcdeconv.inference.manifest import Manifest
 from hpcdeconv.inference.model import LoadedModel, load_model
-from hpcdeconv.inference.predict import PredictSettings, predict_block
+from hpcdeconv.inference.predict import Model, PredictSettings, predict_block
 from hpcdeconv.inference.tiling import BlendMode, Block, Slices, block_grid
 from hpcdeconv.inference.volume_io import TIFF_SUFFIXES, open_input
 
@@ -253,7 +254,7 @@ class BlockProcessor(Protocol):
 
 # Per-process worker state; filled on first use so that importing has no side effects.
 _RUNTIME: dict[str, torch.device] = {}
-_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_NETWORKS: dict[tuple[str, str, str, bool], Model] = {}
 _LOCK = threading.Lock()
 _LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 
@@ -304,13 +305,16 @@ def _worker_runtime(threads: int, client_pid: int) -> torch.device:
         return _RUNTIME["device"]
 
 
-def _cached_model(checkpoint: Path, device: torch.device) -> LoadedModel:
-    """The generator of ``checkpoint`` on ``device``, loaded once per worker process."""
-    key = (str(checkpoint), str(device))
+def _cached_network(
+    checkpoint: Path, device: torch.device, autocast_dtype: torch.dtype | None, freeze: bool
+) -> Model:
+    """G_Θ of ``checkpoint`` on ``device`` as tiles run it, built once per worker process."""
+    key = (str(checkpoint), str(device), str(autocast_dtype), freeze)
     with _LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(checkpoint, device)
-        return _MODELS[key]
+        if key not in _NETWORKS:
+            net = load_model(checkpoint, device).net
+            _NETWORKS[key] = inference_network(net, device, autocast_dtype, freeze)
+        return _NETWORKS[key]
 
 
 def file_sha256(path: Path) -> str:
@@ -341,6 +345,9 @@ class NetworkProcessor:
         ``"fp32"``, ``"bf16"`` or ``"fp16"``, as configured.
     threads
         Torch threads per worker process.
+    freeze
+        Run G_Θ through :class:`~hpcdeconv.inference.frozen.FrozenNetwork` on CPU workers
+        in fp32.
     client_pid
         Process id of the client (see :func:`_worker_runtime`).
     """
@@ -350,6 +357,7 @@ class NetworkProcessor:
     settings: PredictSettings
     precision: str
     threads: int = 1
+    freeze: bool = True
     client_pid: int = field(default_factory=os.getpid)
 
     @classmethod
@@ -362,6 +370,7 @@ class NetworkProcessor:
         batch_size: int,
         precision: str,
         threads: int = 1,
+        freeze: bool = True,
     ) -> NetworkProcessor:
         """Settings for ``model`` (loaded on the client to validate the checkpoint)."""
         settings = PredictSettings(
@@ -373,11 +382,11 @@ class NetworkProcessor:
             size_multiple=model.size_multiple,
         )
         checkpoint = model.checkpoint.absolute()
-        return cls(checkpoint, file_sha256(checkpoint), settings, precision, threads)
+        return cls(checkpoint, file_sha256(checkpoint), settings, precision, threads, freeze)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        """What determines the output: weights, tiling, blending, precision."""
+        """What determines the output: weights, tiling, blending, precision, freezing."""
         return {
             "kind": "network",
             "checkpoint_sha256": self.sha256,
@@ -385,14 +394,17 @@ class NetworkProcessor:
             "overlap": self.settings.overlap,
             "blend": self.settings.blend,
             "precision": self.precision,
+            "freeze": self.freeze,
         }
 
     def __call__(self, data: np.ndarray, block: Block) -> np.ndarray:
         """G_Θ on the padded block, tiled and blended, cropped to ``block.write``."""
         device = _worker_runtime(self.threads, self.client_pid)
-        model = _cached_model(self.checkpoint, device)
+        network = _cached_network(
+            self.checkpoint, device, self.settings.autocast_dtype, self.freeze
+        )
         settings = dataclasses.replace(self.settings, device=device)
-        return predict_block(model.net, data, block, settings)
+        return predict_block(network, data, block, settings)
 
 
 @dataclass(frozen=True)

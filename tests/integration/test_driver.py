@@ -1,6 +1,7 @@
 """The block-wise driver on dask clusters inside the test process: seamless stitching against
 whole-volume inference, resume after an interruption, NaN blocks, TIFF and multiple inputs,
-block-wise Richardson-Lucy against whole-volume RL, and a worker process killed mid-run."""
+block-wise Richardson-Lucy against whole-volume RL, a worker process killed mid-run, and the
+environment local worker processes get."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import zarr
 from distributed import Client, LocalCluster
 
 from hpcdeconv.classical.rl import richardson_lucy, rl_halo
-from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.config import ClusterConfig, ExperimentConfig, load_config
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
+from hpcdeconv.inference.cluster import open_client
 from hpcdeconv.inference.driver import (
     BlockPlan,
     NetworkProcessor,
@@ -372,3 +374,17 @@ def test_a_killed_worker_does_not_fail_the_run(local_model: LoadedModel, tmp_pat
     assert report.complete and report.processed == 8
     error = np.abs(read_output(tmp_path / "out.zarr") - whole_volume(local_model, volume, 9))
     assert error.max() <= 1e-5
+
+
+@pytest.mark.distributed
+def test_local_workers_keep_glibcs_dynamic_malloc_thresholds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A LocalCluster started earlier in this process leaves dask's value in os.environ.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    cfg = ClusterConfig(workers=1, threads_per_worker=1, dashboard=False)
+    with open_client(cfg) as c:
+        environ = next(iter(c.run(lambda: dict(os.environ)).values()))
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ
+    assert environ["OMP_NUM_THREADS"] == "1"  # dask's other spawn settings still apply
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ

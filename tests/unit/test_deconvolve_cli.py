@@ -4,8 +4,12 @@ a non-zero exit that leaves an existing output untouched."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +23,7 @@ from distributed import Client, LocalCluster
 
 from hpcdeconv.classical.rl import richardson_lucy
 from hpcdeconv.cli import main
-from hpcdeconv.config import DeconvolveConfig, ExperimentConfig, load_config
+from hpcdeconv.config import ClusterConfig, DeconvolveConfig, ExperimentConfig, load_config
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.inference.cluster import connect, local_worker_count, slurm_cluster_options
@@ -318,3 +322,22 @@ def test_cluster_sizing_and_slurm_options() -> None:
     assert (options["cores"], options["processes"], options["queue"]) == (4, 1, "gpu")
     assert options["scheduler_options"]["dashboard_address"].startswith("127.0.0.1:")
     assert "job_extra_directives" not in slurm_cluster_options(cfg)
+
+
+def test_slurm_worker_jobs_unset_only_the_malloc_trim_threshold() -> None:
+    """The job-script prologue, run by bash, changes the worker's dask configuration."""
+    (prologue,) = slurm_cluster_options(ClusterConfig(kind="slurm"))["job_script_prologue"]
+    probe = (
+        "import dask, distributed; print(dask.config.get('distributed.nanny.pre-spawn-environ'))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    shown = subprocess.run(
+        ["bash", "-c", f'{prologue} && "{sys.executable}" -c "{probe}"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    environ = ast.literal_eval(shown)
+    assert environ["MALLOC_TRIM_THRESHOLD_"] is None
+    assert environ["OMP_NUM_THREADS"] == 1
