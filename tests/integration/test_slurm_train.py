@@ -152,6 +152,19 @@ def _wait_until_gone(cluster: SlurmCluster, job_id: int, timeout: float = 240.0)
         time.sleep(0.5)
 
 
+def _job_report(cluster: SlurmCluster, job_id: int) -> str:
+    """sacct's account of every run of a job and the daemons' last log lines, for a failure."""
+    runs = cluster.run(
+        "sacct", "-j", str(job_id), "--duplicates", "-P",
+        "-o", "JobID,State,ExitCode,DerivedExitCode,Reason,Start,End",
+    )  # fmt: skip
+    logs = [
+        f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-25:])
+        for path in sorted((cluster.state_dir / "log").glob("slurm*"))
+    ]
+    return "\n".join(["", "--- sacct", runs, *logs])
+
+
 @pytest.mark.slurm
 @pytest.mark.distributed
 def test_usr1_checkpoints_requeues_and_resumes(
@@ -174,7 +187,8 @@ def test_usr1_checkpoints_requeues_and_resumes(
     _wait_until_gone(slurm_cluster, job_id)
     log = _log(tmp_path, job_id)
 
-    assert _sacct_runs(slurm_cluster, job_id) == ["REQUEUED", "COMPLETED"], log
+    runs = _sacct_runs(slurm_cluster, job_id)
+    assert runs == ["REQUEUED", "COMPLETED"], log + _job_report(slurm_cluster, job_id)
     checkpoints = [p.name for p in list_checkpoints(run)]
     assert len(checkpoints) == 2, (checkpoints, log)
     stopped = int(checkpoints[0].removeprefix("step_").removesuffix(".pt"))
