@@ -135,18 +135,30 @@ def _wait_for_step(run: Path, step: int, cluster: SlurmCluster, job_id: int) -> 
         time.sleep(0.1)
 
 
+#: Seconds a requeued job stays held before the test moves its start to now.
+REQUEUE_HOLD_S = 2.0
+
+
 def _wait_until_gone(cluster: SlurmCluster, job_id: int, timeout: float = 240.0) -> None:
     """Wait for the job to finish, cutting the requeue hold short.
 
     SLURM 22.05 holds a requeued job with ``Reason=BeginTime`` for 120 s (measured here);
-    on a real cluster that wait is harmless, in a test it is moved to now.
+    on a real cluster that wait is harmless, in a test it is moved to now, but not at once:
+    slurmd refuses a credential issued in the same second as the revocation of the previous
+    run's ("Killing non-startable batch JobId=…: Job credential revoked"; seen when the
+    start was moved 0.2 s after the requeue), so the job stays held for 2 s first.
     """
     deadline = time.monotonic() + timeout
+    held_since: float | None = None
     while True:
         out = cluster.run("squeue", "-h", "-j", str(job_id), "-o", "%T %r").split()
         if not out:
             return
-        if out == ["PENDING", "BeginTime"]:
+        if out != ["PENDING", "BeginTime"]:
+            held_since = None
+        elif held_since is None:
+            held_since = time.monotonic()
+        elif time.monotonic() - held_since >= REQUEUE_HOLD_S:
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         assert time.monotonic() < deadline, f"job {job_id} still queued: {out}"
         time.sleep(0.5)
