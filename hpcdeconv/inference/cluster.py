@@ -41,16 +41,22 @@ GPU_RESOURCE = "GPU"
 # The scheduler's HTTP server (health checks, and the dashboard when enabled) always runs;
 # binding it to the loopback interface keeps it off the network, on a free port.
 _DASHBOARD = "127.0.0.1:0"
-# dask's nannies export MALLOC_TRIM_THRESHOLD_=65536 to the workers they spawn. Any explicit
-# glibc malloc threshold switches off glibc's dynamic mmap threshold, so every tensor over
-# 128 KiB is mmapped, page-faulted in and unmapped again: torch inference on the CPU ran
-# ~40 % slower in such a worker than in a plain process (U-Net on 64x160x160, 1 thread:
-# 10.8-11.6 s vs 7.8-8.4 s without it). Unsetting it restores glibc's defaults.
-_MALLOC_TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+# Worker processes get glibc's malloc defaults back, plus one arena. dask's nannies export
+# MALLOC_TRIM_THRESHOLD_=65536 to the workers they spawn; any explicit glibc malloc threshold
+# switches off glibc's dynamic mmap threshold, so every tensor over 128 KiB is mmapped,
+# page-faulted in and unmapped again: torch inference on the CPU ran ~40 % slower in such a
+# worker than in a plain process (U-Net on 64x160x160, 1 thread: 10.8-11.6 s vs 7.8-8.4 s).
+# Tasks also run in the worker's executor thread, whose own malloc arena (mmapped 64 MiB heaps,
+# shrunk with MADV_DONTNEED) took up to 2-3x the page faults of the main thread per 64^3 tile
+# and made the driver 10-25 % slower than in-process inference (2 threads: 3.7-4.4 s vs
+# 3.4-3.5 s); with one arena the worker ran as fast (3.3-3.6 s). None removes dask's entry.
+_SPAWN_ENVIRON: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None, "MALLOC_ARENA_MAX": "1"}
+_SPAWN_ENVIRON_KEY = "distributed.nanny.pre-spawn-environ"
 # The same for a worker started elsewhere (a SLURM job): dask merges a dict given in this
 # variable into its defaults, so the other variables of the spawn environment stay.
 _WORKER_ENVIRON_EXPORT = (
-    "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{\"MALLOC_TRIM_THRESHOLD_\": None}'"
+    "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="
+    '\'{"MALLOC_TRIM_THRESHOLD_": None, "MALLOC_ARENA_MAX": "1"}\''
 )
 
 
@@ -83,7 +89,7 @@ def _local_client(cfg: ClusterConfig, stack: ExitStack) -> Client:
 
     gpus = _visible_gpus()
     # Nannies read the spawn environment once, when created; restarts reuse it.
-    with dask.config.set({_MALLOC_TRIM_KEY: None}):
+    with dask.config.set({f"{_SPAWN_ENVIRON_KEY}.{k}": v for k, v in _SPAWN_ENVIRON.items()}):
         cluster = LocalCluster(
             n_workers=local_worker_count(cfg, gpus),
             threads_per_worker=cfg.threads_per_worker,

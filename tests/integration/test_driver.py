@@ -377,7 +377,7 @@ def test_a_killed_worker_does_not_fail_the_run(local_model: LoadedModel, tmp_pat
 
 
 @pytest.mark.distributed
-def test_local_workers_keep_glibcs_dynamic_malloc_thresholds(
+def test_local_workers_get_glibcs_malloc_thresholds_and_one_arena(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A LocalCluster started earlier in this process leaves dask's value in os.environ.
@@ -386,5 +386,6 @@ def test_local_workers_keep_glibcs_dynamic_malloc_thresholds(
     with open_client(cfg) as c:
         environ = next(iter(c.run(lambda: dict(os.environ)).values()))
     assert "MALLOC_TRIM_THRESHOLD_" not in environ
+    assert environ["MALLOC_ARENA_MAX"] == "1"
     assert environ["OMP_NUM_THREADS"] == "1"  # dask's other spawn settings still apply
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ

@@ -324,7 +324,7 @@ def test_cluster_sizing_and_slurm_options() -> None:
     assert "job_extra_directives" not in slurm_cluster_options(cfg)
 
 
-def test_slurm_worker_jobs_unset_only_the_malloc_trim_threshold() -> None:
+def test_slurm_worker_jobs_get_the_local_workers_malloc_settings() -> None:
     """The job-script prologue, run by bash, changes the worker's dask configuration."""
     (prologue,) = slurm_cluster_options(ClusterConfig(kind="slurm"))["job_script_prologue"]
     probe = (
@@ -340,4 +340,5 @@ def test_slurm_worker_jobs_unset_only_the_malloc_trim_threshold() -> None:
     ).stdout
     environ = ast.literal_eval(shown)
     assert environ["MALLOC_TRIM_THRESHOLD_"] is None
+    assert environ["MALLOC_ARENA_MAX"] == "1"
     assert environ["OMP_NUM_THREADS"] == 1
