@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Iterator
@@ -54,9 +55,9 @@ _SPAWN_ENVIRON: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None, "MALLOC
 _SPAWN_ENVIRON_KEY = "distributed.nanny.pre-spawn-environ"
 # The same for a worker started elsewhere (a SLURM job): dask merges a dict given in this
 # variable into its defaults, so the other variables of the spawn environment stay.
+# dask reads the value with ast.literal_eval, so the dict's repr is what it gets.
 _WORKER_ENVIRON_EXPORT = (
-    "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="
-    '\'{"MALLOC_TRIM_THRESHOLD_": None, "MALLOC_ARENA_MAX": "1"}\''
+    f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(repr(_SPAWN_ENVIRON))}"
 )
 
 
