@@ -19,8 +19,11 @@ Scores = Tensor | Sequence[Tensor]
 
 
 def as_scales(scores: Scores) -> list[Tensor]:
-    """A discriminator's output as a list of per-scale score maps."""
-    return [scores] if isinstance(scores, Tensor) else list(scores)
+    """A discriminator's output as a list of per-scale score maps, in fp32.
+
+    Scores of a bf16/fp16 discriminator are reduced in fp32, so the losses stay fp32.
+    """
+    return [s.float() for s in ([scores] if isinstance(scores, Tensor) else scores)]
 
 
 def _mean_over_scales(values: list[Tensor]) -> Tensor:

@@ -30,4 +30,5 @@ def cycle_loss(x: Tensor, x_rec: Tensor, y: Tensor, y_rec: Tensor) -> Tensor:
                 f"cycle_loss: {name} has shape {tuple(a.shape)} but its reconstruction "
                 f"{tuple(b.shape)}"
             )
-    return (x - x_rec).abs().mean() + (y - y_rec).abs().mean()
+    # fp32 whatever precision the networks ran in (autocast leaves subtraction in bf16).
+    return (x.float() - x_rec.float()).abs().mean() + (y.float() - y_rec.float()).abs().mean()

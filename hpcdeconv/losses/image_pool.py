@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from hpcdeconv.errors import ConfigError
+from hpcdeconv.training.rng import cpu_state
 
 
 class ImagePool:
@@ -89,5 +90,7 @@ class ImagePool:
             raise ConfigError(
                 f"image pool size {self.size} differs from the checkpoint's {state['size']}"
             )
-        self.images = [image.clone() for image in state["images"]]
-        self.generator.set_state(state["generator"])
+        # The checkpoint may have been mapped to a GPU: images go back to the CPU until
+        # drawn, and a generator state is only accepted as a CPU uint8 tensor.
+        self.images = [image.detach().cpu().clone() for image in state["images"]]
+        self.generator.set_state(cpu_state(state["generator"]))

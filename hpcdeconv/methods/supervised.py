@@ -48,7 +48,7 @@ class Supervised(Method):
         G = self.t["G"]
         D = self.t.get("D")
         x_hat = G(y)
-        mse = F.mse_loss(x_hat, x)
+        mse = F.mse_loss(x_hat.float(), x.float())
         losses = {"mse": mse}
         if D is None:
             loss_g = mse

@@ -49,10 +49,17 @@ _OWNED_SECTIONS = {
     "optimizer": "optim (a client Adam)",
     "scheduler": "optim.decay_start (linear decay)",
 }
-# Precision switches: which train.precision turns each on. DeepSpeed's own autocast and
-# AMP stay off: the trainer's autocast covers the whole step, frozen passes included.
-_PRECISION_LEAVES = {"bf16.enabled": "bf16", "bfloat16.enabled": "bf16", "fp16.enabled": "fp16"}
-_OFF_LEAVES = ("amp.enabled", "torch_autocast.enabled")
+# Mixed precision runs through DeepSpeed's torch-autocast mode, never its bf16/fp16 modes.
+# Those cast the group's weights to half precision and, on CUDA, switch an enclosing
+# torch.autocast *off* inside the engine's forward, so every fp32 tensor crossing the
+# engine (batch, pooled fakes, the PSF layer's FFT path) would meet half weights ("Input
+# type (torch.cuda.FloatTensor) and weight type (CUDABFloat16Type) should be the same").
+# On the CPU DeepSpeed only looks at CUDA's autocast flag and leaves the CPU's on, which is
+# why CPU runs never saw it. In torch-autocast mode the weights stay fp32 and the engine
+# runs its forward under autocast of the same dtype as the trainer: every strategy then
+# computes the same mixed-precision step, and fp16 gets DeepSpeed's gradient scaler.
+_DS_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+_OFF_LEAVES = ("bf16.enabled", "bfloat16.enabled", "fp16.enabled", "amp.enabled")
 
 
 def shard_tag(step: int) -> str:
@@ -80,14 +87,16 @@ def deepspeed_config(
     -------
     dict
         ``train_batch_size``, ``train_micro_batch_size_per_gpu``,
-        ``gradient_accumulation_steps`` (1), ``zero_optimization.stage``, a ``bf16`` or
-        ``fp16`` section as ``precision`` asks, merged with ``ds.extra``.
+        ``gradient_accumulation_steps`` (1), ``zero_optimization.stage``, a
+        ``torch_autocast`` section of the dtype ``precision`` asks for (weights stay
+        fp32), merged with ``ds.extra``.
 
     Raises
     ------
     ConfigError
         ZeRO stage 3 was asked for, or an ``extra`` key contradicts the YAML (a different
-        precision, batch size, ZeRO stage, or any optimizer/scheduler section).
+        precision, DeepSpeed's own bf16/fp16 weights, batch size, ZeRO stage, or any
+        optimizer/scheduler section).
     """
     if ds.zero_stage == 3:
         raise ConfigError(
@@ -102,10 +111,14 @@ def deepspeed_config(
         "steps_per_print": _QUIET_STEPS,
         "wall_clock_breakdown": False,
     }
-    if precision == "bf16":
-        base["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        base["fp16"] = {"enabled": True}
+    if precision in _DS_DTYPES:
+        base["torch_autocast"] = {
+            "enabled": True,
+            "dtype": _DS_DTYPES[precision],
+            # Gradients are reduced in fp32, as DDP does: the networks are small, and a bf16
+            # all-reduce would make ZeRO's step differ from the other strategies'.
+            "lower_precision_safe_modules": [],
+        }
     extra = _nested(ds.extra)
     _check_extra(extra, _owned_values(ds, precision, micro_batch, world_size))
     return deep_merge(base, extra)
@@ -121,10 +134,11 @@ def _owned_values(
         "gradient_accumulation_steps": (1, "one optimiser step per training step"),
         "zero_optimization.stage": (ds.zero_stage, "strategy.deepspeed.zero_stage"),
     }
-    for leaf, turned_on_by in _PRECISION_LEAVES.items():
-        owned[leaf] = (precision == turned_on_by, f"train.precision={precision}")
+    owned["torch_autocast.enabled"] = (precision in _DS_DTYPES, f"train.precision={precision}")
+    if precision in _DS_DTYPES:
+        owned["torch_autocast.dtype"] = (_DS_DTYPES[precision], f"train.precision={precision}")
     for leaf in _OFF_LEAVES:
-        owned[leaf] = (False, f"train.precision={precision} (autocast is the trainer's)")
+        owned[leaf] = (False, f"train.precision={precision} (fp32 weights under autocast)")
     return owned
 
 
@@ -216,10 +230,24 @@ class DeepSpeedTrainable(Trainable):
         self.engine.save_checkpoint(str(self.shard_root / tag), tag=self.name, save_latest=False)
         self._tag = tag
 
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 torch-autocast's loss scaler (the engine's at ZeRO 0, ZeRO's otherwise).
+
+        DeepSpeed's own checkpoint files do not hold it, so it travels in ours.
+        """
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is None:
+            scaler = getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
+        return scaler
+
     def state_dict(self) -> dict[str, Any]:
         if self._tag is None:
             raise RuntimeError(f"group {self.name}: save_shards must run before state_dict")
-        return {"deepspeed": {"tag": self._tag, "group": self.name}}
+        state: dict[str, Any] = {"deepspeed": {"tag": self._tag, "group": self.name}}
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ref = state["deepspeed"]
@@ -234,6 +262,9 @@ class DeepSpeedTrainable(Trainable):
         )
         if loaded is None:
             raise InputError(f"DeepSpeed could not load {tag_dir / ref['group']}")
+        scaler = self._grad_scaler()
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         self._tag = ref["tag"]
 
 

@@ -29,6 +29,7 @@ from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint, sa
 from hpcdeconv.training.feed import TrainingFeed
 from hpcdeconv.training.launch import build_strategy
 from hpcdeconv.training.preemption import StopRequest, requeue_slurm_job
+from hpcdeconv.training.rng import capture_rng_state, restore_rng_state
 from hpcdeconv.training.runlog import RunLogger
 from hpcdeconv.training.strategy import Strategy
 from hpcdeconv.training.validate import validate
@@ -88,19 +89,6 @@ def default_strategy(cfg: ExperimentConfig) -> Strategy:
 def _check_precision(cfg: ExperimentConfig, device: torch.device) -> None:
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision fp16 needs a GPU; use bf16 on the CPU")
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -170,12 +158,14 @@ class Trainer:
             # G_Θ alone, so inference needs neither the method nor the training data.
             "deblur": self.method.deblur_net().state_dict(),
             "feed": self.feed.state_dict(),
-            "rng": _rng_state(),
+            "rng": capture_rng_state(),
         }
 
     def _restore(self, path: Path | None) -> None:
         assert path is not None
-        state = load_checkpoint(path, map_location=self.strategy.device)
+        # Loaded on the CPU whatever the device: load_state_dict copies weights and
+        # optimiser states onto the device, and generator states must stay CPU tensors.
+        state = load_checkpoint(path, map_location="cpu")
         if state.get("method") != self.cfg.method.name:
             raise InputError(
                 f"checkpoint {path} is from method '{state.get('method')}', "
@@ -191,7 +181,7 @@ class Trainer:
             ) from None
         self.method.load_state_dict(state["method_state"])
         self.feed.load_state_dict(state["feed"])
-        _set_rng_state({k: v.cpu() if torch.is_tensor(v) else v for k, v in state["rng"].items()})
+        restore_rng_state(state["rng"])
         self.step = int(state["step"])
         log.info("resumed %s at step %d", path, self.step)
 

@@ -39,7 +39,7 @@ def test_json_is_built_from_the_yaml_and_extra_adds_to_it() -> None:
         extra={
             "zero_optimization.overlap_comm": True,
             "gradient_clipping": 1.0,
-            "bf16": {"enabled": True},  # agrees with train.precision: accepted
+            "torch_autocast.enabled": True,  # agrees with train.precision: accepted
         },
     )
     config = deepspeed_config(ds, "bf16", micro_batch=3, world_size=4)
@@ -47,11 +47,19 @@ def test_json_is_built_from_the_yaml_and_extra_adds_to_it() -> None:
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 1
     assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}
-    assert config["bf16"] == {"enabled": True}
+    # Mixed precision is torch autocast inside the engine, weights stay fp32.
+    assert config["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
     assert config["gradient_clipping"] == 1.0
-    assert "optimizer" not in config and "scheduler" not in config and "fp16" not in config
+    for absent in ("optimizer", "scheduler", "fp16", "bf16"):
+        assert absent not in config
+    fp16 = deepspeed_config(DeepSpeedConfig(zero_stage=1), "fp16", micro_batch=1, world_size=2)
+    assert fp16["torch_autocast"]["dtype"] == "float16" and "fp16" not in fp16
     fp32 = deepspeed_config(DeepSpeedConfig(zero_stage=1), "fp32", micro_batch=1, world_size=2)
-    assert "bf16" not in fp32 and "fp16" not in fp32
+    assert "bf16" not in fp32 and "fp16" not in fp32 and "torch_autocast" not in fp32
     assert fp32["zero_optimization"] == {"stage": 1}
 
 
@@ -61,6 +69,9 @@ def test_json_is_built_from_the_yaml_and_extra_adds_to_it() -> None:
         ("fp32", {"bf16": {"enabled": True}}, r"extra\.bf16\.enabled=True contradicts train"),
         ("bf16", {"fp16.enabled": True}, r"extra\.fp16\.enabled=True contradicts train"),
         ("bf16", {"bf16": True}, r"extra\.bf16=True contradicts the YAML"),
+        # DeepSpeed's half-precision weights break CUDA autocast inside the engine.
+        ("bf16", {"bf16": {"enabled": True}}, r"extra\.bf16\.enabled=True contradicts train"),
+        ("fp16", {"torch_autocast.dtype": "bfloat16"}, r"torch_autocast\.dtype='bfloat16'"),
         ("fp32", {"torch_autocast": {"enabled": True}}, r"extra\.torch_autocast\.enabled"),
         ("fp32", {"train_batch_size": 8}, r"extra\.train_batch_size=8 contradicts data"),
         ("fp32", {"train_micro_batch_size_per_gpu": 2}, r"micro_batch_size_per_gpu=2"),
@@ -149,7 +160,7 @@ def test_zero_trains_checkpoints_and_resumes_like_the_uninterrupted_run(
         # ZeRO partitions the optimiser state: one file per rank.
         parts = sorted(p.name for p in (shards / "step_00000006" / group).iterdir())
         assert [p for p in parts if "zero_pp_rank_" in p] == [
-            f"{'bf16_' if precision == 'bf16' else ''}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
             for r in (0, 1)
         ]
     assert sorted(p.name for p in shards.iterdir()) == ["step_00000003", "step_00000006"]
@@ -176,5 +187,8 @@ def test_zero_trains_checkpoints_and_resumes_like_the_uninterrupted_run(
     for step in resumed:
         assert resumed[step] == pytest.approx(metrics[step], rel=1e-6, abs=1e-7), step
     a, b = load_checkpoint(whole)["deblur"], load_checkpoint(broken)["deblur"]
+    # bf16 is autocast inside the engine: the weights stay fp32 (DeepSpeed's own bf16 mode
+    # would hold them in bf16 and, on CUDA, switch autocast off inside the engine).
+    assert {t.dtype for t in a.values() if t.is_floating_point()} == {torch.float32}
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
