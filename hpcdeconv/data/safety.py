@@ -133,7 +133,8 @@ def check_disjoint(
         for other_flag, other in given_outputs[i + 1 :]:
             relation = _relation(resolved(out), resolved(other))
             if relation is not None:
-                raise InputError(f"{flag} {out} {relation} {other_flag} {other}; choose another")
+                overlap = f"{relation} {other_flag} {other}"
+                raise InputError(f"{flag} {out} {overlap}; choose another path")
 
 
 # --------------------------------------------------------------------------------------
@@ -196,7 +197,9 @@ def _foreign_in_run_dir(run_dir: Path) -> Path | None:
 
 
 def _refuse(path: Path, why: str) -> OutputExistsError:
-    return OutputExistsError(f"--overwrite refused: {path} {why}; move it away or choose another")
+    return OutputExistsError(
+        f"--overwrite refused: {path} {why}; move it away or choose another output"
+    )
 
 
 def _is_own_kind(path: Path) -> bool:
@@ -244,7 +247,8 @@ def check_replaceable(path: Path, kind: OutputKind) -> None:
     if kind == "zarr":
         attrs = _root_attributes(target)
         if attrs is None or STORE_MARKER not in attrs:
-            raise _refuse(path, f"is not a zarr store written by hpcdeconv (no '{STORE_MARKER}')")
+            why = f"is not a zarr store written by hpcdeconv (no '{STORE_MARKER}' root attribute)"
+            raise _refuse(path, why)
         foreign = _foreign_in_store(target)
         if foreign is not None:
             where = foreign.relative_to(target)

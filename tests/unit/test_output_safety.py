@@ -269,6 +269,9 @@ def test_overwrite_refuses_our_store_or_run_once_it_holds_foreign_files(
     assert digest(run) == before
     (run / "analysis.ipynb").unlink()
     assert main([*train_args, "--overwrite"]) == 0
+    # The run's own config.yaml is no foreign input: resuming from it is allowed.
+    resume = ["train", "--config", str(run / "config.yaml"), "--resume"]
+    assert main([*resume, "--set", "train.steps=2"]) == 0
 
 
 def test_overwrite_replaces_what_hpcdeconv_wrote(
