@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcdeconv.commands.common import add_config_args, positive_int
+from hpcdeconv.commands.common import add_config_args, config_inputs, positive_int
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -65,6 +65,17 @@ def output_mode(args: argparse.Namespace) -> OutputMode:
     return "overwrite" if args.overwrite else "resume" if args.resume else "new"
 
 
+def check_cluster_output(
+    args: argparse.Namespace, inputs: list[tuple[str, Path | None]], replace: bool
+) -> None:
+    """``--output`` overlaps no input (``--config`` included); with ``replace`` (the last
+    check before the run) an existing output must also be a store hpcdeconv wrote."""
+    from hpcdeconv.data.safety import check_outputs
+
+    inputs = [*inputs, *[("input", p) for p in args.inputs], *config_inputs(args)]
+    check_outputs([("--output", args.output, "zarr")], inputs, True if replace else None)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv deconvolve``."""
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="TIFF or zarr array")
@@ -112,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs)
     check_output(args.output, sources, mode)
+    check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=False)
     model = load_model(args.checkpoint, "cpu")
     radius = model.receptive_field // 2
     halo = radius if cfg.halo == "auto" else cfg.halo
@@ -135,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         "method": model.config.method.name,
         "config": cfg.model_dump(mode="json"),
     }
+    check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=mode == "overwrite")
     with open_client(cfg.cluster) as client:
         print_client(client, cfg.cluster)
         report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)

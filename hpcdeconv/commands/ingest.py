@@ -36,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     """Convert TIFF stacks into the hpcdeconv zarr dataset layout."""
     from hpcdeconv.config import CodecConfig, StorageConfig
     from hpcdeconv.data.ingest import ingest_tiff
+    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.data.zarr_io import describe
+
+    inputs = [("input", path) for path in args.inputs]
+    check_outputs([("--output", args.output, "zarr")], inputs, args.overwrite)
 
     storage = StorageConfig(chunks=tuple(args.chunks), codec=CodecConfig())
     voxel = tuple(args.voxel_size) if args.voxel_size is not None else None

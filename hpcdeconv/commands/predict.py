@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdeconv.commands.common import add_config_args, refuse_existing
+from hpcdeconv.commands.common import add_config_args, config_inputs
 from hpcdeconv.errors import InputError
 
 NAME = "predict"
@@ -23,26 +23,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def _is_zarr(path: Path) -> bool:
+    return path.suffix.lower() == ".zarr"
+
+
 def run(args: argparse.Namespace) -> int:
     """Deconvolve one volume in memory with a trained deblurring generator."""
     import numpy as np
     import torch
 
     from hpcdeconv.config import PredictConfig, load_config
+    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.inference.frozen import inference_network
     from hpcdeconv.inference.model import load_model
-    from hpcdeconv.inference.predict import predict_volume
+    from hpcdeconv.inference.predict import PredictSettings, predict_volume
     from hpcdeconv.inference.volume_io import check_finite, open_input, write_output
     from hpcdeconv.training.strategy import resolve_device
 
     cfg = load_config(PredictConfig, args.config, args.set)
-    if args.output.resolve() == args.input.resolve():
-        raise InputError("--output must differ from the input")
-    if args.png is not None:
-        refuse_existing(args.png, args.overwrite)
-    refuse_existing(args.output, args.overwrite)
+    inputs = [("input", args.input), ("--checkpoint", args.checkpoint), ("--truth", args.truth)]
+    outputs = [("--output", args.output, "zarr" if _is_zarr(args.output) else "file")]
+    outputs.append(("--png", args.png, "file"))
+    check_outputs(outputs, [*inputs, *config_inputs(args)], args.overwrite)
     device = resolve_device(cfg.device)
     model = load_model(args.checkpoint, device)
+    # The tile must suit the checkpoint's network: checked before any output is written.
+    PredictSettings(cfg.tile, cfg.overlap, cfg.blend, size_multiple=model.size_multiple)
     source = open_input(args.input)
     volume = np.asarray(source.data, dtype=np.float32)
     check_finite(volume, str(args.input))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdeconv.commands.common import add_config_args, refuse_existing
+from hpcdeconv.commands.common import add_config_args, config_inputs
 from hpcdeconv.errors import InputError
 
 NAME = "psf"
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import tifffile
 
     from hpcdeconv.config import PSFFileConfig, load_config
+    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.physics.psf import make_psf
 
     overrides = list(args.set)
@@ -41,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.suffix.lower() not in {".tif", ".tiff", ".npy"}:
         raise InputError(f"--out must end in .tif, .tiff or .npy, got {out.name}")
-    for path in (out, args.png):
-        if path is not None:
-            refuse_existing(path, args.overwrite)
+    outputs = [("--out", out, "file"), ("--png", args.png, "file")]
+    check_outputs(outputs, config_inputs(args), args.overwrite)
     psf = make_psf(cfg.psf)
     if out.suffix.lower() == ".npy":
         np.save(out, psf.data)

@@ -10,6 +10,7 @@ import numpy as np
 
 from hpcdeconv.commands.deconvolve import (
     add_cluster_arguments,
+    check_cluster_output,
     cluster_overrides,
     output_mode,
     print_client,
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs)
     check_output(args.output, sources, mode)
+    check_cluster_output(args, [("--psf", args.psf)], replace=False)
     psf, origin = _psf(cfg, args, [s.voxel_size for s in sources])
     radius = tuple(k // 2 for k in psf.shape)
     halo = rl_halo(psf.shape) if cfg.halo == "auto" else (cfg.halo,) * 3
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
     richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
     provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}
+    check_cluster_output(args, [("--psf", args.psf)], replace=mode == "overwrite")
     with open_client(cfg.cluster) as client:
         print_client(client, cfg.cluster)
         report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from hpcdeconv.commands.common import add_config_args, refuse_existing
+from hpcdeconv.commands.common import add_config_args, config_inputs
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write a synthetic microtubule dataset (sharp, blurred, PSF, split) to zarr."""
     from hpcdeconv.config import SimulateConfig, load_config
+    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.data.simulate import simulate
     from hpcdeconv.data.zarr_io import describe
 
     cfg = load_config(SimulateConfig, args.config, args.set)
-    if args.png is not None:
-        refuse_existing(args.png, args.overwrite)
+    outputs = [("output", args.output, "zarr"), ("--png", args.png, "file")]
+    check_outputs(outputs, config_inputs(args), args.overwrite)
     shown = simulate(cfg, args.output, overwrite=args.overwrite, progress=True)
     if args.png is not None:
         from hpcdeconv.viz import save_orthoviews

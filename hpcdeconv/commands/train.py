@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from hpcdeconv.commands.common import VAL_KEYS, add_config_args
 
 if TYPE_CHECKING:
+    from hpcdeconv.config import ExperimentConfig
     from hpcdeconv.training.engine import RunSummary
 
 NAME = "train"
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train a method: blind / non-blind cycleGAN, conventional cycleGAN, supervised."""
     from hpcdeconv.config import ExperimentConfig, load_config
+    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.training.engine import train
     from hpcdeconv.training.launch import build_strategy
 
@@ -40,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output={args.output}")
     cfg = load_config(ExperimentConfig, args.config, overrides)
     resume = "auto" if args.auto_resume else args.resume
+    # Without --overwrite the trainer itself refuses a used run directory or resumes it.
+    replace = True if args.overwrite and not args.resume else None
+    check_outputs([("--output", cfg.output, "run")], _inputs(cfg, args.config), replace)
     strategy = build_strategy(cfg)
     try:
         summary = train(cfg, resume=resume, overwrite=args.overwrite, strategy=strategy)
@@ -48,6 +53,18 @@ def run(args: argparse.Namespace) -> int:
     if strategy.is_main:
         _report(cfg.method.name, summary)
     return 0
+
+
+def _inputs(cfg: ExperimentConfig, config: Path | None) -> list[tuple[str, Path | None]]:
+    """Files training reads; the run's own ``config.yaml`` (resuming with it) is exempt."""
+    inputs: list[tuple[str, Path | None]] = [("data.path", cfg.data.path)]
+    kernel = getattr(cfg.method, "kernel", None)
+    if kernel is not None and kernel.init == "file":
+        inputs.append(("method.kernel.file", kernel.file))
+    own = Path(cfg.output) / "config.yaml"
+    if config is not None and not (own.exists() and own.resolve() == config.resolve()):
+        inputs.append(("--config", config))
+    return inputs
 
 
 def _report(method: str, summary: RunSummary) -> None:

@@ -28,6 +28,7 @@ import zarr.errors
 from zarr.codecs import BloscCodec
 
 from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.safety import empty_output
 from hpcdeconv.errors import InputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -70,23 +71,31 @@ def create_dataset(path: str | Path, overwrite: bool = False) -> zarr.Group:
     path
         Directory of the new zarr v3 group.
     overwrite
-        Replace whatever is at ``path``. Without it an existing path is left untouched.
+        Replace a store that hpcdeconv wrote at ``path`` (see
+        :func:`~hpcdeconv.data.safety.check_replaceable`). Without it an existing path is
+        left untouched.
 
     Returns
     -------
     zarr.Group
         The new group, open for writing.
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` exists and ``overwrite`` is False, or it holds anything hpcdeconv did not
+        write (it is then left untouched).
     """
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
-        if not path.is_dir():
-            path.unlink()
+        empty_output(path, "zarr")
         logger.info("overwriting %s", path)
     root = {"format": FORMAT_VERSION, "split": {name: [] for name in SPLITS}}
-    # mode "w" empties an existing directory store before writing the new group.
-    return zarr.open_group(path, mode="w", zarr_format=3, attributes={ROOT_KEY: root})
+    # Whatever was at path has been emptied above (a linked directory is kept, and zarr's
+    # mode "w" cannot clear through a link), so the group is created, not replaced.
+    return zarr.open_group(path, mode="w-", zarr_format=3, attributes={ROOT_KEY: root})
 
 
 def blosc_codec(codec: CodecConfig) -> BloscCodec:

@@ -12,6 +12,7 @@ import tifffile
 import zarr
 
 from hpcdeconv.data.ingest import inspect_tiff
+from hpcdeconv.data.safety import check_replaceable
 from hpcdeconv.data.zarr_io import create_dataset, open_dataset, volume_meta, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 
@@ -81,8 +82,10 @@ def check_finite(volume: np.ndarray, what: str) -> None:
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    """Existing outputs are only replaced on request."""
-    if path.exists() and not overwrite:
+    """Existing outputs are only replaced on request, and only files of their own kind."""
+    if overwrite:
+        check_replaceable(path, "file")
+    elif path.exists():
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from hpcdeconv import __version__
 from hpcdeconv.config import ExperimentConfig, dump_config
+from hpcdeconv.data.safety import empty_output
 from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
@@ -67,7 +67,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run directory; refuse to clobber a previous run unless asked to."""
+    """Create the run directory; refuse to clobber a previous run unless asked to.
+
+    ``overwrite`` empties only a directory that holds nothing but a previous run's files
+    (:func:`~hpcdeconv.data.safety.check_replaceable`).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputExistsError(f"run directory {run_dir} is a file; choose another output")
     has_ckpt = latest_checkpoint(run_dir) is not None
     if resume and not has_ckpt:
         raise InputError(f"--resume: no checkpoint in {run_dir}")
@@ -77,7 +83,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"run directory {run_dir} is not empty; pass --resume to continue it "
                 "or --overwrite to start again"
             )
-        shutil.rmtree(run_dir)
+        empty_output(run_dir, "run")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -111,9 +117,6 @@ class Trainer:
         if resume == "auto":
             # Requeued SLURM jobs: continue when a checkpoint exists, else start.
             resume = latest_checkpoint(self.run_dir) is not None
-        if strategy.is_main:
-            prepare_run_dir(self.run_dir, resume, overwrite)
-        strategy.barrier()
         # Same seed on every rank: networks start identical before any broadcast.
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         # GAN weights and the learned kernel's tails drift into denormal floats, which make
@@ -131,6 +134,11 @@ class Trainer:
             voxel_size=self.feed.voxel_size,
         )
         self.feed.require(paired=self.method.paired)
+        # The run directory is made (or emptied) only once the data and the method are
+        # known to fit, so a bad setting leaves no folder behind.
+        if strategy.is_main:
+            prepare_run_dir(self.run_dir, resume, overwrite)
+        strategy.barrier()
         rates = self.method.learning_rates()
         self.trainables = {
             name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name), name=name)

@@ -263,4 +263,4 @@ def test_predict_command_writes_output_metrics_and_figure(
     assert "--overwrite" in capsys.readouterr().err
     same = ["predict", "--checkpoint", str(run), str(out), "--output", str(out), "--overwrite"]
     assert main(same) == 2
-    assert "differ from the input" in capsys.readouterr().err
+    assert "is the input" in capsys.readouterr().err
