@@ -513,9 +513,11 @@ class RLProcessor:
         from hpcdeconv.classical.rl import richardson_lucy
 
         device = _worker_runtime(self.threads, self.client_pid)
+        # A Block made without ``border`` (not by block_grid) is taken as a whole volume.
+        border = block.border or ((True, True),) * data.ndim
         sides = [
             (self.boundary if before else "reflect", self.boundary if after else "reflect")
-            for before, after in block.border
+            for before, after in border
         ]
         result = richardson_lucy(
             data, self.psf, self.iterations, tv=self.tv, device=device, boundary=sides
