@@ -188,8 +188,8 @@ from hpcdeconv.inference.driver import BlockPlan, RLProcessor, open_sources
 from hpcdeconv.physics.psf import gaussian
 
 source = open_sources([sys.argv[1]])[0]
-data = source.read((slice(None),) * 3)  # a view of the memory-mapped TIFF
-assert not data.flags.writeable
+data = source.read((slice(None),) * 3)  # today a view of the memory-mapped TIFF
+data.flags.writeable = False  # read-only whichever way the reader gets it
 psf = gaussian((5, 5, 5), (1.0, 1.0, 1.0))
 psf.flags.writeable = False  # as dask deserialises it on a worker
 block = BlockPlan((64, 64, 64), (2, 2, 2), (64, 64, 64)).grid(data.shape)[0]
