@@ -672,12 +672,17 @@ class RLConfig(StrictModel):
     """Top level of ``hpcdeconv rl``: the PSF, the iterations and the decomposition.
 
     ``halo: auto`` reads ``rl_halo(psf.shape)`` voxels beyond each block side (three PSF
-    widths), which keeps blocks within a few 1e-3 of whole-volume RL for 10-40 iterations.
+    widths), which keeps blocks within 1e-3 of whole-volume RL for 10-40 iterations.
+    ``boundary`` is how RL treats the volume's border: ``reflect`` (the scene continues as
+    its mirror image; a uniform field stays uniform) or ``truncated`` (dark outside the
+    field of view, as scikit-image; the estimate overshoots within half a PSF of the
+    border). See :mod:`hpcdeconv.classical.rl`.
     """
 
     psf: PSFConfig = Field(default_factory=BornWolfPSF)
     iterations: PositiveInt = 20
     tv: Annotated[float, Field(ge=0)] = 0.0
+    boundary: Literal["reflect", "truncated"] = "reflect"
     block: Shape3D = (256, 256, 256)
     halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     chunks: Shape3D = (64, 64, 64)

@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         NetworkProcessor,
         check_halo,
         check_output,
+        check_plan,
         deconvolve_volumes,
         open_sources,
     )
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     halo = radius if cfg.halo == "auto" else cfg.halo
     check_halo((halo,) * 3, (radius,) * 3, "receptive-field radius of the network")
     plan = BlockPlan(cfg.block, (halo,) * 3, cfg.chunks, cfg.retries)
+    check_plan(plan, sources)
     processor = NetworkProcessor.from_model(
         model,
         cfg.tile,

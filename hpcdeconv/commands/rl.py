@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -25,6 +26,8 @@ NAME = "rl"
 HELP = "Richardson-Lucy (optionally TV) deconvolution, block by block on a dask cluster"
 
 PSF_MODELS = ("born-wolf", "richards-wolf", "gibson-lanni", "gaussian")
+#: rl.boundary's choices, from the config model (importing the solver would load torch here).
+BOUNDARIES = get_args(RLConfig.model_fields["boundary"].annotation)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--iterations", type=int, help="RL iterations (default: config, 20)")
     p.add_argument("--tv", type=float, help="TV weight lambda (default: config, 0 = plain RL)")
+    p.add_argument(
+        "--boundary",
+        choices=BOUNDARIES,
+        help="the volume's border: reflect (scene continues, default) or truncated "
+        "(dark outside; bright rim)",
+    )
     add_cluster_arguments(p)
 
 
@@ -72,6 +81,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"iterations={args.iterations}")
     if args.tv is not None:
         overrides.append(f"tv={args.tv}")
+    if args.boundary is not None:
+        overrides.append(f"boundary={args.boundary}")
     return overrides + cluster_overrides(args)
 
 
@@ -108,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         RLProcessor,
         check_halo,
         check_output,
+        check_plan,
         deconvolve_volumes,
         open_sources,
     )
@@ -122,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
     halo = rl_halo(psf.shape) if cfg.halo == "auto" else (cfg.halo,) * 3
     check_halo(halo, radius, "PSF radius")
     plan = BlockPlan(cfg.block, halo, cfg.chunks, cfg.retries)
-    processor = RLProcessor(psf, cfg.iterations, cfg.tv, cfg.cluster.threads_per_worker)
+    check_plan(plan, sources)
+    processor = RLProcessor(
+        psf, cfg.iterations, cfg.tv, cfg.cluster.threads_per_worker, boundary=cfg.boundary
+    )
     # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
     richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
     provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}

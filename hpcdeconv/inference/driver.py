@@ -10,7 +10,7 @@ into blocks that each own whole chunks of a pre-created output array
 3. runs a :class:`BlockProcessor` on it: a network via
    :func:`~hpcdeconv.inference.predict.predict_block` (tiles and blending inside the
    block, symmetric padding where the halo leaves the volume), or Richardson-Lucy (whose
-   operator is truncated to the field of view, so it needs no padding),
+   operator treats the volume's border itself, see :class:`RLProcessor`),
 4. writes exactly ``Block.write`` into the output array: whole chunks that no other task
    touches, so there is no read-modify-write and no lock (the array is not sharded).
 
@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -177,9 +178,13 @@ class BlockPlan:
     Attributes
     ----------
     block
-        Block shape ``(Z, Y, X)``: a multiple of ``chunks`` and at least ``2 * halo``.
+        Block shape ``(Z, Y, X)``: a multiple of ``chunks``. Along an axis where a volume
+        needs more than one block it must be at least ``2 * halo`` (:meth:`check`), so a
+        block does not read several times what it writes; a volume that fits in one block
+        along an axis is taken whole there, whatever the halo.
     halo
-        Voxels read beyond each side of a block, per axis.
+        Voxels read beyond each side of a block, per axis; clipped to the volume's length
+        (:meth:`halo_for`).
     chunks
         Output chunk shape; clipped to the volume along short axes.
     retries
@@ -201,15 +206,44 @@ class BlockPlan:
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
         if any(b % c for b, c in zip(self.block, self.chunks, strict=True)):
             raise ConfigError(f"block {self.block} must be a multiple of chunks {self.chunks}")
-        if any(b < 2 * h for b, h in zip(self.block, self.halo, strict=True)):
-            raise ConfigError(
-                f"block {self.block} is smaller than 2 x halo {self.halo}; "
-                "use a larger block or a smaller halo"
-            )
 
     def chunks_for(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Output chunks of a volume of ``shape``: ``chunks`` clipped to the volume."""
         return clip_chunks(self.chunks, shape)
+
+    def halo_for(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The halo clipped to the volume: no axis reads or pads more than its length.
+
+        Along an axis that one block covers, the read region is the whole axis whatever
+        the halo; the symmetric padding (networks) then holds one mirror image at most.
+        """
+        return tuple(min(h, int(n)) for h, n in zip(self.halo, shape, strict=True))
+
+    def check(self, shape: Sequence[int], what: str = "volume") -> None:
+        """Refuse a halo above half the block along axes where ``shape`` needs several blocks.
+
+        Raises
+        ------
+        ConfigError
+            Naming the axes and the ``--block`` or ``--halo`` value that fixes it.
+        """
+        split = [a for a, (n, b) in enumerate(zip(shape, self.block, strict=True)) if n > b]
+        bad = [a for a in split if self.block[a] < 2 * self.halo[a]]
+        if not bad:
+            return
+        step = math.lcm(*self.chunks)
+        # The smallest --block (all three axes) that either covers each bad axis or is
+        # at least twice its halo; a larger block only removes splits.
+        block = step
+        while any(block < n and block < 2 * self.halo[a] for a, n in enumerate(shape)):
+            block += step
+        halo = min(self.block[a] // 2 for a in bad)
+        axes = ", ".join(_AXES[a] for a in bad)
+        raise ConfigError(
+            f"{what} {tuple(int(n) for n in shape)}: block {self.block} is smaller than "
+            f"2 x halo {self.halo} along {axes}, where the volume needs several blocks; "
+            f"use --block {block} or more, or --halo {halo} or less"
+        )
 
     def grid(self, shape: Sequence[int]) -> list[Block]:
         """Blocks of a volume of ``shape``, in C order of block index.
@@ -220,7 +254,13 @@ class BlockPlan:
         block = tuple(
             b if s > c else s for b, c, s in zip(self.block, self.chunks, shape, strict=True)
         )
-        return block_grid(shape, block, self.halo, chunks)
+        return block_grid(shape, block, self.halo_for(shape), chunks)
+
+
+def check_plan(plan: BlockPlan, sources: Sequence[VolumeSource]) -> None:
+    """:meth:`BlockPlan.check` for every input, before anything is started or written."""
+    for source in sources:
+        plan.check(source.shape, str(source.path))
 
 
 def check_halo(halo: Sequence[int], needed: Sequence[int], what: str) -> None:
@@ -243,7 +283,9 @@ class BlockProcessor(Protocol):
     """Maps one block's read region to its write region, on a worker.
 
     ``fingerprint`` is a JSON-serialisable description of everything that determines the
-    output (compared before resuming a run).
+    output (compared before resuming a run). A processor may also have a string property
+    ``nonfinite_advice``: what to try, in its verb's own settings, when a block of finite
+    input gives NaN/Inf.
     """
 
     @property
@@ -385,6 +427,13 @@ class NetworkProcessor:
         return cls(checkpoint, file_sha256(checkpoint), settings, precision, threads, freeze)
 
     @property
+    def nonfinite_advice(self) -> str:
+        """What to try when a block of finite input gave NaN/Inf: half precision overflows."""
+        if self.precision == "fp32":
+            return ""
+        return f"{self.precision} may have overflowed; run with --set precision=fp32"
+
+    @property
     def fingerprint(self) -> dict[str, Any]:
         """What determines the output: weights, tiling, blending, precision, freezing."""
         return {
@@ -421,6 +470,9 @@ class RLProcessor:
         TV weight (0 for plain RL).
     threads, client_pid
         As in :class:`NetworkProcessor`.
+    boundary
+        Treatment of the volume's own border, ``"reflect"`` or ``"truncated"`` (see
+        :mod:`hpcdeconv.classical.rl`).
     """
 
     psf: np.ndarray = field(repr=False)
@@ -428,10 +480,11 @@ class RLProcessor:
     tv: float = 0.0
     threads: int = 1
     client_pid: int = field(default_factory=os.getpid)
+    boundary: str = "reflect"
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        """What determines the output: PSF, iteration count, TV weight."""
+        """What determines the output: PSF, iteration count, TV weight, boundary."""
         psf = np.ascontiguousarray(self.psf, dtype=np.float32)
         return {
             "kind": "richardson_lucy",
@@ -439,19 +492,36 @@ class RLProcessor:
             "psf_shape": list(psf.shape),
             "iterations": self.iterations,
             "tv": self.tv,
+            "boundary": self.boundary,
         }
+
+    @property
+    def nonfinite_advice(self) -> str:
+        """What to try when a block of finite input gave NaN/Inf: RL runs in float32."""
+        return "RL computes in float32; scale the input's intensities down"
 
     def __call__(self, data: np.ndarray, block: Block) -> np.ndarray:
         """RL on the unpadded read region; the part of the result that ``block`` writes.
 
-        Unlike a network, RL is not padded where the halo leaves the volume: its operator is
-        truncated to the field of view (see :mod:`hpcdeconv.classical.rl`), so a block on
-        the border sees the border exactly as whole-volume RL does.
+        RL is not padded like a network: its operator treats each side itself. Where the
+        read region meets the volume's border it applies ``boundary``, so a border block
+        sees the border exactly as whole-volume RL does. Where the halo ends inside the
+        volume it reflects: the mirrored halo is a better guess of the unseen neighbours
+        than darkness, and the block core then matches whole-volume RL 1.5 to 7 times more
+        closely (measured in :func:`~hpcdeconv.classical.rl.rl_halo`).
         """
         from hpcdeconv.classical.rl import richardson_lucy
 
         device = _worker_runtime(self.threads, self.client_pid)
-        result = richardson_lucy(data, self.psf, self.iterations, tv=self.tv, device=device)
+        # A Block made without ``border`` (not by block_grid) is taken as a whole volume.
+        border = block.border or ((True, True),) * data.ndim
+        sides = [
+            (self.boundary if before else "reflect", self.boundary if after else "reflect")
+            for before, after in border
+        ]
+        result = richardson_lucy(
+            data, self.psf, self.iterations, tv=self.tv, device=device, boundary=sides
+        )
         keep = tuple(
             slice(c.start - before, c.stop - before)
             for c, (before, _) in zip(block.crop, block.pad, strict=True)
@@ -629,14 +699,18 @@ def _region_text(block: Block) -> str:
     return ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip(_AXES, block.write, strict=True))
 
 
-def _raise_for(outcome: BlockOutcome, source: VolumeSource, block: Block) -> None:
+def _raise_for(
+    outcome: BlockOutcome, source: VolumeSource, block: Block, processor: BlockProcessor
+) -> None:
     where = f"{source.path}: block {block.index} ({_region_text(block)})"
     if outcome.nonfinite_input:
         raise InputError(f"{where} reads {outcome.nonfinite_input} NaN or Inf voxel(s)")
     if outcome.nonfinite_output:
+        # Only the processor knows which of its verb's settings could help.
+        advice = getattr(processor, "nonfinite_advice", "")
         raise NonFiniteOutputError(
             f"{where} produced {outcome.nonfinite_output} NaN or Inf voxel(s) from finite "
-            "input; try precision fp32"
+            "input" + (f"; {advice}" if advice else "")
         )
 
 
@@ -681,7 +755,7 @@ def _run_blocks(
     try:
         for future in as_completed(futures):
             outcome: BlockOutcome = future.result()
-            _raise_for(outcome, *futures[future])
+            _raise_for(outcome, *futures[future], processor)
             manifest.mark(outcome.name, outcome.flat)
             voxels += outcome.voxels
             bar.update(1)
@@ -745,6 +819,7 @@ def deconvolve_volumes(
     """
     output = Path(output).absolute()
     check_output(output, sources, mode)
+    check_plan(plan, sources)
     fingerprint = run_fingerprint(sources, plan, processor)
     provenance = {
         "version": __version__,

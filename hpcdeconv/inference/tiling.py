@@ -85,6 +85,9 @@ class Block:
         removed; the padded block has shape ``write`` + 2 * halo.
     crop
         Region of the processed padded block that equals ``write``.
+    border
+        Per axis, ``(before, after)``: whether that side of ``read`` is the volume's own
+        border (else it is an edge inside the volume, where the halo ends).
     """
 
     index: tuple[int, ...]
@@ -92,6 +95,7 @@ class Block:
     read: Slices
     pad: Sides
     crop: Slices
+    border: tuple[tuple[bool, bool], ...] = ()
 
 
 def per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -386,7 +390,7 @@ def block_grid(
     counts = [-(-s // b) for s, b in zip(shape, block, strict=True)]
     blocks = []
     for index in itertools.product(*(range(n) for n in counts)):
-        write, read, pad, crop = [], [], [], []
+        write, read, pad, crop, border = [], [], [], [], []
         for i, size, b, h in zip(index, shape, block, halo, strict=True):
             start, stop = i * b, min((i + 1) * b, size)
             lo, hi = max(0, start - h), min(size, stop + h)
@@ -394,5 +398,8 @@ def block_grid(
             read.append(slice(lo, hi))
             pad.append((h - (start - lo), h - (hi - stop)))
             crop.append(slice(h, h + stop - start))
-        blocks.append(Block(tuple(index), tuple(write), tuple(read), tuple(pad), tuple(crop)))
+            border.append((lo == 0, hi == size))
+        blocks.append(
+            Block(tuple(index), tuple(write), tuple(read), tuple(pad), tuple(crop), tuple(border))
+        )
     return blocks

@@ -146,11 +146,22 @@ class FFTConvolver:
         where the OTF lives.
     shape
         Spatial shape ``(*spatial)`` of the volumes that will be convolved.
+    fft_shape
+        FFT lengths, at least ``max(n, k)`` per axis; default :func:`padded_shape` (linear
+        convolution). Shorter lengths alias up to ``k // 2`` voxels at the edges, which a
+        caller that crops those edges away (a symmetrically extended volume) may accept.
     """
 
-    def __init__(self, psf: Tensor, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, psf: Tensor, shape: tuple[int, ...], fft_shape: Sequence[int] | None = None
+    ) -> None:
         self.shape = tuple(int(n) for n in shape)
-        self.fft_shape = padded_shape(self.shape, psf.shape)
+        if fft_shape is None:
+            self.fft_shape = padded_shape(self.shape, psf.shape)
+        elif any(f < max(n, k) for f, n, k in zip(fft_shape, shape, psf.shape, strict=True)):
+            raise InputError(f"fft_shape {tuple(fft_shape)} is shorter than {shape} or the PSF")
+        else:
+            self.fft_shape = tuple(int(f) for f in fft_shape)
         self.dims = tuple(range(-psf.ndim, 0))
         self.compute_dtype = _compute_dtype(psf.dtype)
         self.otf = self._otf(psf.to(self.compute_dtype))

@@ -156,6 +156,50 @@ def test_rl_from_a_model_or_a_file_equals_whole_volume_rl(
     assert provenance["psf"] == {"file": str((tmp_path / "psf.npy").absolute())}
 
 
+def test_deconvolve_block_halo_rule_applies_only_where_the_volume_is_split(
+    run_dir: Path, scheduler: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hpcdeconv.inference.driver import (
+        BlockPlan,
+        NetworkProcessor,
+        deconvolve_volumes,
+        open_sources,
+    )
+    from hpcdeconv.inference.model import load_model
+
+    rng = np.random.default_rng(8)
+    small, wide = rng.random((16, 20, 24), np.float32), rng.random((16, 48, 40), np.float32)
+    group = create_dataset(tmp_path / "in.zarr")
+    for name, volume in (("small", small), ("wide", wide)):
+        write_volume(group, f"blurred/{name}", volume, (0.2, 0.1, 0.1), chunks=(8, 8, 8))
+    # A halo of 20 is more than half the 24-voxel block, but the volume fits in one block:
+    # taken whole (halo clipped to z's 16 voxels), equal to whole-volume inference.
+    args = ["deconvolve", "--checkpoint", str(run_dir), str(tmp_path / "in.zarr/blurred/small")]
+    args += ["--output", str(tmp_path / "s.zarr"), "--scheduler", scheduler, *EXACT]
+    assert main([*args, "--halo", "20"]) == 0
+    assert "1 block(s) computed" in capsys.readouterr().out
+    result = read(tmp_path / "s.zarr" / "deconvolved" / "small")
+    assert np.abs(result - whole_volume(run_dir, small, 20)).max() <= 1e-5
+    # Split along y and x only: a z halo of 30 is allowed, and stitched == whole volume.
+    processor = NetworkProcessor.from_model(
+        load_model(run_dir), (64,) * 3, 0, "constant", 1, "fp32"
+    )
+    plan = BlockPlan((24, 24, 24), (30, 9, 9), (8, 8, 8))
+    source = open_sources([tmp_path / "in.zarr" / "blurred" / "wide"])
+    with Client(scheduler) as client:
+        report = deconvolve_volumes(
+            client, source, tmp_path / "w.zarr", processor, plan, progress=False
+        )
+    assert report.total_blocks == 4
+    result = read(tmp_path / "w.zarr" / "deconvolved" / "wide")
+    # The reference pads as the blocks do (16 in z, 9 in y and x): the U-Net's pooling grid
+    # must line up with the volume the same way.
+    padded = np.pad(wide, [(16, 16), (9, 9), (9, 9)], mode="symmetric")
+    with torch.inference_mode():
+        whole = load_model(run_dir).net(torch.from_numpy(padded)[None, None])[0, 0].numpy()
+    assert np.abs(result - whole[16:-16, 9:-9, 9:-9]).max() <= 1e-5
+
+
 def test_nan_input_names_the_block(
     run_dir: Path, scheduler: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -281,8 +325,15 @@ def test_rl_bad_psf(volume_path: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "PSF has no positive values" in capsys.readouterr().err
     assert main([*args, "--psf-model", "gaussian", "--tv", "0.9"]) == 2
     assert "tv must lie in" in capsys.readouterr().err
-    assert main([*args, "--psf-model", "born-wolf", "--block", "64"]) == 2
-    assert "smaller than 2 x halo (90, 90, 90)" in capsys.readouterr().err
+    # The volume (32, 48, 40) fits in a block of 64: the halo of 90 is then no reason to
+    # refuse; split into blocks of 16 it is, with the flag values that fix it.
+    assert (
+        main([*args, "--psf-model", "born-wolf", "--block", "16", "--set", "chunks=[8, 8, 8]"]) == 2
+    )
+    assert (
+        "block (16, 16, 16) is smaller than 2 x halo (90, 90, 90) along z, y, x, where the "
+        "volume needs several blocks; use --block 48 or more, or --halo 8 or less"
+    ) in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists()
     for wrong in (["--psf", "x.npy", "--psf-model", "gaussian"], []):
         with pytest.raises(SystemExit) as exc:

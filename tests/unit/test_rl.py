@@ -88,13 +88,16 @@ def test_matches_skimage_without_normalisation(shape, psf_shape, rng) -> None:
     psf = asymmetric_psf(psf_shape, rng)
     _, image = blurred_phantom(shape, psf, rng)
     # float64 with skimage's epsilon: the same algorithm to round-off.
-    ours = richardson_lucy(image.astype(np.float64), psf, iterations=10, eps=1e-12, normalize=False)
+    # scikit-image convolves with zero padding ("same"): the truncated boundary.
+    ours = richardson_lucy(
+        image.astype(np.float64), psf, 10, eps=1e-12, normalize=False, boundary="truncated"
+    )
     ref = skimage_rl(image.astype(np.float64), psf.astype(np.float64), num_iter=10, clip=False)
     assert ours.shape == image.shape and ours.dtype == np.float64
     assert np.abs(ours - ref).max() <= 1e-7 * ref.max()
     # float32: skimage lets round-off flip signs in dark voxels (down to -4e-4 here), ours
     # clips the correction at 0, so only near-agreement is expected.
-    single = richardson_lucy(image, psf, iterations=10, normalize=False)
+    single = richardson_lucy(image, psf, iterations=10, normalize=False, boundary="truncated")
     assert single.dtype == np.float32
     assert pcc(single, ref) >= 0.9999
     assert np.abs(single - ref).max() <= 2e-3 * ref.max()
@@ -105,7 +108,7 @@ def test_even_psf_is_centred_at_half_size(rng) -> None:
     psf = asymmetric_psf((6, 8, 4), rng)
     _, image = blurred_phantom((20, 24, 24), psf, rng)
     odd = np.pad(psf, [(0, 1)] * 3)
-    ours = richardson_lucy(image, psf, iterations=5, normalize=False)
+    ours = richardson_lucy(image, psf, iterations=5, normalize=False, boundary="truncated")
     ref = skimage_rl(image, odd, num_iter=5, clip=False)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
@@ -113,7 +116,7 @@ def test_even_psf_is_centred_at_half_size(rng) -> None:
 def test_psf_larger_than_image_is_supported(rng) -> None:
     psf = asymmetric_psf((21, 9), rng)
     image = np.clip(convolve(texture_2d((12, 40), rng), psf), 0.0, None)
-    ours = richardson_lucy(image, psf, iterations=5, normalize=False)
+    ours = richardson_lucy(image, psf, iterations=5, normalize=False, boundary="truncated")
     ref = skimage_rl(image, psf, num_iter=5, clip=False)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
@@ -123,7 +126,9 @@ def test_tv_rl_matches_numpy_reference(shape, psf_shape, rng) -> None:
     psf = asymmetric_psf(psf_shape, rng)
     _, image = blurred_phantom(shape, psf, rng)
     noisy = np.clip(image + 0.02 * rng.standard_normal(shape), 0.0, None).astype(np.float64)
-    ours = richardson_lucy(noisy, psf, iterations=8, tv=0.01, eps=1e-3, normalize=False)
+    ours = richardson_lucy(
+        noisy, psf, iterations=8, tv=0.01, eps=1e-3, normalize=False, boundary="truncated"
+    )
     ref = reference_tv_rl(noisy, psf / psf.sum(), iterations=8, tv=0.01, eps=1e-3)
     assert ours.dtype == np.float64
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9 * ref.max())
@@ -165,7 +170,7 @@ def test_normalised_rl_decreases_poisson_nll_and_conserves_flux(rng) -> None:
     _, image = blurred_phantom((24, 32, 32), psf, rng)
     nll = []
     for iterations in range(7):
-        estimate = richardson_lucy(image, psf, iterations=iterations, eps=1e-12)
+        estimate = richardson_lucy(image, psf, iterations, eps=1e-12, boundary="truncated")
         nll.append(poisson_nll(image, estimate, psf))
         if iterations > 0:
             # EM keeps sum(H x) = sum(y) after every update of the truncated operator.
@@ -226,11 +231,12 @@ def test_integer_image_runs_in_float32(rng) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu(rng) -> None:
+@pytest.mark.parametrize("boundary", ["reflect", "truncated"])
+def test_cuda_matches_cpu(boundary: str, rng) -> None:
     psf = born_wolf((9, 9, 9), (0.2, 0.1, 0.1))
     _, image = blurred_phantom((16, 32, 32), psf, rng)
-    cpu = richardson_lucy(image, psf, iterations=10, tv=0.002)
-    gpu = richardson_lucy(image, psf, iterations=10, tv=0.002, device="cuda")
+    cpu = richardson_lucy(image, psf, iterations=10, tv=0.002, boundary=boundary)
+    gpu = richardson_lucy(image, psf, 10, tv=0.002, device="cuda", boundary=boundary)
     assert np.abs(gpu - cpu).max() <= 1e-4 * cpu.max()
 
 
