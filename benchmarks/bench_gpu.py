@@ -326,6 +326,8 @@ def driver_row(device: torch.device, shape: tuple[int, int, int], work: Path) ->
         "method.kernel.size=[7, 7, 7]",
         "train.steps=1",
         "train.val_every=100",
+        "train.val_tile=[64, 64, 64]",
+        "train.val_overlap=16",
         f"train.device={device.type}",
         f"output={run}",
     ]
