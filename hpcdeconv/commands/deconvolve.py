@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcdeconv.commands.common import add_config_args, positive_int
+from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -67,8 +68,15 @@ def output_mode(args: argparse.Namespace) -> OutputMode:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv deconvolve``."""
-    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="TIFF or zarr array")
+    p.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
+    add_voxel_size_argument(p)
     add_cluster_arguments(p)
 
 
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(DeconvolveConfig, args.config, [*args.set, *cluster_overrides(args)])
     mode = output_mode(args)
-    sources = open_sources(args.inputs)
+    sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
     model = load_model(args.checkpoint, "cpu")
     radius = model.receptive_field // 2
