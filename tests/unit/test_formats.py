@@ -244,6 +244,14 @@ def test_imagej_calibration_per_axis(tmp_path: Path) -> None:
     assert open_image(pixels).voxel_size == (None, None, None)
 
 
+def test_info_on_a_tiff_shows_axes_and_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _ome(tmp_path / "xy.ome.tif", np.ones(SHAPE, np.uint16), PhysicalSizeX=0.1)
+    assert main(["info", str(path)]) == 0
+    assert "axes ZYX -> ZYX (6, 16, 16) uint16 voxel=?x?x0.1 um" in capsys.readouterr().out
+
+
 def test_no_metadata_stays_unknown_and_is_told_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

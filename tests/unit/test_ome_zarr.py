@@ -119,6 +119,11 @@ def test_a_time_series_ome_zarr_names_its_time_axis(tmp_path: Path) -> None:
         open_image(path)
     image = open_image(path, select={"T": 1})
     assert image.data.shape == SHAPE
+    # ingest converts the chosen time point of a foreign OME-Zarr into a dataset volume.
+    out = tmp_path / "t1.zarr"
+    assert main(["ingest", str(path), "--time", "1", "--output", str(out)]) == 0
+    volume, meta = read_volume(out, "blurred/movie")
+    assert meta.voxel_size == pytest.approx(VOXEL) and volume.shape == SHAPE
 
 
 def test_bare_zarr_arrays_v2_and_v3(tmp_path: Path) -> None:
