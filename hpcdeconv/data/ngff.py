@@ -279,7 +279,9 @@ def read_image_meta(group: zarr.Group) -> ImageMeta:
     voxel: list[float | None] = []
     for axis, s, g in zip(multiscale.axes, scale, global_scale, strict=True):
         unit = axis.unit if isinstance(axis.unit, str) else None
-        if axis.type == "space" and unit is not None:
+        # NGFF 0.4 allows axes without a type; z, y and x are then spatial by name.
+        spatial = axis.type == "space" or (axis.type is None and axis.name in SPACE_AXES)
+        if spatial and unit is not None:
             voxel.append(to_micrometres(s * g, unit, f"OME-NGFF axis '{axis.name}'"))
         else:
             voxel.append(None)

@@ -105,10 +105,18 @@ def image_name(path: Path) -> str:
 
 
 def _describe_axis(letter: str, size: int) -> str:
-    what = _WHAT.get(letter, "planes")
-    if letter == "T":
-        what = "time points"
-    return f"axis {letter} ({size} {what})"
+    return f"axis {letter} ({size} {_WHAT.get(letter, 'planes')})"
+
+
+def _hint(letter: str) -> str:
+    """How to process one plane of a non-spatial axis."""
+    option = {"T": "time", "C": "channel", "S": "channel"}.get(letter)
+    if option is None:
+        return "split the file (e.g. in Fiji) and process each volume separately"
+    return (
+        f"take one with `hpcdeconv ingest --{option} N` (or split the file, e.g. in Fiji) "
+        "and process each separately"
+    )
 
 
 def spatial_view(
@@ -178,8 +186,7 @@ def spatial_view(
             n = data.shape[axes.index(letter)] if letter in axes else 0
             raise InputError(
                 f"{where}: {_describe_axis(letter, n)} is not spatial; hpcdeconv deconvolves "
-                f"3D (Z, Y, X) volumes: take one with `hpcdeconv ingest --{_option(letter)} N` "
-                f"(or split the file, e.g. in Fiji) and process each separately"
+                f"3D (Z, Y, X) volumes: {_hint(letter)}"
             )
     if sorted(kept) != sorted(SPATIAL) or len(kept) != 3:
         shape = tuple(int(n) for n in data.shape)
@@ -193,10 +200,6 @@ def spatial_view(
         view = view.transpose(order)
         plain = False
     return view, plain
-
-
-def _option(letter: str) -> str:
-    return {"T": "time", "C": "channel", "S": "channel"}.get(letter, "time")
 
 
 # --------------------------------------------------------------------------------------
@@ -308,8 +311,8 @@ def _open_tiff(path: Path, select: Mapping[str, int] | None, kind: str) -> Image
 def _open_node(path: Path) -> zarr.Array | zarr.Group:
     try:
         return zarr.open(store=str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
-        raise InputError(f"{path}: not a zarr array or group") from None
+    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        raise InputError(f"{path}: not a readable zarr array or group") from None
     except (ValueError, TypeError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None

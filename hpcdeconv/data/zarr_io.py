@@ -467,8 +467,8 @@ def describe(path: str | Path) -> str:
         raise InputError(f"{path}: no such file or directory")
     try:
         node = zarr.open(store=str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
-        raise InputError(f"{path}: not a zarr array or group") from None
+    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        raise InputError(f"{path}: not a readable zarr array or group") from None
     except (ValueError, TypeError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None

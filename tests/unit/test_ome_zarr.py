@@ -257,6 +257,14 @@ def test_rl_and_deconvolve_read_ome_zarr_and_write_it(
     group = zarr.open_group(tmp_path / "dec.zarr" / "deconvolved" / "v04", mode="r")
     assert group.attrs["provenance"]["command"] == "deconvolve"  # beside the NGFF metadata
     assert meta["name"] == "v04"
+    # A TIFF without spatial metadata: the output claims no size at all.
+    import tifffile
+
+    raw = tmp_path / "raw.tif"
+    tifffile.imwrite(raw, data)
+    deconvolve = ["deconvolve", str(raw), "--checkpoint", str(run_dir), "--halo", "8"]
+    assert main([*deconvolve, *common, "--output", str(tmp_path / "raw.zarr")]) == 0
+    check_image(tmp_path / "raw.zarr" / "deconvolved" / "raw", (None, None, None))
 
 
 def test_predict_reads_and_writes_ome_zarr(
