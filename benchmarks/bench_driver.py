@@ -161,7 +161,7 @@ def driver_run(
 def read_output(output: Path) -> np.ndarray:
     import zarr
 
-    return zarr.open_array(output / "deconvolved" / "v0", mode="r")[...]
+    return zarr.open_array(output / "deconvolved" / "v0" / "0", mode="r")[...]
 
 
 def compare_with_monai(model: LoadedModel, volume: np.ndarray, work: Path) -> str:
@@ -275,7 +275,7 @@ def overhead(work: Path) -> str:
             driver_run(client, source_path, output, IdentityProcessor(), plan)
             report = driver_run(client, source_path, output, IdentityProcessor(), plan)
             source = open_sources([source_path])[0]
-            target = output / "deconvolved" / "v0"
+            target = output / "deconvolved" / "v0" / "0"
             grid = plan.grid(OVERHEAD_SHAPE)
             local_s, _ = timed(
                 lambda grid=grid, source=source, target=target: [

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcdeconv.commands.common import add_config_args, config_inputs, positive_int
+from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -78,8 +79,15 @@ def check_cluster_output(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv deconvolve``."""
-    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="TIFF or zarr array")
+    p.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
+    add_voxel_size_argument(p)
     add_cluster_arguments(p)
 
 
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(DeconvolveConfig, args.config, [*args.set, *cluster_overrides(args)])
     mode = output_mode(args)
-    sources = open_sources(args.inputs)
+    sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
     check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=False)
     model = load_model(args.checkpoint, "cpu")

@@ -1,4 +1,4 @@
-"""``hpcdeconv info``: print a dataset's arrays, shapes, chunks, voxel size and codecs."""
+"""``hpcdeconv info``: describe a zarr store (v2/v3, OME-Zarr, dataset) or an image file."""
 
 from __future__ import annotations
 
@@ -6,19 +6,25 @@ import argparse
 from pathlib import Path
 
 NAME = "info"
-HELP = "print a dataset's arrays, chunks, voxel size and codecs"
+HELP = "print the volumes of a zarr store or image file: shape, axes, voxel size, codecs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv info``."""
-    p.add_argument("path", type=Path, help="zarr group")
+    p.add_argument(
+        "path", type=Path, help="zarr group/array (v2 or v3), OME-Zarr image, TIFF or .npy"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print a dataset's arrays, shapes, chunks, voxel size and codecs."""
+    """Print what hpcdeconv reads from ``args.path``."""
+    from hpcdeconv.data.opener import describe_image, open_image
     from hpcdeconv.data.zarr_io import describe
 
-    print(describe(args.path))
+    if args.path.is_dir():
+        print(describe(args.path))
+    else:
+        print(describe_image(open_image(args.path, warn=False)))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``hpcdeconv ingest``: convert TIFF stacks into the hpcdeconv zarr dataset layout."""
+"""``hpcdeconv ingest``: convert images (TIFF, OME-TIFF, zarr, OME-Zarr) into a dataset."""
 
 from __future__ import annotations
 
@@ -7,25 +7,30 @@ import logging
 from pathlib import Path
 
 from hpcdeconv.commands.common import positive_int
-from hpcdeconv.errors import InputError
+from hpcdeconv.commands.image_args import (
+    add_select_arguments,
+    add_voxel_size_argument,
+    selection,
+    voxel_size,
+)
 
 log = logging.getLogger(__name__)
 
 NAME = "ingest"
-HELP = "convert TIFF stacks to the hpcdeconv zarr layout"
+HELP = "convert TIFF / OME-TIFF / zarr / OME-Zarr images to the hpcdeconv zarr layout"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv ingest``."""
-    p.add_argument("inputs", type=Path, nargs="+", help="3D TIFF stacks (Z, Y, X)")
-    p.add_argument("--output", type=Path, required=True, help="zarr group to create")
     p.add_argument(
-        "--voxel-size",
-        type=float,
-        nargs=3,
-        metavar=("DZ", "DY", "DX"),
-        help="voxel size in µm (default: read from the TIFF metadata)",
+        "inputs",
+        type=Path,
+        nargs="+",
+        help="3D images: TIFF/OME-TIFF, .npy, zarr array or OME-Zarr image (docs/formats.md)",
     )
+    p.add_argument("--output", type=Path, required=True, help="zarr group to create")
+    add_voxel_size_argument(p)
+    add_select_arguments(p)
     p.add_argument("--domain", choices=["blurred", "sharp"], default="blurred")
     p.add_argument("--split", choices=["train", "val", "test"], default="train")
     p.add_argument("--chunks", type=positive_int, nargs=3, default=[64, 64, 64])
@@ -33,9 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert TIFF stacks into the hpcdeconv zarr dataset layout."""
+    """Convert images into the hpcdeconv zarr dataset layout."""
     from hpcdeconv.config import CodecConfig, StorageConfig
-    from hpcdeconv.data.ingest import ingest_tiff
+    from hpcdeconv.data.ingest import ingest_images
     from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.data.zarr_io import describe
 
@@ -43,13 +48,11 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--output", args.output, "zarr")], inputs, args.overwrite)
 
     storage = StorageConfig(chunks=tuple(args.chunks), codec=CodecConfig())
-    voxel = tuple(args.voxel_size) if args.voxel_size is not None else None
-    if voxel is not None and min(voxel) <= 0:
-        raise InputError(f"--voxel-size must be positive, got {voxel}")
-    ids = ingest_tiff(
+    ids = ingest_images(
         args.inputs,
         args.output,
-        voxel_size=voxel,
+        voxel_size=voxel_size(args),
+        select=selection(args),
         domain=args.domain,
         split=args.split,
         storage=storage,

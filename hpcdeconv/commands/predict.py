@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from hpcdeconv.commands.common import add_config_args, config_inputs
+from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
 from hpcdeconv.errors import InputError
 
 NAME = "predict"
@@ -15,12 +16,15 @@ HELP = "deconvolve one volume in memory with a trained G"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv predict``."""
     add_config_args(p)
-    p.add_argument("input", type=Path, help="TIFF stack or array inside a zarr store")
+    p.add_argument(
+        "input", type=Path, help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)"
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
     p.add_argument("--output", type=Path, required=True, help=".tif, .npy or .zarr")
     p.add_argument("--truth", type=Path, help="ground truth: print PSNR/SSIM of in and out")
     p.add_argument("--png", type=Path, help="orthoview figure of input/output(/truth)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_voxel_size_argument(p, "the input (and --truth)")
 
 
 def _is_zarr(path: Path) -> bool:
@@ -29,10 +33,10 @@ def _is_zarr(path: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Deconvolve one volume in memory with a trained deblurring generator."""
-    import numpy as np
     import torch
 
     from hpcdeconv.config import PredictConfig, load_config
+    from hpcdeconv.data.opener import load
     from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.inference.frozen import inference_network
     from hpcdeconv.inference.model import load_model
@@ -45,12 +49,18 @@ def run(args: argparse.Namespace) -> int:
     outputs = [("--output", args.output, "zarr" if _is_zarr(args.output) else "file")]
     outputs.append(("--png", args.png, "file"))
     check_outputs(outputs, [*inputs, *config_inputs(args)], args.overwrite)
+    # Inputs are opened (axes, units) before the model is loaded: bad files fail fast.
+    source = open_input(args.input, voxel_size(args))
+    truth_source = None if args.truth is None else open_input(args.truth, voxel_size(args))
+    if truth_source is not None and truth_source.data.shape != source.data.shape:
+        raise InputError(
+            f"--truth has shape {truth_source.data.shape}, the input {source.data.shape}"
+        )
     device = resolve_device(cfg.device)
     model = load_model(args.checkpoint, device)
     # The tile must suit the checkpoint's network: checked before any output is written.
     PredictSettings(cfg.tile, cfg.overlap, cfg.blend, size_multiple=model.size_multiple)
-    source = open_input(args.input)
-    volume = np.asarray(source.data, dtype=np.float32)
+    volume = load(source)
     check_finite(volume, str(args.input))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     pred = predict_volume(
@@ -74,12 +84,10 @@ def run(args: argparse.Namespace) -> int:
     where = write_output(args.output, pred, source.voxel_size, source.name, attrs, args.overwrite)
     print(f"deconvolved {args.input} {volume.shape} -> {where}")
     panels = [("input", volume), ("output", pred)]
-    if args.truth is not None:
+    if truth_source is not None:
         from hpcdeconv.metrics import psnr, ssim
 
-        truth = np.asarray(open_input(args.truth).data, dtype=np.float32)
-        if truth.shape != volume.shape:
-            raise InputError(f"--truth has shape {truth.shape}, the input {volume.shape}")
+        truth = load(truth_source)
         rng = float(truth.max() - truth.min()) or 1.0
         print(
             f"PSNR input {psnr(volume, truth, rng):.2f} dB -> output {psnr(pred, truth, rng):.2f}"
@@ -90,5 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.png is not None:
         from hpcdeconv.viz import save_orthoviews
 
-        save_orthoviews(args.png, panels, source.voxel_size, mode="mip")
+        # The figure needs an aspect ratio; an unknown size is drawn as one voxel.
+        spacing = tuple(1.0 if v is None else v for v in source.voxel_size)
+        save_orthoviews(args.png, panels, spacing, mode="mip")
     return 0

@@ -17,6 +17,7 @@ from hpcdeconv.commands.deconvolve import (
     print_client,
     print_report,
 )
+from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
 from hpcdeconv.config import RLConfig
 from hpcdeconv.errors import InputError
 
@@ -32,9 +33,17 @@ BOUNDARIES = get_args(RLConfig.model_fields["boundary"].annotation)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv rl``."""
-    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="TIFF or zarr array")
+    p.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
+    )
     psf = p.add_mutually_exclusive_group(required=True)
-    psf.add_argument("--psf", type=Path, help="PSF as a 3D .tif/.tiff/.npy, centre at k // 2")
+    psf.add_argument(
+        "--psf", type=Path, help="measured PSF: 3D TIFF/OME-TIFF, .npy or zarr, centre at k // 2"
+    )
     psf.add_argument(
         "--psf-model",
         choices=PSF_MODELS,
@@ -48,29 +57,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the volume's border: reflect (scene continues, default) or truncated "
         "(dark outside; bright rim)",
     )
+    add_voxel_size_argument(p)
+    p.add_argument(
+        "--psf-voxel-size",
+        type=float,
+        nargs=3,
+        metavar=("DZ", "DY", "DX"),
+        help="voxel size of the --psf file in µm (default: read from the file)",
+    )
     add_cluster_arguments(p)
 
 
-def read_psf(path: Path) -> np.ndarray:
-    """A 3D PSF from ``.npy`` or TIFF, as float32 with singleton axes dropped."""
-    suffix = path.suffix.lower()
-    if not path.is_file():
+def read_psf(
+    path: Path, voxel_size: tuple[float, float, float] | None = None
+) -> tuple[np.ndarray, tuple[float | None, ...]]:
+    """A measured PSF as float32 ``(Z, Y, X)`` and its voxel size (µm, None where unknown).
+
+    The file is read like every image (:func:`hpcdeconv.data.opener.open_image`): its axes
+    must reduce to Z, Y, X, and its units are converted.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, non-spatial axes or an unsupported unit.
+    """
+    from hpcdeconv.data.opener import load, open_image
+
+    if not path.exists():
         raise InputError(f"{path}: no such PSF file")
     try:
-        if suffix == ".npy":
-            data = np.load(path, allow_pickle=False)
-        elif suffix in (".tif", ".tiff"):
-            import tifffile
+        image = open_image(path, voxel_size=voxel_size, warn=False, kind="PSF")
+    except InputError as exc:
+        raise InputError(f"--psf {exc}") from None
+    return load(image), image.voxel_size
 
-            data = tifffile.imread(path)
-        else:
-            raise InputError(f"--psf must be a .tif, .tiff or .npy file, got {path.name}")
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable PSF ({exc})") from None
-    data = np.squeeze(np.asarray(data, dtype=np.float32))
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a 3D (Z, Y, X) PSF, got shape {data.shape}")
-    return data
+
+def _check_sampling(
+    psf_voxel: tuple[float | None, ...], inputs: list[tuple[float | None, ...]]
+) -> None:
+    """Warn when a known PSF sampling differs from a known input sampling on some axis."""
+    for voxel in inputs:
+        for axis, p, v in zip("ZYX", psf_voxel, voxel, strict=True):
+            if p is not None and v is not None and not np.isclose(p, v, rtol=0.01):
+                logger.warning(
+                    "PSF voxel size %s differs from input voxel size %s along %s; RL then "
+                    "deconvolves with a PSF of the wrong width",
+                    psf_voxel,
+                    voxel,
+                    axis,
+                )
+                return
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -87,7 +123,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _psf(
-    cfg: RLConfig, args: argparse.Namespace, voxel_sizes: list[tuple[float, ...]]
+    cfg: RLConfig, args: argparse.Namespace, voxel_sizes: list[tuple[float | None, ...]]
 ) -> tuple[np.ndarray, dict[str, object]]:
     """The PSF and how it was obtained (for the output's provenance).
 
@@ -95,17 +131,16 @@ def _psf(
     warning, since RL would then deconvolve with a PSF of the wrong width.
     """
     if args.psf is not None:
-        return read_psf(args.psf), {"file": str(args.psf.absolute())}
+        given = args.psf_voxel_size
+        data, psf_voxel = read_psf(args.psf, None if given is None else tuple(given))
+        _check_sampling(psf_voxel, voxel_sizes)
+        return data, {"file": str(args.psf.absolute()), "voxel_size": list(psf_voxel)}
     from hpcdeconv.physics.psf import make_psf
 
     psf = make_psf(cfg.psf)
     if psf.data.ndim != 3:
         raise InputError(f"PSF model {cfg.psf.model} gives a {psf.data.ndim}D PSF; RL needs 3D")
-    for voxel in voxel_sizes:
-        if not np.allclose(voxel, psf.voxel_size, rtol=0.01):
-            logger.warning(
-                "input voxel size %s differs from psf.voxel_size %s", voxel, psf.voxel_size
-            )
+    _check_sampling(tuple(psf.voxel_size), voxel_sizes)
     return psf.data, {"model": cfg.psf.model_dump(mode="json")}
 
 
@@ -126,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(RLConfig, args.config, _overrides(args))
     mode = output_mode(args)
-    sources = open_sources(args.inputs)
+    sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
     check_cluster_output(args, [("--psf", args.psf)], replace=False)
     psf, origin = _psf(cfg, args, [s.voxel_size for s in sources])

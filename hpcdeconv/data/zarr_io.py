@@ -1,15 +1,18 @@
-"""Zarr v3 datasets: layout, volume I/O with NGFF-style metadata, and a text summary.
+"""Zarr v3 datasets: layout, volume I/O as OME-NGFF 0.5 images, and a text summary.
 
 A dataset is a zarr v3 group::
 
     <root>/zarr.json        attribute "hpcdeconv": {"format": 1, "split": {...}, ...}
-    <root>/sharp/<id>       (Z, Y, X) float32, ground truth (simulated data only)
-    <root>/blurred/<id>     (Z, Y, X) float32, the microscope images
-    <root>/psf              (Z, Y, X) float32, optional, the PSF used
+    <root>/sharp/<id>/      OME-NGFF image, ground truth (simulated data only)
+    <root>/blurred/<id>/    OME-NGFF image, the microscope images
+    <root>/psf/             OME-NGFF image, optional, the PSF used
 
-Every array carries ``{"axes": [{"name": "z", "type": "space", "unit": "micrometer"}, ...],
-"voxel_size": [dz, dy, dx]}`` as attributes. Arrays are never sharded, so any worker may
-write any whole chunk without coordinating with the others.
+Each image holds its full-resolution ``(Z, Y, X)`` float32 array at ``0`` (plus
+downsampled levels ``1``, ``2``, ... for large volumes) and ``multiscales`` metadata with
+axes, units and scale (:mod:`hpcdeconv.data.ngff`), so napari, Fiji and neuroglancer show
+it at its physical size. Readers also accept the arrays of datasets written before
+(``<root>/sharp/<id>`` with ``axes``/``voxel_size`` attributes). Arrays are never sharded,
+so any worker may write any whole chunk without coordinating with the others.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ import zarr.errors
 from zarr.codecs import BloscCodec
 
 from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.ngff import (
+    PYRAMID_MIN_SIZE,
+    add_pyramid,
+    create_image,
+    is_image,
+    read_image_meta,
+)
 from hpcdeconv.data.safety import empty_output
 from hpcdeconv.errors import InputError, OutputExistsError
 
@@ -51,14 +61,15 @@ class VolumeMeta:
     Attributes
     ----------
     voxel_size
-        Sampling distance per axis in ``unit``, ordered like ``axes`` (e.g. ``(dz, dy, dx)``).
+        Sampling distance per axis in ``unit``, ordered like ``axes`` (e.g. ``(dz, dy, dx)``);
+        None for an axis whose size is not known.
     axes
         Axis names, e.g. ``("z", "y", "x")``.
     unit
         Length unit of ``voxel_size``.
     """
 
-    voxel_size: tuple[float, ...]
+    voxel_size: tuple[float | None, ...]
     axes: tuple[str, ...]
     unit: str = UNIT
 
@@ -103,19 +114,6 @@ def blosc_codec(codec: CodecConfig) -> BloscCodec:
     return BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle)
 
 
-def volume_attrs(voxel_size: Sequence[float], extra: Mapping[str, Any] | None = None) -> dict:
-    """NGFF-style attributes of an array with ``len(voxel_size)`` spatial axes (at most 3)."""
-    if not 1 <= len(voxel_size) <= len(_AXIS_NAMES):
-        raise ValueError(f"voxel_size needs 1 to 3 entries, got {len(voxel_size)}")
-    names = _AXIS_NAMES[-len(voxel_size) :]
-    attrs: dict[str, Any] = {
-        "axes": [{"name": n, "type": "space", "unit": UNIT} for n in names],
-        "voxel_size": [float(v) for v in voxel_size],
-    }
-    attrs.update(extra or {})
-    return attrs
-
-
 def clip_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     """Chunk shape no larger than ``shape`` (and at least 1) along every axis."""
     if len(chunks) != len(shape):
@@ -127,57 +125,63 @@ def write_volume(
     group: zarr.Group,
     name: str,
     data: np.ndarray | da.Array,
-    voxel_size: Sequence[float],
+    voxel_size: Sequence[float | None],
     chunks: Sequence[int] = (64, 64, 64),
     codec: CodecConfig = CodecConfig(),  # noqa: B008 - frozen pydantic model, safe default
     attrs: Mapping[str, Any] | None = None,
+    pyramid_min_size: int = PYRAMID_MIN_SIZE,
 ) -> zarr.Array:
-    """Store one volume as float32 with Blosc compression and NGFF-style attributes.
+    """Store one volume as an OME-NGFF 0.5 image of float32 arrays with Blosc compression.
 
     Parameters
     ----------
     group
         Dataset group open for writing.
     name
-        Path inside the group, e.g. ``"sharp/v000"`` or ``"psf"``.
+        Path of the image group inside ``group``, e.g. ``"sharp/v000"`` or ``"psf"``.
     data
         ``(Z, Y, X)`` (or ``(Y, X)``) array. A dask array is rechunked to the storage chunks
         and stored block by block, so it is never loaded whole.
     voxel_size
-        Sampling per axis in micrometres, same length as ``data.ndim``.
+        Sampling per axis in micrometres, same length as ``data.ndim``; None where unknown
+        (written as an axis without unit, see :mod:`hpcdeconv.data.ngff`).
     chunks
         Storage chunk shape; its trailing ``data.ndim`` entries are used, clipped to the shape.
     codec
         Blosc settings.
     attrs
-        Extra attributes stored next to ``axes`` and ``voxel_size``.
+        hpcdeconv attributes (provenance, source) stored beside the ``ome`` metadata.
+    pyramid_min_size
+        Downsampled levels are added while an axis is longer than this.
 
     Returns
     -------
     zarr.Array
-        The written array.
+        The full-resolution array (``<name>/0``).
+
+    Raises
+    ------
+    OutputExistsError
+        ``name`` already exists in ``group``.
     """
     if len(voxel_size) != data.ndim:
         raise ValueError(f"voxel_size {tuple(voxel_size)} does not match {data.ndim}D data")
     chunk_shape = clip_chunks(tuple(chunks)[-data.ndim :], data.shape)
     try:
-        array = group.create_array(
-            name,
-            shape=data.shape,
-            dtype="float32",
-            chunks=chunk_shape,
-            compressors=blosc_codec(codec),
-            dimension_names=_AXIS_NAMES[-data.ndim :],
-            attributes=volume_attrs(voxel_size, attrs),
+        array = create_image(
+            group, name, data.shape, chunk_shape, blosc_codec(codec), tuple(voxel_size), attrs
         )
-    except zarr.errors.ContainsArrayError:
-        raise OutputExistsError(f"array '{name}' already exists in {group.store}") from None
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+        raise OutputExistsError(f"'{name}' already exists in {group.store}") from None
     if isinstance(data, da.Array):
         # Blocks equal to storage chunks: every task writes whole chunks, none shares one.
         blocks = data.astype(np.float32).rechunk(chunk_shape)
         da.store(blocks, array, lock=False, compute=True)
     else:
         array[...] = np.asarray(data, dtype=np.float32)
+    image = group[name]
+    assert isinstance(image, zarr.Group)
+    add_pyramid(image, pyramid_min_size)
     return array
 
 
@@ -230,40 +234,103 @@ def _as_group(group_or_path: zarr.Group | str | Path) -> zarr.Group:
     return open_dataset(group_or_path)
 
 
-def array_names(group: zarr.Group) -> list[str]:
-    """Paths of every array below ``group``, sorted, e.g. ``["blurred/v0", "psf"]``."""
-    members = group.members(max_depth=None)
-    return sorted(key for key, node in members if isinstance(node, zarr.Array))
+def image_names(group: zarr.Group) -> list[str]:
+    """Paths of every volume below ``group``, sorted, e.g. ``["blurred/v0", "psf"]``.
+
+    A volume is an OME-NGFF image group (its levels are not listed) or an array outside
+    any image (datasets written before OME-NGFF, bare arrays of other tools).
+    """
+    members = dict(group.members(max_depth=None))
+    images = {
+        key for key, node in members.items() if isinstance(node, zarr.Group) and is_image(node)
+    }
+    names = set(images)
+    for key, node in members.items():
+        inside = any(key.startswith(image + "/") for image in images)
+        if isinstance(node, zarr.Array) and not inside:
+            names.add(key)
+    return sorted(names)
+
+
+#: Former name of :func:`image_names`.
+array_names = image_names
+
+
+def _parent_group(array: zarr.Array) -> tuple[zarr.Group | None, str]:
+    """The group holding ``array`` and the array's name in it (None if not reachable)."""
+    path = array.path.rstrip("/")
+    try:
+        if "/" in path:
+            parent, name = path.rsplit("/", 1)
+            return zarr.open_group(store=array.store, path=parent, mode="r"), name
+        root = getattr(array.store, "root", None)
+        if root is None:
+            return None, path
+        # The array was opened at its own directory: its parent is the directory above.
+        where = Path(root) / path if path else Path(root)
+        return zarr.open_group(str(where.parent), mode="r"), where.name
+    except (FileNotFoundError, ValueError, KeyError, TypeError, zarr.errors.ContainsArrayError):
+        return None, path
 
 
 def volume_meta(array: zarr.Array) -> VolumeMeta:
-    """Voxel size and axes stored in an array's attributes."""
+    """Voxel size and axes of a stored volume.
+
+    Read from the OME-NGFF metadata of the image group holding ``array`` (a level), or
+    from the ``axes``/``voxel_size`` attributes of arrays written before OME-NGFF.
+
+    Raises
+    ------
+    InputError
+        Neither kind of metadata, or metadata that does not match the array.
+    """
     attrs = array.attrs.asdict()
-    try:
-        voxel_size = tuple(float(v) for v in attrs["voxel_size"])
-        axes = tuple(str(a["name"]) for a in attrs["axes"])
-        units = {str(a.get("unit", UNIT)) for a in attrs["axes"]}
-    except (KeyError, TypeError, ValueError):
-        raise InputError(
-            f"array '{array.path}' lacks valid 'axes'/'voxel_size' attributes"
-        ) from None
-    if len(voxel_size) != array.ndim or len(axes) != array.ndim or len(units) != 1:
-        raise InputError(f"array '{array.path}': axes/voxel_size do not match its shape")
-    return VolumeMeta(voxel_size=voxel_size, axes=axes, unit=units.pop())
+    if "voxel_size" in attrs:
+        try:
+            voxel_size = tuple(None if v is None else float(v) for v in attrs["voxel_size"])
+            axes = tuple(str(a["name"]) for a in attrs["axes"])
+            units = {str(a.get("unit", UNIT)) for a in attrs["axes"]}
+        except (KeyError, TypeError, ValueError):
+            raise InputError(
+                f"array '{array.path}' lacks valid 'axes'/'voxel_size' attributes"
+            ) from None
+        if len(voxel_size) != array.ndim or len(axes) != array.ndim or len(units) != 1:
+            raise InputError(f"array '{array.path}': axes/voxel_size do not match its shape")
+        return VolumeMeta(voxel_size=voxel_size, axes=axes, unit=units.pop())
+    parent, level = _parent_group(array)
+    if parent is None or not is_image(parent):
+        raise InputError(f"array '{array.path}' has no OME-NGFF image metadata")
+    meta = read_image_meta(parent)
+    if level not in meta.paths or len(meta.axes) != array.ndim:
+        raise InputError(f"array '{array.path}' does not match its image's multiscales")
+    voxel = meta.voxel_size
+    if level != meta.paths[0]:
+        full = parent[meta.paths[0]]
+        voxel = tuple(
+            None if v is None else v * f / n
+            for v, f, n in zip(voxel, full.shape, array.shape, strict=True)
+        )
+    return VolumeMeta(voxel_size=voxel, axes=meta.axes, unit=UNIT)
 
 
 def open_array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array ``name`` of ``group``; a missing name raises InputError listing what exists."""
+    """The full-resolution array of volume ``name`` of ``group``.
+
+    ``name`` is an OME-NGFF image group (its level ``0`` is returned) or an array; a
+    missing name raises InputError listing what exists.
+    """
     try:
         node = group[name]
+        if isinstance(node, zarr.Group) and is_image(node):
+            node = node[read_image_meta(node).paths[0]]
     except KeyError:
         node = None
     except (ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"array '{name}' in {group.store}: corrupt metadata ({reason})") from None
     if not isinstance(node, zarr.Array):
-        existing = ", ".join(array_names(group)) or "none"
-        raise InputError(f"no array '{name}' in {group.store}; arrays present: {existing}")
+        existing = ", ".join(image_names(group)) or "none"
+        raise InputError(f"no volume '{name}' in {group.store}; volumes present: {existing}")
     return node
 
 
@@ -328,17 +395,28 @@ def volume_ids(group: zarr.Group, domain: str) -> list[str]:
         return []
     if not isinstance(sub, zarr.Group):
         return []
-    return sorted(key for key, node in sub.arrays())
+    ids = [key for key, node in sub.arrays()]
+    ids += [key for key, node in sub.groups() if is_image(node)]
+    return sorted(ids)
+
+
+def _codec_config(codec: Any) -> tuple[str, dict[str, Any]]:
+    """Name and settings of a zarr v3 codec or a numcodecs (zarr v2) compressor."""
+    if hasattr(codec, "to_dict"):
+        spec = codec.to_dict()
+        return str(spec.get("name")), dict(spec.get("configuration", {}))
+    config = dict(codec.get_config())
+    return str(config.pop("id", type(codec).__name__)).lower(), config
 
 
 def _codec_names(array: zarr.Array) -> str:
     parts = []
     for codec in array.compressors:
-        config = codec.to_dict().get("configuration", {})
-        if isinstance(codec, BloscCodec):
+        name, config = _codec_config(codec)
+        if name == "blosc" and {"cname", "clevel", "shuffle"} <= set(config):
             parts.append(f"blosc({config['cname']},{config['clevel']},{config['shuffle']})")
         else:
-            parts.append(str(codec.to_dict().get("name")))
+            parts.append(name)
     return "+".join(parts) or "none"
 
 
@@ -349,31 +427,74 @@ def _human_bytes(n: float) -> str:
     return f"{n / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
 
 
+def _voxel_text(array: zarr.Array) -> str:
+    try:
+        voxel = volume_meta(array).voxel_size
+    except InputError:
+        return "?"
+    return "x".join("?" if v is None else f"{v:g}" for v in voxel) + " um"
+
+
 def _describe_array(name: str, array: zarr.Array) -> str:
-    voxel = array.attrs.asdict().get("voxel_size")
-    voxel_text = "x".join(f"{v:g}" for v in voxel) + " um" if isinstance(voxel, list) else "?"
     stored = array.nbytes_stored()
     ratio = array.nbytes / stored if stored else float("inf")
     return (
         f"  {name}: shape={tuple(array.shape)} {array.dtype} chunks={tuple(array.chunks)} "
-        f"voxel={voxel_text} codec={_codec_names(array)} "
+        f"voxel={_voxel_text(array)} codec={_codec_names(array)} "
         f"stored={_human_bytes(stored)} ({ratio:.1f}x)"
     )
 
 
-def describe(path: str | Path) -> str:
-    """Multi-line summary of a dataset for ``hpcdeconv info``.
+def _describe_volume(group: zarr.Group, name: str) -> list[str]:
+    node = group[name] if name else group
+    if isinstance(node, zarr.Array):
+        return [_describe_array(name or "(array)", node)]
+    meta = read_image_meta(node)
+    first = node[meta.paths[0]]
+    line = _describe_array(name or "(image)", first)
+    levels = [tuple(node[p].shape) for p in meta.paths[1:]]
+    extra = f" OME-NGFF {meta.version} axes={''.join(meta.axes)}"
+    if levels:
+        extra += f" levels={1 + len(levels)} {' '.join(str(s) for s in levels)}"
+    return [line + extra]
 
-    Lists every array with shape, dtype, chunks, voxel size, codec and stored size, then
-    the split and the remaining root attributes (as compact JSON).
+
+def describe(path: str | Path) -> str:
+    """Multi-line summary of a zarr store for ``hpcdeconv info``.
+
+    Lists every volume (OME-NGFF image or array) with shape, dtype, chunks, voxel size,
+    codec and stored size; for an hpcdeconv dataset also the split and the remaining root
+    attributes (as compact JSON). Any zarr v2 or v3 group, array or OME-Zarr image works.
+
+    Raises
+    ------
+    InputError
+        ``path`` is missing or not a readable zarr store.
     """
-    group = open_dataset(path)
-    names = array_names(group)
-    lines = [f"{Path(path)}: {len(names)} arrays"]
-    lines += [_describe_array(name, open_array(group, name)) for name in names]
-    root = group.attrs.asdict().get(ROOT_KEY)
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    try:
+        node = zarr.open(store=str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        raise InputError(f"{path}: not a readable zarr array or group") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None
+    version = node.metadata.zarr_format
+    if isinstance(node, zarr.Array):
+        return "\n".join([f"{path}: zarr v{version} array", _describe_array("(array)", node)])
+    _check_root_attrs(path, node.attrs.asdict())
+    if is_image(node):
+        lines = [f"{path}: zarr v{version} OME-NGFF image"]
+        return "\n".join(lines + _describe_volume(node, ""))
+    names = image_names(node)
+    lines = [f"{path}: zarr v{version} group, {len(names)} volumes"]
+    for name in names:
+        lines += _describe_volume(node, name)
+    root = node.attrs.asdict().get(ROOT_KEY)
     if isinstance(root, Mapping):
-        split = get_split(group)
+        split = get_split(node)
         counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
         lines.append(f"split: {counts}")
         lines += [f"  {k}: {', '.join(v)}" for k, v in split.items() if v]

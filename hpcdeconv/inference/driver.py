@@ -47,13 +47,13 @@ from tqdm import tqdm
 
 from hpcdeconv import __version__
 from hpcdeconv.config import CodecConfig
-from hpcdeconv.data.ingest import inspect_tiff
+from hpcdeconv.data.ngff import LEVEL0, add_pyramid, create_image
+from hpcdeconv.data.opener import open_image, read_region
 from hpcdeconv.data.zarr_io import (
     blosc_codec,
     clip_chunks,
     create_dataset,
     open_dataset,
-    volume_attrs,
 )
 from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
 from hpcdeconv.inference.cluster import GPU_RESOURCE, workers_declare_gpus
@@ -62,7 +62,7 @@ from hpcdeconv.inference.manifest import Manifest
 from hpcdeconv.inference.model import LoadedModel, load_model
 from hpcdeconv.inference.predict import Model, PredictSettings, predict_block
 from hpcdeconv.inference.tiling import BlendMode, Block, Slices, block_grid
-from hpcdeconv.inference.volume_io import TIFF_SUFFIXES, open_input
+from hpcdeconv.inference.volume_io import TIFF_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +95,16 @@ class VolumeSource:
     shape
         ``(Z, Y, X)``.
     voxel_size
-        ``(dz, dy, dx)`` in micrometres, carried over to the output.
+        ``(dz, dy, dx)`` in micrometres, carried over to the output; None where unknown.
+    plain
+        Whether the stored data reshaped to ``shape`` is the volume (singleton axes only).
     """
 
     path: Path
     name: str
     shape: tuple[int, ...]
-    voxel_size: tuple[float, ...]
+    voxel_size: tuple[float | None, ...]
+    plain: bool = True
 
     @property
     def is_tiff(self) -> bool:
@@ -110,11 +113,11 @@ class VolumeSource:
 
     def read(self, region: Slices) -> np.ndarray:
         """``volume[region]`` as float32, read on whichever process calls it."""
-        if self.is_tiff:
+        if self.is_tiff and self.plain:
             stat = self.path.stat()
             volume = _tiff_volume(str(self.path), stat.st_mtime_ns, self.shape)
             return np.asarray(volume[region], dtype=np.float32)
-        return np.asarray(zarr.open_array(self.path, mode="r")[region], dtype=np.float32)
+        return read_region(self.path, region)
 
 
 @functools.lru_cache(maxsize=2)
@@ -131,30 +134,29 @@ def _tiff_volume(path: str, mtime_ns: int, shape: tuple[int, ...]) -> np.ndarray
     return data.reshape(shape)
 
 
-def open_source(path: Path) -> VolumeSource:
-    """Describe one input (a TIFF stack or an array inside a zarr store) without reading it.
+def open_source(
+    path: Path, voxel_size: Sequence[float] | None = None, warn: bool = True
+) -> VolumeSource:
+    """Describe one input (any image :func:`~hpcdeconv.data.opener.open_image` reads).
+
+    ``voxel_size`` (µm) overrides the file's; an unknown size stays None.
 
     Raises
     ------
     InputError
-        Missing or unreadable input, or not three-dimensional.
+        Missing or unreadable input, or axes that are not (Z, Y, X).
     """
     path = Path(path).absolute()
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        info = inspect_tiff(path)
-        if len(info.squeezed_shape) != 3:
-            raise InputError(f"{path}: expected a 3D (Z, Y, X) stack, got shape {info.shape}")
-        voxel = info.voxel_size or (1.0, 1.0, 1.0)
-        shape = tuple(int(n) for n in info.squeezed_shape)
-        return VolumeSource(path, info.volume_id, shape, tuple(voxel))
-    volume = open_input(path)
-    shape = tuple(int(n) for n in volume.data.shape)
-    return VolumeSource(path, volume.name, shape, tuple(volume.voxel_size))
+    image = open_image(path, voxel_size=voxel_size, warn=warn)
+    shape = tuple(int(n) for n in image.data.shape)
+    return VolumeSource(path, image.name, shape, tuple(image.voxel_size), image.plain)
 
 
-def open_sources(paths: Sequence[Path]) -> list[VolumeSource]:
+def open_sources(
+    paths: Sequence[Path], voxel_size: Sequence[float] | None = None
+) -> list[VolumeSource]:
     """:func:`open_source` for each path; two inputs may not share an output name."""
-    sources = [open_source(p) for p in paths]
+    sources = [open_source(p, voxel_size) for p in paths]
     seen: dict[str, Path] = {}
     for source in sources:
         if source.name in seen:
@@ -604,16 +606,15 @@ def _create_arrays(
     provenance: Mapping[str, Any],
 ) -> None:
     for source in sources:
-        group.create_array(
+        # An OME-NGFF 0.5 image per input; blocks write its level 0.
+        create_image(
+            group,
             f"{OUTPUT_GROUP}/{source.name}",
-            shape=source.shape,
-            dtype="float32",
-            chunks=plan.chunks_for(source.shape),
-            compressors=blosc_codec(CodecConfig()),
-            dimension_names=_AXES,
-            attributes=volume_attrs(
-                source.voxel_size, {"provenance": {**provenance, "input": str(source.path)}}
-            ),
+            source.shape,
+            plan.chunks_for(source.shape),
+            blosc_codec(CodecConfig()),
+            source.voxel_size,
+            {"provenance": {**provenance, "input": str(source.path)}},
         )
 
 
@@ -741,7 +742,7 @@ def _run_blocks(
         client.submit(
             process_block,
             source,
-            output / OUTPUT_GROUP / source.name,
+            output / OUTPUT_GROUP / source.name / LEVEL0,
             block,
             flat,
             shared,
@@ -853,6 +854,11 @@ def deconvolve_volumes(
         voxels=voxels,
         seconds=time.perf_counter() - start,
     )
+    if report.complete:
+        # Viewer levels are built from the finished full resolution (lazily, with dask).
+        group = zarr.open_group(output, mode="r+")
+        for source in sources:
+            add_pyramid(group[f"{OUTPUT_GROUP}/{source.name}"])
     logger.info(
         "%d block(s), %d voxels in %.1f s: %.3g voxels/s",
         report.processed,

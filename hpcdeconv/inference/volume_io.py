@@ -1,77 +1,42 @@
-"""Read one input volume (TIFF or a zarr array) and write one output volume."""
+"""Read one input volume (any format of :mod:`hpcdeconv.data.opener`) and write one output."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import tifffile
-import zarr
 
-from hpcdeconv.data.ingest import inspect_tiff
+from hpcdeconv.data.ngff import VoxelSize
+from hpcdeconv.data.opener import TIFF_SUFFIXES, Image, open_image
 from hpcdeconv.data.safety import check_replaceable
-from hpcdeconv.data.zarr_io import create_dataset, open_dataset, volume_meta, write_volume
+from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+__all__ = ["TIFF_SUFFIXES", "InputVolume", "open_input", "write_output", "write_tiff"]
+
+#: An opened input: lazy ``(Z, Y, X)`` data, voxel size (µm, None where unknown), name.
+InputVolume = Image
 
 
-@dataclass(frozen=True)
-class InputVolume:
-    """A lazily readable input: its data, voxel size (µm) and a name for outputs."""
+def open_input(path: Path, voxel_size: Sequence[float] | None = None) -> Image:
+    """Open a 3D image lazily through :func:`hpcdeconv.data.opener.open_image`.
 
-    data: da.Array
-    voxel_size: tuple[float, ...]
-    name: str
-    source: Path
-
-
-def _split_zarr_path(path: Path) -> tuple[Path, str]:
-    """``data.zarr/blurred/test000`` → (``data.zarr``, ``blurred/test000``)."""
-    parts = path.parts
-    prefixes = [(Path(*parts[:i]), "/".join(parts[i:])) for i in range(1, len(parts) + 1)]
-    for root, name in prefixes:
-        if root.suffix == ".zarr":
-            return root, name
-    for root, name in prefixes:
-        if (root / "zarr.json").is_file():
-            return root, name
-    raise InputError(f"{path}: not a TIFF file or a path inside a .zarr store")
-
-
-def open_input(path: Path) -> InputVolume:
-    """Open a 3D TIFF stack or a 3D array inside a zarr store, lazily.
+    Parameters
+    ----------
+    path
+        TIFF / OME-TIFF, ``.npy``, zarr array, OME-Zarr image or a volume of a dataset.
+    voxel_size
+        ``(dz, dy, dx)`` in µm overriding the file's metadata (``--voxel-size``).
 
     Raises
     ------
     InputError
-        Missing file, unreadable data or not three-dimensional.
+        Missing file, unreadable data, unsupported unit or axes that are not (Z, Y, X).
     """
-    path = Path(path)
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        info = inspect_tiff(path)
-        if len(info.squeezed_shape) != 3:
-            raise InputError(f"{path}: expected a 3D (Z, Y, X) stack, got shape {info.shape}")
-        data = tifffile.imread(path).astype(np.float32).reshape(info.squeezed_shape)
-        voxel = info.voxel_size or (1.0, 1.0, 1.0)
-        return InputVolume(da.from_array(data), voxel, info.volume_id, path)
-    root, name = _split_zarr_path(path)
-    group = open_dataset(root)
-    if not name:
-        raise InputError(f"{path}: name an array inside the store, e.g. {root}/blurred/<id>")
-    try:
-        array = group[name]
-    except KeyError:
-        raise InputError(f"{path}: no array '{name}' in {root}") from None
-    if not isinstance(array, zarr.Array):
-        raise InputError(f"{path}: '{name}' is a group, not an array")
-    if array.ndim != 3:
-        raise InputError(f"{path}: expected a 3D (Z, Y, X) array, got shape {array.shape}")
-    meta = volume_meta(array)
-    return InputVolume(da.from_zarr(array), meta.voxel_size, name.split("/")[-1], path)
+    return open_image(path, voxel_size=voxel_size)
 
 
 def check_finite(volume: np.ndarray, what: str) -> None:
@@ -89,28 +54,52 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
+def write_tiff(path: Path, data: np.ndarray, voxel_size: VoxelSize) -> None:
+    """Write ``data`` (Z, Y, X) as float32 TIFF recording only the voxel sizes that are known.
+
+    Fully known sizes give an ImageJ hyperstack (calibrated in Fiji as it opens). With an
+    unknown axis the file is an OME-TIFF whose ``PhysicalSize`` is written for the known
+    axes only: ImageJ metadata cannot leave one axis uncalibrated (Fiji would show 1 µm).
+    """
+    dz, dy, dx = voxel_size
+    volume = np.asarray(data, dtype=np.float32)
+    if dz is not None and dy is not None and dx is not None:
+        tifffile.imwrite(
+            path,
+            volume,
+            imagej=True,
+            photometric="minisblack",  # never guess RGB from a last axis of 3 or 4
+            resolution=(1.0 / dx, 1.0 / dy),
+            metadata={"spacing": dz, "unit": "um", "axes": "ZYX"},
+        )
+        return
+    metadata: dict[str, Any] = {"axes": "ZYX"}
+    for axis, size in zip("ZYX", voxel_size, strict=True):
+        if size is not None:
+            metadata[f"PhysicalSize{axis}"] = float(size)
+            metadata[f"PhysicalSize{axis}Unit"] = "\u00b5m"
+    tifffile.imwrite(path, volume, ome=True, photometric="minisblack", metadata=metadata)
+
+
 def write_output(
     path: Path,
     data: np.ndarray,
-    voxel_size: tuple[float, ...],
+    voxel_size: VoxelSize,
     name: str,
     attrs: dict[str, Any],
     overwrite: bool,
 ) -> str:
-    """Write ``data`` (Z, Y, X) to ``.tif``/``.tiff``/``.npy`` or into a new zarr dataset.
+    """Write ``data`` (Z, Y, X) to ``.tif``/``.tiff``/``.npy`` or into a new zarr store.
+
+    A ``.zarr`` output holds the OME-NGFF 0.5 image ``deconvolved/<name>``; voxel sizes
+    that are None stay unknown in every format (no size is invented).
 
     Returns a description of where it went.
     """
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         refuse_existing(path, overwrite)
-        tifffile.imwrite(
-            path,
-            data.astype(np.float32),
-            imagej=True,
-            resolution=(1.0 / voxel_size[2], 1.0 / voxel_size[1]),
-            metadata={"spacing": voxel_size[0], "unit": "um", "axes": "ZYX"},
-        )
+        write_tiff(path, data, voxel_size)
         return str(path)
     if suffix == ".npy":
         refuse_existing(path, overwrite)

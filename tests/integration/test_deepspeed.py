@@ -160,8 +160,7 @@ def test_zero_trains_checkpoints_and_resumes_like_the_uninterrupted_run(
         # ZeRO partitions the optimiser state: one file per rank.
         parts = sorted(p.name for p in (shards / "step_00000006" / group).iterdir())
         assert [p for p in parts if "zero_pp_rank_" in p] == [
-            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            for r in (0, 1)
+            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
         ]
     assert sorted(p.name for p in shards.iterdir()) == ["step_00000003", "step_00000006"]
     metrics = _metrics(whole)

@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster
 
 from hpcdeconv.classical.rl import richardson_lucy, rl_halo
 from hpcdeconv.config import ClusterConfig, ExperimentConfig, load_config
-from hpcdeconv.data.zarr_io import create_dataset, write_volume
+from hpcdeconv.data.zarr_io import create_dataset, volume_meta, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 from hpcdeconv.inference.cluster import open_client
 from hpcdeconv.inference.driver import (
@@ -82,7 +82,7 @@ def write_input(store: Path, volume: np.ndarray, name: str = "v0") -> Path:
 
 
 def read_output(store: Path, name: str = "v0") -> np.ndarray:
-    return zarr.open_array(store / "deconvolved" / name, mode="r")[...]
+    return zarr.open_array(store / "deconvolved" / name / "0", mode="r")[...]
 
 
 def exact_processor(model: LoadedModel) -> NetworkProcessor:
@@ -130,9 +130,10 @@ def test_stitched_blocks_equal_whole_volume_inference(
     error = np.abs(read_output(tmp_path / "out.zarr") - whole_volume(local_model, volume, radius))
     assert error.max() <= 1e-5
 
-    array = zarr.open_array(tmp_path / "out.zarr" / "deconvolved" / "v0", mode="r")
-    assert array.chunks == (8, 8, 8) and array.attrs["voxel_size"] == list(VOXEL)
-    provenance = array.attrs["provenance"]
+    array = zarr.open_array(tmp_path / "out.zarr" / "deconvolved" / "v0" / "0", mode="r")
+    assert array.chunks == (8, 8, 8) and volume_meta(array).voxel_size == VOXEL
+    image = zarr.open_group(tmp_path / "out.zarr" / "deconvolved" / "v0", mode="r")
+    provenance = image.attrs["provenance"]
     assert provenance["halo"] == [radius] * 3 and provenance["block"] == [24] * 3
     assert provenance["input"] == str(sources[0].path)
     assert provenance["processor"]["checkpoint_sha256"] == exact_processor(local_model).sha256
@@ -260,7 +261,9 @@ def test_tiff_and_zarr_inputs_in_one_batch(
     for name, volume in volumes.items():
         expected = whole_volume(local_model, volume, 9)
         assert np.abs(read_output(tmp_path / "out.zarr", name) - expected).max() <= 1e-5
-    voxel = zarr.open_array(tmp_path / "out.zarr" / "deconvolved" / "b").attrs["voxel_size"]
+    voxel = volume_meta(
+        zarr.open_array(tmp_path / "out.zarr" / "deconvolved" / "b" / "0")
+    ).voxel_size
     np.testing.assert_allclose(voxel, (0.3, 0.2, 0.2))
     with pytest.raises(InputError, match="would both be written to 'deconvolved/a'"):
         open_sources([inputs[0], inputs[0]])

@@ -67,7 +67,7 @@ def deconvolve_args(job: dict[str, Path], output: Path) -> list[str]:
 
 
 def assert_expected(job: dict[str, Path], output: Path) -> None:
-    result = zarr.open_array(output / "deconvolved" / "v0", mode="r")[...]
+    result = zarr.open_array(output / "deconvolved" / "v0" / "0", mode="r")[...]
     assert np.abs(result - np.load(job["root"] / "expected.npy")).max() <= 1e-5
 
 

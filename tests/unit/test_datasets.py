@@ -15,7 +15,7 @@ from zarr.storage import LocalStore, WrapperStore
 
 from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches, ZarrVolumes, read_patch
 from hpcdeconv.data.sampling import PatchSampler, PatchSpec, chunks_touched
-from hpcdeconv.data.zarr_io import create_dataset, set_split, write_volume
+from hpcdeconv.data.zarr_io import create_dataset, open_array, set_split, write_volume
 from hpcdeconv.errors import InputError
 
 SHAPE = (12, 20, 20)
@@ -60,7 +60,7 @@ class ChunkCountingStore(WrapperStore):
 
 def test_patch_read_touches_only_its_chunks(dataset: Path) -> None:
     store = ChunkCountingStore(LocalStore(dataset, read_only=True))
-    array = zarr.open_group(store, mode="r")["sharp/v1"]
+    array = open_array(zarr.open_group(store, mode="r"), "sharp/v1")
     for spec, expected in [
         (PatchSpec("v1", (0, 0, 0), PATCH), 1),  # aligned: one chunk
         (PatchSpec("v1", (2, 5, 3), PATCH), 8),  # straddles a boundary on every axis

@@ -24,7 +24,7 @@ from distributed import Client, LocalCluster
 from hpcdeconv.classical.rl import richardson_lucy
 from hpcdeconv.cli import main
 from hpcdeconv.config import ClusterConfig, DeconvolveConfig, ExperimentConfig, load_config
-from hpcdeconv.data.zarr_io import create_dataset, write_volume
+from hpcdeconv.data.zarr_io import create_dataset, volume_meta, write_volume
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.inference.cluster import connect, local_worker_count, slurm_cluster_options
 from hpcdeconv.inference.manifest import decode_ranges, encode_ranges, read_record
@@ -78,7 +78,8 @@ def volume_path(tmp_path: Path) -> Path:
 
 
 def read(path: Path) -> np.ndarray:
-    return zarr.open_array(path, mode="r")[...]
+    """Full resolution of an OME-NGFF image group."""
+    return zarr.open_array(path / "0", mode="r")[...]
 
 
 def whole_volume(run_dir: Path, volume: np.ndarray, halo: int) -> np.ndarray:
@@ -107,10 +108,9 @@ def test_deconvolve_writes_the_result_and_its_provenance(
     result = read(out / "deconvolved" / "v0")
     assert np.abs(result - whole_volume(run_dir, read(volume_path), 9)).max() <= 1e-5
 
-    array = zarr.open_array(out / "deconvolved" / "v0", mode="r")
-    assert array.attrs["voxel_size"] == [0.2, 0.1, 0.1]
-    assert [a["name"] for a in array.attrs["axes"]] == ["z", "y", "x"]
-    provenance = array.attrs["provenance"]
+    meta = volume_meta(zarr.open_array(out / "deconvolved" / "v0" / "0", mode="r"))
+    assert meta.voxel_size == (0.2, 0.1, 0.1) and meta.axes == ("z", "y", "x")
+    provenance = zarr.open_group(out / "deconvolved" / "v0", mode="r").attrs["provenance"]
     checkpoint = latest_checkpoint(run_dir)
     assert provenance["checkpoint"] == str(checkpoint.absolute())
     assert provenance["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -127,9 +127,9 @@ def test_deconvolve_writes_the_result_and_its_provenance(
     np.testing.assert_array_equal(read(out / "deconvolved" / "v0"), result)
     assert main([*args, "--overwrite", "--halo", "4"]) == 0
     assert "8 block(s) computed" in capsys.readouterr().out
-    halo4 = zarr.open_array(out / "deconvolved" / "v0", mode="r")
+    halo4 = zarr.open_group(out / "deconvolved" / "v0", mode="r")
     assert halo4.attrs["provenance"]["halo"] == [4, 4, 4]
-    assert not np.array_equal(halo4[...], result)
+    assert not np.array_equal(read(out / "deconvolved" / "v0"), result)
 
 
 def test_rl_from_a_model_or_a_file_equals_whole_volume_rl(
@@ -149,11 +149,11 @@ def test_rl_from_a_model_or_a_file_equals_whole_volume_rl(
     for name in ("m", "f"):
         result = read(tmp_path / f"{name}.zarr" / "deconvolved" / "v0")
         assert np.abs(result - whole).max() <= 1e-5 * whole.max()
-    provenance = zarr.open_array(tmp_path / "m.zarr" / "deconvolved" / "v0").attrs["provenance"]
+    provenance = zarr.open_group(tmp_path / "m.zarr" / "deconvolved" / "v0").attrs["provenance"]
     assert provenance["psf"]["model"]["model"] == "gaussian"
     assert provenance["processor"]["iterations"] == 3
-    provenance = zarr.open_array(tmp_path / "f.zarr" / "deconvolved" / "v0").attrs["provenance"]
-    assert provenance["psf"] == {"file": str((tmp_path / "psf.npy").absolute())}
+    provenance = zarr.open_group(tmp_path / "f.zarr" / "deconvolved" / "v0").attrs["provenance"]
+    assert provenance["psf"]["file"] == str((tmp_path / "psf.npy").absolute())
 
 
 def test_deconvolve_block_halo_rule_applies_only_where_the_volume_is_split(

@@ -197,6 +197,4 @@ def test_cuda_half_precision_under_autocast(rng) -> None:
     assert x.grad is not None and x.grad.dtype == torch.float16
     for b in range(2):
         ref = convolve(volume[b], psf)
-        np.testing.assert_allclose(
-            out[b].detach().float().cpu().numpy(), ref, rtol=5e-3, atol=5e-3
-        )
+        np.testing.assert_allclose(out[b].detach().float().cpu().numpy(), ref, rtol=5e-3, atol=5e-3)

@@ -1,4 +1,4 @@
-"""TIFF ingest: voxel sizes from ImageJ/OME metadata, shape checks, value round trip."""
+"""Ingest: voxel sizes from ImageJ/OME metadata, shape checks, value round trip."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import tifffile
 
 from hpcdeconv.config import StorageConfig
-from hpcdeconv.data.ingest import ingest_tiff, inspect_tiff
+from hpcdeconv.data.ingest import ingest_tiff
+from hpcdeconv.data.opener import open_image
 from hpcdeconv.data.zarr_io import get_split, open_dataset, read_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 
@@ -47,7 +48,7 @@ def test_imagej_voxel_size_and_values(tmp_path: Path, rng: np.random.Generator) 
 
 def test_imagej_nanometres_are_converted(tmp_path: Path) -> None:
     tif = _imagej(tmp_path / "a.tif", np.zeros((3, 4, 4), np.float32), dz=250, dxy=40, unit="nm")
-    assert inspect_tiff(tif).voxel_size == pytest.approx((0.25, 0.04, 0.04))
+    assert open_image(tif).voxel_size == pytest.approx((0.25, 0.04, 0.04))
 
 
 def test_ome_physical_sizes(tmp_path: Path) -> None:
@@ -61,9 +62,9 @@ def test_ome_physical_sizes(tmp_path: Path) -> None:
         "PhysicalSizeZ": 0.2,
     }
     tifffile.imwrite(path, np.ones((3, 4, 5), np.uint8), ome=True, metadata=meta)
-    info = inspect_tiff(path)
+    info = open_image(path)
     assert info.voxel_size == pytest.approx((0.2, 0.065, 0.065))
-    assert info.volume_id == "stack"
+    assert info.name == "stack"
 
 
 def test_explicit_voxel_size_wins_and_sets_split(tmp_path: Path) -> None:

@@ -50,14 +50,20 @@ def test_round_trip_values_metadata_and_codec(tmp_path: Path, rng: np.random.Gen
     assert volume.dtype == np.float32
     assert meta == VolumeMeta(voxel_size=VOXEL, axes=("z", "y", "x"), unit="micrometer")
 
-    blosc = _blosc_config(path, "sharp/v000")["blosc"]
+    blosc = _blosc_config(path, "sharp/v000/0")["blosc"]
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"]) == ("lz4", 5, "shuffle")
-    on_disk = json.loads((path / "sharp/v000/zarr.json").read_text())
+    on_disk = json.loads((path / "sharp/v000/0/zarr.json").read_text())
     assert on_disk["chunk_grid"]["configuration"]["chunk_shape"] == [4, 8, 30]  # clipped
     assert on_disk["dimension_names"] == ["z", "y", "x"]
-    assert on_disk["attributes"]["k"] == 1
-    assert on_disk["attributes"]["axes"][0] == {"name": "z", "type": "space", "unit": "micrometer"}
-    assert "sharding_indexed" not in _blosc_config(path, "sharp/v000")
+    image = json.loads((path / "sharp/v000/zarr.json").read_text())["attributes"]
+    assert image["k"] == 1  # hpcdeconv's attributes sit beside the OME-NGFF metadata
+    multiscale = image["ome"]["multiscales"][0]
+    assert image["ome"]["version"] == "0.5"
+    assert multiscale["axes"][0] == {"name": "z", "type": "space", "unit": "micrometer"}
+    assert multiscale["datasets"] == [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(VOXEL)}]}
+    ]
+    assert "sharding_indexed" not in _blosc_config(path, "sharp/v000/0")
 
 
 def test_lazy_read_has_storage_chunks(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -85,7 +91,7 @@ def test_dask_write_is_chunk_by_chunk(tmp_path: Path, rng: np.random.Generator) 
     stored, _ = read_volume(group, "sharp/big")
     np.testing.assert_array_equal(stored.compute(), data)
     assert 0 < largest[0] <= data.nbytes // 4  # no task ever held more than one input block
-    assert len([p for p in (tmp_path / "ds.zarr/sharp/big/c").rglob("*") if p.is_file()]) == 8
+    assert len([p for p in (tmp_path / "ds.zarr/sharp/big/0/c").rglob("*") if p.is_file()]) == 8
 
 
 def test_refusal_keeps_old_data_and_overwrite_replaces(tmp_path: Path) -> None:
@@ -119,7 +125,7 @@ def test_corrupt_metadata_raises_input_error(tmp_path: Path) -> None:
 def test_corrupt_array_metadata_raises_input_error(tmp_path: Path) -> None:
     path = tmp_path / "ds.zarr"
     write_volume(create_dataset(path), "sharp/v0", np.ones((2, 2, 2)), VOXEL)
-    (path / "sharp/v0/zarr.json").write_text("")
+    (path / "sharp/v0/0/zarr.json").write_text("")
     with pytest.raises(InputError, match=r"sharp/v0.*corrupt"):
         read_volume(path, "sharp/v0")
 

@@ -1,0 +1,55 @@
+"""Arguments shared by the verbs that read images: ``--voxel-size``, ``--time``, ``--channel``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _index(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def add_voxel_size_argument(p: argparse.ArgumentParser, what: str = "every input") -> None:
+    """``--voxel-size DZ DY DX`` (µm), overriding the metadata of ``what``."""
+    p.add_argument(
+        "--voxel-size",
+        type=_positive_float,
+        nargs=3,
+        metavar=("DZ", "DY", "DX"),
+        help=f"voxel size of {what} in µm (default: read from the file; unknown sizes "
+        "stay unknown in the output)",
+    )
+
+
+def add_select_arguments(p: argparse.ArgumentParser) -> None:
+    """``--time N`` and ``--channel N``: take one time point / channel of a larger file."""
+    p.add_argument("--time", type=_index, metavar="N", help="time point to take (axis T)")
+    p.add_argument(
+        "--channel", type=_index, metavar="N", help="channel to take (axis C, or S of RGB)"
+    )
+
+
+def voxel_size(args: argparse.Namespace) -> tuple[float, float, float] | None:
+    """The ``--voxel-size`` given, or None."""
+    value = getattr(args, "voxel_size", None)
+    return None if value is None else (value[0], value[1], value[2])
+
+
+def selection(args: argparse.Namespace) -> dict[str, int]:
+    """``{"T": ..., "C": ...}`` from ``--time``/``--channel`` (only those given)."""
+    chosen = {"T": getattr(args, "time", None), "C": getattr(args, "channel", None)}
+    return {axis: index for axis, index in chosen.items() if index is not None}
