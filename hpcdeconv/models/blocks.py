@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
 
 from hpcdeconv.errors import ConfigError
@@ -18,7 +19,6 @@ _CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T: dict[int, type[nn.Module]] = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _INSTANCE_NORM: dict[int, type[nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _MAX_POOL: dict[int, type[nn.Module]] = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL: dict[int, type[nn.Module]] = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 def _pick(table: dict[int, type[nn.Module]], spatial_dims: int) -> type[nn.Module]:
@@ -47,9 +47,33 @@ def max_pool_nd(spatial_dims: int) -> type[nn.Module]:
     return _pick(_MAX_POOL, spatial_dims)
 
 
-def avg_pool_nd(spatial_dims: int) -> type[nn.Module]:
-    """``nn.AvgPool2d`` or ``nn.AvgPool3d``."""
-    return _pick(_AVG_POOL, spatial_dims)
+class HalveByMean(nn.Module):
+    """Halve every spatial axis by averaging non-overlapping 2×2(×2) blocks.
+
+    The same values as ``nn.AvgPool{2,3}d(kernel_size=2, stride=2)`` (a trailing odd voxel
+    is dropped), computed as a reshape and a mean: its backward is deterministic on CUDA,
+    where ``avg_pool3d``'s backward has no deterministic kernel and so stops any run with
+    ``train.deterministic: true``.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    """
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) → (B, C, *(S // 2))."""
+        half = [n // 2 for n in x.shape[2:]]
+        x = x[(..., *(slice(0, 2 * h) for h in half))]
+        split = [d for h in half for d in (h, 2)]
+        pairs = tuple(3 + 2 * i for i in range(self.spatial_dims))
+        return x.reshape(*x.shape[:2], *split).mean(dim=pairs)
 
 
 def activation(name: Activation) -> nn.Module:

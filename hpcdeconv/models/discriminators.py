@@ -8,7 +8,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from hpcdeconv.errors import ConfigError
-from hpcdeconv.models.blocks import ConvNormAct, avg_pool_nd, conv_nd
+from hpcdeconv.models.blocks import ConvNormAct, HalveByMean, conv_nd
 
 # Channel growth stops at this multiple of the first layer's width, as in the original
 # PatchGAN, so deep discriminators stay affordable in 3D.
@@ -134,7 +134,7 @@ class MultiScalePatchGAN(nn.Module):
         self.discriminators = nn.ModuleList(
             PatchGAN(spatial_dims, in_channels, channels, n_layers) for _ in range(n_scales)
         )
-        self.downsample = avg_pool_nd(spatial_dims)(kernel_size=2, stride=2)
+        self.downsample = HalveByMean(spatial_dims)
 
     @property
     def n_scales(self) -> int:

@@ -35,7 +35,8 @@ def _env() -> dict[str, str]:
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     # Deterministic cuBLAS, so a resumed run can be compared with an uninterrupted one.
-    return env | {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env | {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONPATH": path}
 
 
 def _train(
@@ -45,6 +46,8 @@ def _train(
     flags: tuple[str, ...] = (),
     launcher: tuple[str, ...] = (),
 ) -> None:
+    if "method.name=supervised" not in extra:
+        extra = ("method.kernel.size=[7, 7, 7]", *extra)
     overrides = [
         *TINY_TRAINING,
         f"data.path={data}",
@@ -52,7 +55,6 @@ def _train(
         f"train.ckpt_every={STOP}",
         "train.keep_checkpoints=10",
         "train.deterministic=true",
-        "method.kernel.size=[7, 7, 7]",
         "train.device=cuda",
         *extra,
     ]

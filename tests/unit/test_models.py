@@ -11,7 +11,7 @@ from torch import nn
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.models.blocks import (
     ConvNormAct,
-    avg_pool_nd,
+    HalveByMean,
     conv_nd,
     instance_norm_nd,
     max_pool_nd,
@@ -33,7 +33,6 @@ def n_params(module: nn.Module) -> int:
         (conv_nd, nn.Conv2d, nn.Conv3d),
         (instance_norm_nd, nn.InstanceNorm2d, nn.InstanceNorm3d),
         (max_pool_nd, nn.MaxPool2d, nn.MaxPool3d),
-        (avg_pool_nd, nn.AvgPool2d, nn.AvgPool3d),
     ],
 )
 def test_factories_pick_layer_by_dimension(factory, two, three) -> None:
@@ -41,6 +40,19 @@ def test_factories_pick_layer_by_dimension(factory, two, three) -> None:
     assert factory(3) is three
     with pytest.raises(ConfigError, match="spatial_dims"):
         factory(1)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 2, 7, 9, 5), (1, 1, 4, 4, 4)])
+def test_halve_by_mean_equals_average_pooling(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    pool = (nn.AvgPool2d if len(shape) == 4 else nn.AvgPool3d)(kernel_size=2, stride=2)
+    ours = HalveByMean(len(shape) - 2)(x)
+    torch.testing.assert_close(ours, pool(x))
+    (grad,) = torch.autograd.grad(ours.sum(), x)
+    (ref,) = torch.autograd.grad(pool(x).sum(), x)
+    torch.testing.assert_close(grad, ref)
+    with pytest.raises(ConfigError, match="spatial_dims"):
+        HalveByMean(1)
 
 
 def test_conv_norm_act_keeps_size_and_normalises() -> None:

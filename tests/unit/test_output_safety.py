@@ -284,7 +284,7 @@ def test_overwrite_replaces_what_hpcdeconv_wrote(
         refused(argv, capsys, "exists; pass --overwrite")
         assert main([*argv, "--overwrite", "--png", str(tmp_path / "p.png")]) == 0
         assert main([*argv, "--overwrite", "--png", str(tmp_path / "p.png")]) == 0
-    out = zarr.open_array(tmp_path / "p.zarr" / "deconvolved" / "test000", mode="r")
+    out = zarr.open_array(tmp_path / "p.zarr" / "deconvolved" / "test000" / "0", mode="r")
     assert out.shape == (16, 32, 32)
     assert tifffile.imread(tmp_path / "p.tif").shape == (16, 32, 32)
 

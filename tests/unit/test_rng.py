@@ -71,7 +71,8 @@ def test_a_state_made_on_a_gpu_restores_on_this_machine() -> None:
     restore_rng_state(state["rng"])
     assert torch.equal(torch.rand(4), expected["torch"])
     assert np.random.random(4).tolist() == expected["numpy"].tolist()
-    assert [random.random() for _ in range(4)] == expected["python"].tolist()
+    # Saved as float32 draws: compare at that precision.
+    assert torch.tensor([random.random() for _ in range(4)]).tolist() == expected["python"].tolist()
     pool = ImagePool(4, seed=0)
     pool.load_state_dict(state["pool"])
     assert torch.equal(torch.rand(4, generator=pool.generator), expected["pool"])
