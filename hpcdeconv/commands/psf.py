@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             psf.data,
             imagej=True,
+            photometric="minisblack",  # never guess RGB from a last axis of 3 or 4
             resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]),
             metadata=meta,
         )

@@ -83,6 +83,7 @@ def export_kernel(
 
     Returns file names and, when the true PSF is known, the NCC of both versions to it.
     """
+    from hpcdeconv.inference.volume_io import write_tiff
     from hpcdeconv.viz import save_orthoviews
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,8 @@ def export_kernel(
     result: dict[str, float | str] = {}
     for tag, kernel in (("raw", raw), ("smoothed", smooth)):
         np.save(out_dir / f"psf_learned_{tag}.npy", kernel)
-        tifffile.imwrite(out_dir / f"psf_learned_{tag}.tif", kernel.astype(np.float32))
+        # Calibrated like every TIFF we write: Fiji opens the kernel at its voxel size.
+        write_tiff(out_dir / f"psf_learned_{tag}.tif", kernel, tuple(voxel_size))
         result[f"psf_{tag}"] = f"psf_learned_{tag}.tif"
     panels = [("learned (σ=1 smoothed)", smooth), ("learned (raw)", raw)]
     if true_psf is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # 2x2x2 windows every input voxel receives at most one gradient, so its atomic adds
         # cannot reorder; every op with a deterministic kernel still gets that kernel.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuBLAS is deterministic only with a fixed workspace; read when its handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
 
 

@@ -331,3 +331,24 @@ def test_rl_psf_file_sampling_is_read_and_compared(
     assert any("PSF voxel size" in r.getMessage() for r in caplog.records)
     provenance = zarr.open_group(out / "deconvolved" / "img", mode="r").attrs["provenance"]
     assert provenance["psf"]["voxel_size"] == pytest.approx([0.2, 0.05, 0.05])
+
+
+def test_psf_file_with_three_x_voxels_reads_back_as_a_volume(tmp_path: Path) -> None:
+    # The kind of "RGB guessed from a last axis of 3": every TIFF we write says minisblack.
+    out = tmp_path / "thin.tif"
+    argv = ["psf", "--model", "gaussian", "--out", str(out), "--set", "psf.shape=[9, 9, 3]"]
+    assert main(argv) == 0
+    image = open_image(out)
+    assert image.data.shape == (9, 9, 3) and "S" not in image.axes
+    assert all(size is not None for size in image.voxel_size)
+
+
+def test_learned_kernel_tiff_keeps_the_voxel_size(tmp_path: Path) -> None:
+    from hpcdeconv.methods.kernel import export_kernel
+    from hpcdeconv.models.psf_layer import PSFLayer
+
+    layer = PSFLayer((5, 7, 7), init="gaussian", sigma=1.0)
+    export_kernel(layer, tmp_path, (0.2, 0.1, 0.1), None)
+    image = open_image(tmp_path / "psf_learned_raw.tif")
+    assert image.data.shape == (5, 7, 7)
+    assert image.voxel_size == pytest.approx((0.2, 0.1, 0.1))
