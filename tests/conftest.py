@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("data") / "tiny.zarr"
     simulate(load_config(SimulateConfig, None, TINY_SIMULATION), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> Iterator[str]:
+    """Address of an in-process dask cluster (one worker, one thread) for ``--scheduler``."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster),
+    ):
+        yield cluster.scheduler_address

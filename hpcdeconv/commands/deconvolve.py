@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcdeconv.commands.common import add_config_args, config_inputs, positive_int
-from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
+from hpcdeconv.commands.image_args import add_inputs_argument, add_voxel_size_argument, voxel_size
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -79,13 +79,7 @@ def check_cluster_output(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv deconvolve``."""
-    p.add_argument(
-        "inputs",
-        type=Path,
-        nargs="+",
-        metavar="INPUT",
-        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
-    )
+    add_inputs_argument(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
     add_voxel_size_argument(p)
     add_cluster_arguments(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _positive_float(text: str) -> float:
@@ -21,6 +22,17 @@ def _index(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return int(text)
+
+
+def add_inputs_argument(p: argparse.ArgumentParser) -> None:
+    """The positional ``INPUT ...`` of the verbs that deconvolve whole volumes."""
+    p.add_argument(
+        "inputs",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
+    )
 
 
 def add_voxel_size_argument(p: argparse.ArgumentParser, what: str = "every input") -> None:

@@ -17,7 +17,7 @@ from hpcdeconv.commands.deconvolve import (
     print_client,
     print_report,
 )
-from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
+from hpcdeconv.commands.image_args import add_inputs_argument, add_voxel_size_argument, voxel_size
 from hpcdeconv.config import RLConfig
 from hpcdeconv.errors import InputError
 
@@ -33,13 +33,7 @@ BOUNDARIES = get_args(RLConfig.model_fields["boundary"].annotation)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv rl``."""
-    p.add_argument(
-        "inputs",
-        type=Path,
-        nargs="+",
-        metavar="INPUT",
-        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
-    )
+    add_inputs_argument(p)
     psf = p.add_mutually_exclusive_group(required=True)
     psf.add_argument(
         "--psf", type=Path, help="measured PSF: 3D TIFF/OME-TIFF, .npy or zarr, centre at k // 2"

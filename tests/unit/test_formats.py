@@ -8,14 +8,12 @@ hyperstacks with their axes, an RGB image, plain page sequences, OME-TIFF with
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
-from distributed import Client, LocalCluster
 
 from hpcdeconv.cli import main
 from hpcdeconv.data.ingest import ingest_images
@@ -44,18 +42,6 @@ def _ome(path: Path, data: np.ndarray, axes: str = "ZYX", **sizes: object) -> Pa
 
 def _volume(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random(shape).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def scheduler() -> Iterator[str]:
-    """In-process dask cluster that ``rl`` connects to with ``--scheduler``."""
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster),
-    ):
-        yield cluster.scheduler_address
 
 
 RL = ["--psf-model", "gaussian", "--set", "psf.shape=[3, 3, 3]", "--set", "psf.sigma=[1, 1, 1]"]

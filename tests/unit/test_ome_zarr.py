@@ -8,13 +8,11 @@ with the ``ome-zarr`` reader (the one napari-ome-zarr uses) at the right scale.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
 from ome_zarr.format import FormatV04, FormatV05
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
@@ -211,18 +209,6 @@ def test_written_volumes_are_valid_ome_zarr_with_a_pyramid(tmp_path: Path) -> No
 def test_simulated_datasets_are_ome_zarr(tiny_dataset: Path) -> None:
     for name in image_names(zarr.open_group(tiny_dataset, mode="r")):
         check_image(tiny_dataset / name, (0.1, 0.1, 0.1))
-
-
-@pytest.fixture(scope="module")
-def scheduler() -> Iterator[str]:
-    """In-process dask cluster the CLI connects to with ``--scheduler``."""
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster),
-    ):
-        yield cluster.scheduler_address
 
 
 @pytest.fixture(scope="module")
