@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # dask's scheduler and workers log every start, stop and connection at INFO: ~40
+        # lines per deconvolve/rl run that say nothing about the result.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         return int(args.handler(args))
     except HpcdeconvError as exc:

@@ -14,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from hpcdeconv.data.safety import SOFTWARE
+
 
 def _views(volume: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """XY, XZ and YZ views of a (Z, Y, X) volume: central slices or maximum projections."""
@@ -88,4 +90,5 @@ def save_orthoviews(
 ) -> None:
     """Draw :func:`orthoview_figure` and write it as PNG (150 dpi)."""
     fig = orthoview_figure(panels, voxel_size, log=log, mode=mode, shared_range=shared_range)
-    fig.savefig(Path(path), dpi=150)
+    # The Software text chunk marks the figure as ours for --overwrite.
+    fig.savefig(Path(path), dpi=150, metadata={"Software": SOFTWARE})

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import tifffile
 
     from hpcdeconv.config import PSFFileConfig, load_config
-    from hpcdeconv.data.safety import check_outputs
+    from hpcdeconv.data.safety import SOFTWARE, check_outputs
     from hpcdeconv.physics.psf import make_psf
 
     overrides = list(args.set)
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             psf.data,
             imagej=True,
+            software=SOFTWARE,
             photometric="minisblack",  # never guess RGB from a last axis of 3 or 4
             resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]),
             metadata=meta,

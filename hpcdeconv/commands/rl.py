@@ -87,20 +87,36 @@ def read_psf(
 
 
 def _check_sampling(
-    psf_voxel: tuple[float | None, ...], inputs: list[tuple[float | None, ...]]
+    psf_voxel: tuple[float | None, ...],
+    inputs: list[tuple[float | None, ...]],
+    fix: str,
 ) -> None:
-    """Warn when a known PSF sampling differs from a known input sampling on some axis."""
+    """Warn when a known PSF sampling differs from a known input sampling (every axis that
+    differs is named, with ``fix``), or when the PSF's sampling is unknown."""
+    if any(p is None for p in psf_voxel):
+        logger.warning(
+            "the PSF's voxel size %s is not fully known; RL assumes it matches the inputs' "
+            "(%s to state it)",
+            psf_voxel,
+            fix,
+        )
+        return
     for voxel in inputs:
-        for axis, p, v in zip("ZYX", psf_voxel, voxel, strict=True):
-            if p is not None and v is not None and not np.isclose(p, v, rtol=0.01):
-                logger.warning(
-                    "PSF voxel size %s differs from input voxel size %s along %s; RL then "
-                    "deconvolves with a PSF of the wrong width",
-                    psf_voxel,
-                    voxel,
-                    axis,
-                )
-                return
+        axes = [
+            axis
+            for axis, p, v in zip("ZYX", psf_voxel, voxel, strict=True)
+            if v is not None and not np.isclose(p, v, rtol=0.01)
+        ]
+        if axes:
+            logger.warning(
+                "PSF voxel size %s differs from input voxel size %s along %s; RL then "
+                "deconvolves with a PSF of the wrong width (%s)",
+                psf_voxel,
+                voxel,
+                ", ".join(axes),
+                fix,
+            )
+            return
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -127,14 +143,14 @@ def _psf(
     if args.psf is not None:
         given = args.psf_voxel_size
         data, psf_voxel = read_psf(args.psf, None if given is None else tuple(given))
-        _check_sampling(psf_voxel, voxel_sizes)
+        _check_sampling(psf_voxel, voxel_sizes, "--psf-voxel-size DZ DY DX")
         return data, {"file": str(args.psf.absolute()), "voxel_size": list(psf_voxel)}
     from hpcdeconv.physics.psf import make_psf
 
     psf = make_psf(cfg.psf)
     if psf.data.ndim != 3:
         raise InputError(f"PSF model {cfg.psf.model} gives a {psf.data.ndim}D PSF; RL needs 3D")
-    _check_sampling(tuple(psf.voxel_size), voxel_sizes)
+    _check_sampling(tuple(psf.voxel_size), voxel_sizes, "--set psf.voxel_size=[DZ, DY, DX]")
     return psf.data, {"model": cfg.psf.model_dump(mode="json")}
 
 

@@ -18,6 +18,7 @@ Axes a file does not name (a plain multi-page TIFF, an unnamed zarr array) are t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import xml.etree.ElementTree as ET
@@ -33,7 +34,7 @@ import zarr
 import zarr.errors
 
 from hpcdeconv.data.ngff import VoxelSize, is_image, read_image_meta
-from hpcdeconv.data.units import to_micrometres
+from hpcdeconv.data.units import sizes_given_by_user, to_micrometres
 from hpcdeconv.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,14 @@ def _describe_axis(letter: str, size: int) -> str:
     return f"axis {letter} ({size} {_WHAT.get(letter, 'planes')})"
 
 
-def _hint(letter: str) -> str:
-    """How to process one plane of a non-spatial axis."""
+def _hint(letter: str, has_z: bool) -> str:
+    """How to process one plane of a non-spatial axis (or why that cannot help)."""
+    if not has_z:
+        # Taking one time point or channel of a (T|C, Y, X) file leaves a 2D image.
+        return (
+            "each of its planes is a 2D (Y, X) image and the file has no Z axis; "
+            "the 3D methods need a z-stack"
+        )
     option = {"T": "time", "C": "channel", "S": "channel"}.get(letter)
     if option is None:
         return "split the file (e.g. in Fiji) and process each volume separately"
@@ -186,7 +193,7 @@ def spatial_view(
             n = data.shape[axes.index(letter)] if letter in axes else 0
             raise InputError(
                 f"{where}: {_describe_axis(letter, n)} is not spatial; hpcdeconv deconvolves "
-                f"3D (Z, Y, X) volumes: {_hint(letter)}"
+                f"3D (Z, Y, X) volumes: {_hint(letter, 'Z' in kept)}"
             )
     if sorted(kept) != sorted(SPATIAL) or len(kept) != 3:
         shape = tuple(int(n) for n in data.shape)
@@ -494,14 +501,16 @@ def open_image(
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
-    if suffix in TIFF_SUFFIXES:
-        image = _open_tiff(path, select, kind)
-    elif suffix == ".npy":
-        image = _open_npy(path, select, kind)
-    elif _is_zarr(path):
-        image = _open_zarr(path, select, kind)
-    else:
-        raise InputError(f"{path}: not a TIFF (.tif/.tiff), .npy, zarr array or OME-Zarr image")
+    given = sizes_given_by_user() if voxel_size is not None else contextlib.nullcontext()
+    with given:
+        if suffix in TIFF_SUFFIXES:
+            image = _open_tiff(path, select, kind)
+        elif suffix == ".npy":
+            image = _open_npy(path, select, kind)
+        elif _is_zarr(path):
+            image = _open_zarr(path, select, kind)
+        else:
+            raise InputError(f"{path}: not a TIFF (.tif/.tiff), .npy, zarr array or OME-Zarr image")
     if voxel_size is not None:
         image = Image(
             image.data, check_voxel_size(voxel_size), image.name, path, image.axes, image.plain

@@ -30,6 +30,9 @@ OutputKind = Literal["zarr", "file", "run"]
 
 #: Root attribute that marks a store as written by hpcdeconv (``zarr_io.ROOT_KEY``).
 STORE_MARKER = "hpcdeconv"
+#: The Software tag (TIFF) / text chunk (PNG) of every image file hpcdeconv writes, so that
+#: ``--overwrite`` can tell its own files from a user's file of the same format.
+SOFTWARE = "hpcdeconv"
 
 #: Top-level entries of a training run directory, all written by training: the resolved
 #: configuration, checkpoints (and DeepSpeed shards), the metrics log, TensorBoard events
@@ -212,6 +215,30 @@ def _is_own_kind(path: Path) -> bool:
     return head.startswith(magic)
 
 
+def _software(path: Path) -> str | None:
+    """The Software tag of a TIFF or PNG (None when absent or unreadable)."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return image.info.get("Software")
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return tif.pages[0].software or None
+    except Exception:  # any unreadable file is simply not ours
+        return None
+
+
+def _written_by_us(path: Path) -> bool:
+    """TIFF and PNG files carry our Software tag; ``.npy`` files cannot carry any, so a
+    valid ``.npy`` counts as ours (the README says so)."""
+    if path.suffix.lower() in (".tif", ".tiff", ".png"):
+        return _software(path) == SOFTWARE
+    return True
+
+
 def check_replaceable(path: Path, kind: OutputKind) -> None:
     """Refuse to replace an existing ``path`` that hpcdeconv did not write.
 
@@ -241,6 +268,8 @@ def check_replaceable(path: Path, kind: OutputKind) -> None:
             raise _refuse(path, "is not a file")
         if not _is_own_kind(target):
             raise _refuse(path, f"is not a {target.suffix.lower()[1:]} file")
+        if not _written_by_us(target):
+            raise _refuse(path, f"was not written by hpcdeconv (no Software tag '{SOFTWARE}')")
         return
     if not target.is_dir():
         raise _refuse(path, "is a file, not a directory written by hpcdeconv")

@@ -9,7 +9,26 @@ length and are refused by name.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 from hpcdeconv.errors import InputError
+
+# Set while a file is read whose voxel size the user gave (--voxel-size): its own units
+# are then never used, so one we cannot convert must not stop the read.
+_SIZES_GIVEN: ContextVar[bool] = ContextVar("hpcdeconv_voxel_sizes_given", default=False)
+
+
+@contextlib.contextmanager
+def sizes_given_by_user() -> Iterator[None]:
+    """Inside the block an unsupported unit reads as unknown (None) instead of an error."""
+    token = _SIZES_GIVEN.set(True)
+    try:
+        yield
+    finally:
+        _SIZES_GIVEN.reset(token)
+
 
 # Micrometres per unit, keyed by lower-cased spelling.
 _SI_PREFIX_EXPONENT = {
@@ -141,8 +160,11 @@ def to_micrometres(value: float, unit: str, where: str) -> float | None:
     if unit.strip().lower() in NON_PHYSICAL_UNITS:
         return None
     factor = micrometres_per(unit)
+    if factor is None and _SIZES_GIVEN.get():
+        return None
     if factor is None:
         raise InputError(
-            f"{where}: unsupported length unit {unit!r}; pass --voxel-size DZ DY DX (µm)"
+            f"{where}: unsupported length unit {unit!r}; give the size in µm with --voxel-size "
+            "DZ DY DX (--psf-voxel-size for a --psf file)"
         )
     return float(value) * factor

@@ -11,7 +11,7 @@ import tifffile
 
 from hpcdeconv.data.ngff import VoxelSize
 from hpcdeconv.data.opener import TIFF_SUFFIXES, Image, open_image
-from hpcdeconv.data.safety import check_replaceable
+from hpcdeconv.data.safety import SOFTWARE, check_replaceable
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 
@@ -68,6 +68,7 @@ def write_tiff(path: Path, data: np.ndarray, voxel_size: VoxelSize) -> None:
             path,
             volume,
             imagej=True,
+            software=SOFTWARE,  # lets --overwrite tell our files from a user's
             photometric="minisblack",  # never guess RGB from a last axis of 3 or 4
             resolution=(1.0 / dx, 1.0 / dy),
             metadata={"spacing": dz, "unit": "um", "axes": "ZYX"},
@@ -78,7 +79,9 @@ def write_tiff(path: Path, data: np.ndarray, voxel_size: VoxelSize) -> None:
         if size is not None:
             metadata[f"PhysicalSize{axis}"] = float(size)
             metadata[f"PhysicalSize{axis}Unit"] = "\u00b5m"
-    tifffile.imwrite(path, volume, ome=True, photometric="minisblack", metadata=metadata)
+    tifffile.imwrite(
+        path, volume, ome=True, software=SOFTWARE, photometric="minisblack", metadata=metadata
+    )
 
 
 def write_output(

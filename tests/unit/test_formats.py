@@ -94,8 +94,33 @@ def test_every_verb_refuses_non_spatial_axes_with_one_line(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
-    assert "--time N" in err or "--channel N" in err
+    # One plane of these files is 2D: pointing to --time/--channel would lead to a 2nd refusal.
+    assert "no Z axis" in err and "--time" not in err and "--channel" not in err
     assert not out.exists() and path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("axes", "shape", "option"),
+    [("TZYX", (2, 8, 16, 16), "--time N"), ("ZCYX", (8, 2, 16, 16), "--channel N")],
+)
+def test_a_stack_with_a_non_spatial_axis_points_to_the_option_that_takes_one(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    axes: str,
+    shape: tuple[int, ...],
+    option: str,
+) -> None:
+    path = _imagej(tmp_path / "stack.tif", _volume(shape), axes)
+    out = tmp_path / "out.zarr"
+    assert main(["rl", str(path), "--output", str(out), *RL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err
+    flag = option.split()[0]
+    assert (
+        main(["ingest", str(path), flag, "1", "--output", str(out), "--voxel-size", "1", "1", "1"])
+        == 0
+    )
+    assert open_image(out / "blurred" / "stack").data.shape == (8, 16, 16)
 
 
 def test_rl_psf_with_a_time_axis_is_refused(
@@ -208,8 +233,13 @@ def test_unit_names_of_ngff_and_imagej() -> None:
 def test_unsupported_and_non_physical_units(tmp_path: Path) -> None:
     sizes = {"PhysicalSizeX": 2.0, "PhysicalSizeXUnit": "furlong"}
     path = _ome(tmp_path / "f.ome.tif", np.ones(SHAPE, np.uint8), **sizes)
-    with pytest.raises(InputError, match="unsupported length unit 'furlong'"):
+    with pytest.raises(InputError, match=r"unsupported length unit 'furlong'.*--voxel-size"):
         open_image(path)
+    # The fix the message names works: sizes given by the user replace the file's.
+    assert open_image(path, voxel_size=(0.3, 0.2, 0.1)).voxel_size == (0.3, 0.2, 0.1)
+    out = tmp_path / "f.zarr"
+    argv = ["ingest", str(path), "--output", str(out), "--voxel-size", "0.3", "0.2", "0.1"]
+    assert main(argv) == 0
     sizes = {"PhysicalSizeX": 2.0, "PhysicalSizeXUnit": "pixel", "PhysicalSizeY": 0.1}
     path = _ome(tmp_path / "p.ome.tif", np.ones(SHAPE, np.uint8), **sizes)
     assert open_image(path).voxel_size == (None, pytest.approx(0.1), None)
@@ -314,9 +344,22 @@ def test_rl_psf_file_sampling_is_read_and_compared(
     argv += ["--set", "chunks=[8, 8, 8]"]
     with caplog.at_level(logging.WARNING):
         assert main([*argv, "--scheduler", scheduler, "--output", str(out)]) == 0
-    assert any("PSF voxel size" in r.getMessage() for r in caplog.records)
+    (warning,) = [r.getMessage() for r in caplog.records if "PSF voxel size" in r.getMessage()]
+    # Every axis that differs is named (0.2 vs 0.3, 0.05 vs 0.1 µm), with the flag that fixes it.
+    assert "along Z, Y, X" in warning and "--psf-voxel-size" in warning
     provenance = zarr.open_group(out / "deconvolved" / "img", mode="r").attrs["provenance"]
     assert provenance["psf"]["voxel_size"] == pytest.approx([0.2, 0.05, 0.05])
+
+    # A .npy PSF has no sampling of its own: the user is told once.
+    caplog.clear()
+    npy = tmp_path / "psf.npy"
+    np.save(npy, psf)
+    argv = ["rl", str(image), "--psf", str(npy), "--iterations", "1", "--block", "16"]
+    argv += ["--set", "chunks=[8, 8, 8]", "--scheduler", scheduler]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--output", str(tmp_path / "npy.zarr")]) == 0
+    unknown = [r for r in caplog.records if "not fully known" in r.getMessage()]
+    assert len(unknown) == 1 and "--psf-voxel-size" in unknown[0].getMessage()
 
 
 def test_psf_file_with_three_x_voxels_reads_back_as_a_volume(tmp_path: Path) -> None:

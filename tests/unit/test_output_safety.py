@@ -289,6 +289,27 @@ def test_overwrite_replaces_what_hpcdeconv_wrote(
     assert tifffile.imread(tmp_path / "p.tif").shape == (16, 32, 32)
 
 
+def test_overwrite_never_replaces_a_users_tiff_or_png(
+    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A valid TIFF/PNG is not enough: only files carrying our Software tag are replaced.
+    import matplotlib.pyplot as plt
+
+    user_tif = tmp_path / "stack.tif"
+    tifffile.imwrite(user_tif, np.ones((4, 8, 8), np.float32), imagej=True)
+    user_png = tmp_path / "figure.png"
+    plt.imsave(user_png, np.ones((4, 4)))
+    before = {**digest(user_tif), **{"png": digest(user_png)["."]}}
+    src = f"{dataset}/blurred/test000"
+    argv = ["predict", "--checkpoint", str(run_dir), src, "--overwrite"]
+    refused([*argv, "--output", str(user_tif)], capsys, "was not written by hpcdeconv")
+    out = str(tmp_path / "ours.tif")
+    refused([*argv, "--output", out, "--png", str(user_png)], capsys, "not written by hpcdeconv")
+    refused(["psf", "--out", str(user_tif), "--overwrite"], capsys, "not written by hpcdeconv")
+    assert {**digest(user_tif), **{"png": digest(user_png)["."]}} == before
+    assert not Path(out).exists()
+
+
 # --------------------------------------------------------------------------------------
 # The rules themselves, for callers of the library
 # --------------------------------------------------------------------------------------
