@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         size_multiple=model.size_multiple,
         progress=True,
     )
+    # A non-finite prediction of finite input is never written: half precision overflowed,
+    # or the checkpoint's weights are not finite.
+    advice = "run with --set precision=fp32" if dtype is not None else "check the checkpoint"
+    check_finite(pred, f"the prediction of {args.input} ({advice}; nothing was written)")
     attrs = {
         "checkpoint": str(model.checkpoint),
         "step": model.step,

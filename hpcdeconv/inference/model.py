@@ -44,6 +44,15 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
         cfg = build_config(ExperimentConfig, state["config"])
     except ConfigError as exc:
         raise InputError(f"{ckpt}: incompatible configuration ({exc})") from None
+    # Non-finite weights are refused here: fused CPU kernels can turn NaN activations into
+    # zeros, so the prediction itself need not show them.
+    bad = sum(
+        int((~torch.isfinite(t)).sum()) for t in state["deblur"].values() if t.is_floating_point()
+    )
+    if bad:
+        raise InputError(
+            f"{ckpt}: {bad} generator weight(s) are NaN or Inf; use an earlier checkpoint"
+        )
     net = build_unet(cfg.method.generator, checkpointing=False)
     try:
         net.load_state_dict(state["deblur"])

@@ -310,6 +310,28 @@ def test_overwrite_never_replaces_a_users_tiff_or_png(
     assert not Path(out).exists()
 
 
+def test_predict_never_writes_a_non_finite_prediction(
+    dataset: Path, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from hpcdeconv.training.checkpoint import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(run_dir), weights_only=True)
+    for tensor in state["deblur"].values():
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+    poisoned = tmp_path / "poisoned.pt"
+    torch.save(state, poisoned)
+    out = tmp_path / "p.tif"
+    argv = ["predict", "--checkpoint", str(poisoned), f"{dataset}/blurred/test000"]
+    # Refused when loaded: the frozen CPU path turns NaN weights into an all-zero volume.
+    refused([*argv, "--output", str(out)], capsys, "weight(s) are NaN or Inf")
+    assert not out.exists()
+    refused(["deconvolve", *argv[1:], "--output", str(tmp_path / "d.zarr")], capsys, "NaN or Inf")
+    assert not (tmp_path / "d.zarr").exists()
+
+
 # --------------------------------------------------------------------------------------
 # The rules themselves, for callers of the library
 # --------------------------------------------------------------------------------------
