@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -63,14 +67,20 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def scheduler() -> Iterator[str]:
-    """Address of an in-process dask cluster (one worker, one thread) for ``--scheduler``."""
+def client() -> Iterator[Client]:
+    """An in-process dask cluster (one worker, one thread) and its client."""
     from distributed import Client, LocalCluster
 
     with (
         LocalCluster(
             n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
-        Client(cluster),
+        Client(cluster) as dask_client,
     ):
-        yield cluster.scheduler_address
+        yield dask_client
+
+
+@pytest.fixture(scope="module")
+def scheduler(client: Client) -> str:
+    """Address of :func:`client`'s scheduler, for ``--scheduler``."""
+    return client.scheduler.address

@@ -14,7 +14,6 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from hpcdeconv.classical.rl import _build_operator, richardson_lucy
 from hpcdeconv.cli import main
@@ -48,18 +47,6 @@ from hpcdeconv.physics.psf import gaussian
 UNIFORM_SHAPE = (32, 48, 48)
 UNIFORM_PSF = gaussian((15, 15, 15), (3.0, 2.0, 2.0))
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    """One in-process worker: the driver's geometry without process start-up."""
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 def asymmetric_psf(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
