@@ -68,12 +68,12 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    """An in-process dask cluster (one worker, one thread) and its client."""
+    """An in-process dask cluster (one worker, two threads) and its client."""
     from distributed import Client, LocalCluster
 
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as dask_client,
     ):

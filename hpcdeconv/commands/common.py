@@ -5,19 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdeconv.data.safety import check_replaceable
-from hpcdeconv.errors import OutputExistsError
-
 #: Validation metrics printed after training, in display order.
 VAL_KEYS = ("psnr_input", "psnr", "ssim_input", "ssim")
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    """Existing outputs are only replaced on request, and only files of their own kind."""
-    if overwrite:
-        check_replaceable(path, "file")
-    elif path.exists() or path.is_symlink():
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
 def config_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:

@@ -69,8 +69,8 @@ def output_mode(args: argparse.Namespace) -> OutputMode:
 def check_cluster_output(
     args: argparse.Namespace, inputs: list[tuple[str, Path | None]], replace: bool
 ) -> None:
-    """``--output`` overlaps no input (``--config`` included); with ``replace`` (the last
-    check before the run) an existing output must also be a store hpcdeconv wrote."""
+    """``--output`` overlaps no input (``--config`` included); with ``replace``
+    (``--overwrite``) an existing output must also be a store hpcdeconv wrote."""
     from hpcdeconv.data.safety import check_outputs
 
     inputs = [*inputs, *[("input", p) for p in args.inputs], *config_inputs(args)]
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
-    check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=False)
+    check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=mode == "overwrite")
     model = load_model(args.checkpoint, "cpu")
     radius = model.receptive_field // 2
     halo = radius if cfg.halo == "auto" else cfg.halo
@@ -151,7 +151,6 @@ def run(args: argparse.Namespace) -> int:
         "method": model.config.method.name,
         "config": cfg.model_dump(mode="json"),
     }
-    check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=mode == "overwrite")
     with open_client(cfg.cluster) as client:
         print_client(client, cfg.cluster)
         report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)

@@ -25,20 +25,22 @@ def _index(text: str) -> int:
 
 
 def add_inputs_argument(p: argparse.ArgumentParser) -> None:
-    """The positional ``INPUT ...`` of the verbs that deconvolve whole volumes."""
+    """The positional ``INPUT ...`` of the verbs that read several volumes."""
     p.add_argument(
         "inputs",
         type=Path,
         nargs="+",
         metavar="INPUT",
-        help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)",
+        help="3D images: TIFF/OME-TIFF, .npy, zarr array or OME-Zarr image (docs/formats.md)",
     )
 
 
-def add_voxel_size_argument(p: argparse.ArgumentParser, what: str = "every input") -> None:
-    """``--voxel-size DZ DY DX`` (µm), overriding the metadata of ``what``."""
+def add_voxel_size_argument(
+    p: argparse.ArgumentParser, what: str = "every input", flag: str = "--voxel-size"
+) -> None:
+    """``--voxel-size DZ DY DX`` (µm, or ``flag``), overriding the metadata of ``what``."""
     p.add_argument(
-        "--voxel-size",
+        flag,
         type=_positive_float,
         nargs=3,
         metavar=("DZ", "DY", "DX"),

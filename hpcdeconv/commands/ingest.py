@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hpcdeconv.commands.common import positive_int
 from hpcdeconv.commands.image_args import (
+    add_inputs_argument,
     add_select_arguments,
     add_voxel_size_argument,
     selection,
@@ -22,12 +23,7 @@ HELP = "convert TIFF / OME-TIFF / zarr / OME-Zarr images to the hpcdeconv zarr l
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv ingest``."""
-    p.add_argument(
-        "inputs",
-        type=Path,
-        nargs="+",
-        help="3D images: TIFF/OME-TIFF, .npy, zarr array or OME-Zarr image (docs/formats.md)",
-    )
+    add_inputs_argument(p)
     p.add_argument("--output", type=Path, required=True, help="zarr group to create")
     add_voxel_size_argument(p)
     add_select_arguments(p)

@@ -52,13 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(dark outside; bright rim)",
     )
     add_voxel_size_argument(p)
-    p.add_argument(
-        "--psf-voxel-size",
-        type=float,
-        nargs=3,
-        metavar=("DZ", "DY", "DX"),
-        help="voxel size of the --psf file in µm (default: read from the file)",
-    )
+    add_voxel_size_argument(p, "the --psf file", flag="--psf-voxel-size")
     add_cluster_arguments(p)
 
 
@@ -173,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
-    check_cluster_output(args, [("--psf", args.psf)], replace=False)
+    check_cluster_output(args, [("--psf", args.psf)], replace=mode == "overwrite")
     psf, origin = _psf(cfg, args, [s.voxel_size for s in sources])
     radius = tuple(k // 2 for k in psf.shape)
     halo = rl_halo(psf.shape) if cfg.halo == "auto" else (cfg.halo,) * 3
@@ -186,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
     # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
     richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
     provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}
-    check_cluster_output(args, [("--psf", args.psf)], replace=mode == "overwrite")
     with open_client(cfg.cluster) as client:
         print_client(client, cfg.cluster)
         report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)

@@ -16,7 +16,7 @@ from pathlib import Path
 import zarr
 
 from hpcdeconv.config import StorageConfig
-from hpcdeconv.data.opener import SPATIAL, Image, open_image
+from hpcdeconv.data.opener import Image, open_image
 from hpcdeconv.data.zarr_io import (
     DOMAINS,
     SPLITS,
@@ -40,11 +40,8 @@ def _validate(images: Sequence[Image]) -> None:
             )
         seen[image.name] = image.source
         if not image.voxel_size_known:
-            missing = ", ".join(
-                a for a, v in zip(SPATIAL, image.voxel_size, strict=True) if v is None
-            )
             raise InputError(
-                f"{image.source}: no voxel size along {missing} in its metadata; "
+                f"{image.source}: no voxel size along {image.unknown_axes} in its metadata; "
                 "pass --voxel-size DZ DY DX (µm)"
             )
 
@@ -126,7 +123,3 @@ def ingest_images(
     splits[split] = ids
     set_split(group, splits)
     return ids
-
-
-#: Former name of :func:`ingest_images`, from when only TIFF was read.
-ingest_tiff = ingest_images

@@ -86,9 +86,14 @@ class Image:
     plain: bool = True
 
     @property
+    def unknown_axes(self) -> str:
+        """The axes whose voxel size is unknown, for messages, e.g. ``"Z, Y"`` ("" if none)."""
+        return ", ".join(a for a, v in zip(SPATIAL, self.voxel_size, strict=True) if v is None)
+
+    @property
     def voxel_size_known(self) -> bool:
         """Whether all three voxel sizes are known."""
-        return all(v is not None for v in self.voxel_size)
+        return not self.unknown_axes
 
 
 def image_name(path: Path) -> str:
@@ -516,12 +521,11 @@ def open_image(
             image.data, check_voxel_size(voxel_size), image.name, path, image.axes, image.plain
         )
     elif warn and not image.voxel_size_known:
-        missing = "".join(a for a, v in zip(SPATIAL, image.voxel_size, strict=True) if v is None)
         logger.warning(
             "%s: voxel size along %s not in the file's metadata; it stays unknown in the "
             "output (pass --voxel-size DZ DY DX to set it)",
             path,
-            ", ".join(missing),
+            image.unknown_axes,
         )
     return image
 

@@ -321,10 +321,22 @@ def check_outputs(
         return
     for _, path, kind in outputs:
         assert path is not None
-        if overwrite:
-            check_replaceable(path, kind)
-        elif path.exists() or path.is_symlink():
-            raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+        refuse_existing(path, kind, overwrite)
+
+
+def refuse_existing(path: Path, kind: OutputKind, overwrite: bool) -> None:
+    """An existing output is replaced only with ``overwrite``, and only if hpcdeconv wrote it.
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` exists (or is a link) without ``overwrite``, or cannot be replaced
+        (:func:`check_replaceable`).
+    """
+    if overwrite:
+        check_replaceable(path, kind)
+    elif path.exists() or path.is_symlink():
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
 def empty_output(path: Path, kind: OutputKind) -> None:

@@ -253,7 +253,6 @@ def image_names(group: zarr.Group) -> list[str]:
 
 
 #: Former name of :func:`image_names`.
-array_names = image_names
 
 
 def _parent_group(array: zarr.Array) -> tuple[zarr.Group | None, str]:

@@ -11,9 +11,9 @@ import tifffile
 
 from hpcdeconv.data.ngff import VoxelSize
 from hpcdeconv.data.opener import TIFF_SUFFIXES, Image, open_image
-from hpcdeconv.data.safety import SOFTWARE, check_replaceable
+from hpcdeconv.data.safety import SOFTWARE, refuse_existing
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
-from hpcdeconv.errors import InputError, OutputExistsError
+from hpcdeconv.errors import InputError
 
 __all__ = ["TIFF_SUFFIXES", "InputVolume", "open_input", "write_output", "write_tiff"]
 
@@ -44,14 +44,6 @@ def check_finite(volume: np.ndarray, what: str) -> None:
     bad = int(np.count_nonzero(~np.isfinite(volume)))
     if bad:
         raise InputError(f"{what}: {bad} voxel(s) are NaN or Inf")
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    """Existing outputs are only replaced on request, and only files of their own kind."""
-    if overwrite:
-        check_replaceable(path, "file")
-    elif path.exists():
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
 def write_tiff(path: Path, data: np.ndarray, voxel_size: VoxelSize) -> None:
@@ -101,11 +93,11 @@ def write_output(
     """
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        refuse_existing(path, overwrite)
+        refuse_existing(path, "file", overwrite)
         write_tiff(path, data, voxel_size)
         return str(path)
     if suffix == ".npy":
-        refuse_existing(path, overwrite)
+        refuse_existing(path, "file", overwrite)
         np.save(path, data.astype(np.float32))
         return str(path)
     if suffix == ".zarr":

@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,18 +60,6 @@ def local_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ]
     train(load_config(ExperimentConfig, None, overrides), progress=False)
     return load_model(run)
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    """One in-process worker with two threads: no process start-up per test."""
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 def write_input(store: Path, volume: np.ndarray, name: str = "v0") -> Path:

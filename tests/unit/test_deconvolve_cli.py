@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from hpcdeconv.classical.rl import richardson_lucy
 from hpcdeconv.cli import main
@@ -55,18 +54,6 @@ def run_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     ]
     train(load_config(ExperimentConfig, None, overrides), progress=False)
     return run
-
-
-@pytest.fixture(scope="module")
-def scheduler() -> Iterator[str]:
-    """Address of an in-process cluster that the CLI connects to with --scheduler."""
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster),
-    ):
-        yield cluster.scheduler_address
 
 
 @pytest.fixture

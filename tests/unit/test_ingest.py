@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from hpcdeconv.config import StorageConfig
-from hpcdeconv.data.ingest import ingest_tiff
+from hpcdeconv.data.ingest import ingest_images
 from hpcdeconv.data.opener import open_image
 from hpcdeconv.data.zarr_io import get_split, open_dataset, read_volume
 from hpcdeconv.errors import InputError, OutputExistsError
@@ -35,7 +35,7 @@ def _plain(path: Path, data: np.ndarray) -> Path:
 def test_imagej_voxel_size_and_values(tmp_path: Path, rng: np.random.Generator) -> None:
     data = rng.integers(0, 60000, size=(5, 12, 9), dtype=np.uint16)
     tif = _imagej(tmp_path / "cell_01.tif", data, dz=0.5, dxy=0.125)
-    ids = ingest_tiff([tif], tmp_path / "out.zarr", storage=StorageConfig(chunks=(2, 8, 8)))
+    ids = ingest_images([tif], tmp_path / "out.zarr", storage=StorageConfig(chunks=(2, 8, 8)))
 
     assert ids == ["cell_01"]
     volume, meta = read_volume(tmp_path / "out.zarr", "blurred/cell_01")
@@ -70,7 +70,7 @@ def test_ome_physical_sizes(tmp_path: Path) -> None:
 def test_explicit_voxel_size_wins_and_sets_split(tmp_path: Path) -> None:
     tif = _imagej(tmp_path / "a.tif", np.ones((3, 4, 4), np.uint16), dz=0.5, dxy=0.1)
     out = tmp_path / "out.zarr"
-    ingest_tiff([tif], out, voxel_size=(1.0, 0.2, 0.2), domain="sharp", split="test")
+    ingest_images([tif], out, voxel_size=(1.0, 0.2, 0.2), domain="sharp", split="test")
     _, meta = read_volume(out, "sharp/a")
     assert meta.voxel_size == (1.0, 0.2, 0.2)
     assert get_split(open_dataset(out)) == {"train": [], "val": [], "test": ["a"]}
@@ -79,14 +79,14 @@ def test_explicit_voxel_size_wins_and_sets_split(tmp_path: Path) -> None:
 def test_missing_voxel_size_asks_for_it(tmp_path: Path) -> None:
     tif = _plain(tmp_path / "raw.tif", np.zeros((3, 4, 5), np.uint16))
     with pytest.raises(InputError, match="--voxel-size"):
-        ingest_tiff([tif], tmp_path / "out.zarr")
+        ingest_images([tif], tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
 
 
 def test_singleton_axes_are_squeezed(tmp_path: Path, rng: np.random.Generator) -> None:
     data = rng.random((1, 4, 1, 6, 7)).astype(np.float32)
     tif = _plain(tmp_path / "t.tif", data)
-    ingest_tiff([tif], tmp_path / "out.zarr", voxel_size=(0.3, 0.1, 0.1))
+    ingest_images([tif], tmp_path / "out.zarr", voxel_size=(0.3, 0.1, 0.1))
     volume, _ = read_volume(tmp_path / "out.zarr", "blurred/t")
     np.testing.assert_array_equal(volume.compute(), data[0, :, 0])
 
@@ -95,17 +95,17 @@ def test_singleton_axes_are_squeezed(tmp_path: Path, rng: np.random.Generator) -
 def test_wrong_dimensions_name_file_and_shape(tmp_path: Path, shape: tuple[int, ...]) -> None:
     tif = _plain(tmp_path / "bad.tif", np.zeros(shape, np.float32))
     with pytest.raises(InputError, match=rf"bad\.tif.*{re.escape(str(shape))}"):
-        ingest_tiff([tif], tmp_path / "out.zarr", voxel_size=(1.0, 1.0, 1.0))
+        ingest_images([tif], tmp_path / "out.zarr", voxel_size=(1.0, 1.0, 1.0))
     assert not (tmp_path / "out.zarr").exists()
 
 
 def test_existing_output_is_refused(tmp_path: Path) -> None:
     tif = _imagej(tmp_path / "a.tif", np.ones((3, 4, 4), np.uint16), dz=0.5, dxy=0.1)
     out = tmp_path / "out.zarr"
-    ingest_tiff([tif], out)
+    ingest_images([tif], out)
     with pytest.raises(OutputExistsError):
-        ingest_tiff([tif], out)
-    assert ingest_tiff([tif], out, overwrite=True) == ["a"]
+        ingest_images([tif], out)
+    assert ingest_images([tif], out, overwrite=True) == ["a"]
 
 
 def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
@@ -113,11 +113,11 @@ def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
     (tmp_path / "d2").mkdir()
     tifs = [_plain(tmp_path / d / "same.tif", np.zeros((2, 3, 4), np.uint8)) for d in ("d1", "d2")]
     with pytest.raises(InputError, match="'same'"):
-        ingest_tiff(tifs, tmp_path / "out.zarr", voxel_size=(1.0, 1.0, 1.0))
+        ingest_images(tifs, tmp_path / "out.zarr", voxel_size=(1.0, 1.0, 1.0))
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     bogus = tmp_path / "x.tif"
     bogus.write_bytes(b"not a tiff at all")
     with pytest.raises(InputError, match=r"x\.tif"):
-        ingest_tiff([bogus], tmp_path / "out.zarr", voxel_size=(1.0, 1.0, 1.0))
+        ingest_images([bogus], tmp_path / "out.zarr", voxel_size=(1.0, 1.0, 1.0))
