@@ -16,6 +16,11 @@ from hpcdeconv.commands import COMMANDS
 from hpcdeconv.errors import HpcdeconvError
 
 
+def print_error(verb: str, exc: HpcdeconvError) -> None:
+    """The one line a user error ends a command with (on standard error)."""
+    print(f"hpcdeconv {verb}: error: {exc}", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = argparse.ArgumentParser(
@@ -47,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except HpcdeconvError as exc:
-        print(f"hpcdeconv {args.verb}: error: {exc}", file=sys.stderr)
+        print_error(args.verb, exc)
         return 2
 
 

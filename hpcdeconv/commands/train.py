@@ -32,10 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train a method: blind / non-blind cycleGAN, conventional cycleGAN, supervised."""
+    from hpcdeconv.cli import print_error
     from hpcdeconv.config import ExperimentConfig, load_config
     from hpcdeconv.data.safety import check_outputs
+    from hpcdeconv.errors import HpcdeconvError
     from hpcdeconv.training.engine import train
     from hpcdeconv.training.launch import build_strategy
+    from hpcdeconv.training.strategy import is_agreed
 
     overrides = list(args.set)
     if args.output is not None:
@@ -48,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
     strategy = build_strategy(cfg)
     try:
         summary = train(cfg, resume=resume, overwrite=args.overwrite, strategy=strategy)
+    except HpcdeconvError as exc:
+        # A launcher such as torchrun stops the other ranks as soon as one exits: when every
+        # rank holds the error, each says its line and they meet once more before exiting.
+        print_error(NAME, exc)
+        if is_agreed(exc):
+            strategy.barrier()
+        return 2
     finally:
         strategy.close()
     if strategy.is_main:

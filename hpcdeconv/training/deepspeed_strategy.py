@@ -35,6 +35,7 @@ from hpcdeconv.training.checkpoint import CKPT_DIR, list_checkpoints
 from hpcdeconv.training.strategy import (
     DistributedStrategy,
     Trainable,
+    apply_schedule,
     linear_decay,
 )
 
@@ -204,12 +205,20 @@ class DeepSpeedTrainable(Trainable):
         Group name; the engine's sub-directory of a tag directory.
     shard_root
         ``RUN/checkpoints/deepspeed``.
+    base_lr
+        The configured learning rate of the group (re-applied after a restore).
     """
 
     def __init__(
-        self, engine: Any, optimizer: torch.optim.Optimizer, name: str, shard_root: Path
+        self,
+        engine: Any,
+        optimizer: torch.optim.Optimizer,
+        name: str,
+        shard_root: Path,
+        base_lr: float,
     ) -> None:
         self.engine = engine
+        self.base_lr = base_lr
         self.module = engine.module
         self.optimizer = optimizer
         self.name = name
@@ -262,6 +271,7 @@ class DeepSpeedTrainable(Trainable):
         )
         if loaded is None:
             raise InputError(f"DeepSpeed could not load {tag_dir / ref['group']}")
+        apply_schedule(self.optimizer, self.engine.lr_scheduler, self.base_lr)
         scaler = self._grad_scaler()
         if scaler is not None and "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
@@ -316,7 +326,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             config=dict(self.config),
             dist_init_required=False,
         )
-        trainable = DeepSpeedTrainable(engine, optimizer, name, self.shard_root)
+        trainable = DeepSpeedTrainable(engine, optimizer, name, self.shard_root, lr or optim.lr)
         self.trainables[name] = trainable
         return trainable
 

@@ -8,7 +8,6 @@ method or strategy.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator, Mapping
@@ -26,22 +25,45 @@ from hpcdeconv.data.safety import empty_output
 from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
-from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hpcdeconv.training.checkpoint import (
+    CKPT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hpcdeconv.training.feed import TrainingFeed
 from hpcdeconv.training.launch import build_strategy
 from hpcdeconv.training.preemption import StopRequest, requeue_slurm_job
+from hpcdeconv.training.rank_state import load_rank_state, prune_rank_states, save_rank_state
+from hpcdeconv.training.resume import check_resume_config, check_world_size
 from hpcdeconv.training.rng import capture_rng_state, restore_rng_state
 from hpcdeconv.training.runlog import RunLogger
-from hpcdeconv.training.strategy import Strategy
+from hpcdeconv.training.strategy import Strategy, agreed
 from hpcdeconv.training.validate import validate
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+#: 2: per-rank state (history pools, random streams) of every rank, and the world size.
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingDivergedError(HpcdeconvError):
-    """A loss became NaN or infinite."""
+    """A loss or a weight became NaN or infinite."""
+
+
+class RunWriteError(HpcdeconvError):
+    """A checkpoint or log of the run could not be written (full disk, quota, permissions)."""
+
+
+def count_nonfinite(tree: Any) -> int:
+    """Number of NaN/Inf values in the floating-point tensors of a nested state."""
+    if isinstance(tree, torch.Tensor):
+        return int((~torch.isfinite(tree)).sum()) if tree.is_floating_point() else 0
+    if isinstance(tree, Mapping):
+        return sum(count_nonfinite(value) for value in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(count_nonfinite(value) for value in tree)
+    return 0
 
 
 @dataclass
@@ -142,10 +164,9 @@ class Trainer:
         )
         self.feed.require(paired=self.method.paired)
         # The run directory is made (or emptied) only once the data and the method are
-        # known to fit, so a bad setting leaves no folder behind.
-        if strategy.is_main:
-            prepare_run_dir(self.run_dir, resume, overwrite)
-        strategy.barrier()
+        # known to fit, so a bad setting leaves no folder behind. Rank 0 does it; a refusal
+        # ends every rank with the same line.
+        strategy.agree(lambda: prepare_run_dir(self.run_dir, bool(resume), overwrite), True)
         rates = self.method.learning_rates()
         self.trainables = {
             name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name), name=name)
@@ -153,30 +174,37 @@ class Trainer:
         }
         self.method.bind(self.trainables)
         self.step = 0
+        #: The newest checkpoint known to hold this run's state (named when a step fails).
+        self.last_good: Path | None = None
+        self.logger = RunLogger(self.run_dir, enabled=strategy.is_main)
         if resume:
             self._restore(latest_checkpoint(self.run_dir))
-        if strategy.is_main:
-            dump_config(cfg, self.run_dir / "config.yaml")
-        self.logger = RunLogger(self.run_dir, enabled=strategy.is_main)
+        # config.yaml always says what runs: on resume it records the applied changes.
+        strategy.agree(lambda: dump_config(cfg, self.run_dir / "config.yaml"), True)
 
     # ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically."""
+        """Everything needed to continue identically (rank 0's per-rank part inline)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
             "method": self.cfg.method.name,
             "config": self.cfg.model_dump(mode="json"),
             "step": self.step,
+            "world_size": self.strategy.world_size,
             "groups": {name: t.state_dict() for name, t in self.trainables.items()},
-            "method_state": self.method.state_dict(),
             # G_Θ alone, so inference needs neither the method nor the training data.
             "deblur": self.method.deblur_net().state_dict(),
             "feed": self.feed.state_dict(),
-            "rng": capture_rng_state(),
+            **self.rank_state_dict(),
         }
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """What differs between ranks: the method's state (history pools) and random streams."""
+        return {"method_state": self.method.state_dict(), "rng": capture_rng_state()}
+
     def _restore(self, path: Path | None) -> None:
+        """Collective: every rank loads the checkpoint and its own per-rank part."""
         assert path is not None
         # Loaded on the CPU whatever the device: load_state_dict copies weights and
         # optimiser states onto the device, and generator states must stay CPU tensors.
@@ -186,6 +214,15 @@ class Trainer:
                 f"checkpoint {path} is from method '{state.get('method')}', "
                 f"the configuration asks for '{self.cfg.method.name}'"
             )
+        check_world_size(int(state.get("world_size", 1)), self.strategy.world_size, str(path))
+        applied = check_resume_config(state["config"], self.cfg.model_dump(mode="json"), str(path))
+        weights = {"deblur": state["deblur"], "groups": state["groups"]}
+        bad = count_nonfinite(weights)
+        if bad:
+            raise InputError(
+                f"checkpoint {path} holds {bad} non-finite weight(s): it was written after "
+                "training diverged; resume from an earlier checkpoint or start a new run"
+            )
         try:
             for name, trainable in self.trainables.items():
                 trainable.load_state_dict(state["groups"][name])
@@ -194,23 +231,93 @@ class Trainer:
             raise InputError(
                 f"checkpoint {path} does not fit the configured networks ({first})"
             ) from None
-        self.method.load_state_dict(state["method_state"])
+        step = int(state["step"])
+        rank = self.strategy.rank
+        mine = self.strategy.agree(
+            lambda: state if rank == 0 else load_rank_state(self.run_dir, step, rank)
+        )
+        assert mine is not None
+        self.method.load_state_dict(mine["method_state"])
         self.feed.load_state_dict(state["feed"])
-        restore_rng_state(state["rng"])
-        self.step = int(state["step"])
-        log.info("resumed %s at step %d", path, self.step)
-
-    def save(self) -> Path | None:
-        """Checkpoint on rank 0 (atomic), then wait for every rank."""
-        # Per-rank state (DeepSpeed partitions) is on disk before rank 0 refers to it.
-        self.strategy.save_shards(self.run_dir, self.step)
-        path = None
+        restore_rng_state(mine["rng"])
+        self.step = step
+        self.last_good = path
+        dropped = self.strategy.agree(lambda: self.logger.truncate_after(step), True)
         if self.strategy.is_main:
-            path = save_checkpoint(
-                self.run_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints
+            log.info("resumed %s at step %d", path, self.step)
+            for change in applied:
+                log.warning("resume: %s (applied from this launch's configuration)", change)
+            if dropped:
+                log.info("metrics.jsonl: %d record(s) after step %d dropped", dropped, step)
+
+    def _last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"last good checkpoint: {self.last_good}"
+
+    def _check_weights_finite(self) -> None:
+        """Collective: no rank may checkpoint weights that are NaN or infinite."""
+        counts = torch.tensor(
+            [float(count_nonfinite(list(t.module.parameters()))) for t in self.trainables.values()]
+        )
+        counts = self.strategy.all_reduce_max(counts)
+        bad = [name for name, n in zip(self.trainables, counts.tolist(), strict=True) if n > 0]
+        if bad:
+            raise agreed(
+                TrainingDivergedError(
+                    f"non-finite weights in group(s) {', '.join(bad)} after step {self.step}; "
+                    f"not checkpointed, {self._last_good_text()}"
+                )
             )
-        self.strategy.barrier()
-        return path
+
+    def _write(self, what: str, write: Any) -> Any:
+        """Run a write of the run directory; an OS failure becomes one line naming it."""
+        try:
+            return write()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            where = exc.filename or self.run_dir
+            raise RunWriteError(
+                f"could not write the {what} of step {self.step} ({reason}: {where}); "
+                f"{self._last_good_text()} is untouched"
+            ) from None
+
+    def save(self) -> Path:
+        """Collective checkpoint: finite weights checked, per-rank parts, then rank 0's file.
+
+        Every rank writes its part (DeepSpeed partitions, history pools, random streams)
+        before rank 0 writes the checkpoint that refers to them and moves ``latest``.
+
+        Raises
+        ------
+        TrainingDivergedError
+            Some weight is not finite: nothing is written.
+        RunWriteError
+            A file could not be written; the previous checkpoint stays ``latest``.
+        """
+        self._check_weights_finite()
+        step, rank = self.step, self.strategy.rank
+        self._write("checkpoint", lambda: self.strategy.save_shards(self.run_dir, step))
+        part = self.rank_state_dict() if rank > 0 else None
+        self.strategy.agree(
+            lambda: (
+                part is None
+                or self._write(
+                    "checkpoint", lambda: save_rank_state(self.run_dir, step, rank, part)
+                )
+            )
+        )
+
+        def write_main() -> Path:
+            path = save_checkpoint(
+                self.run_dir, step, self.state_dict(), keep=self.cfg.train.keep_checkpoints
+            )
+            prune_rank_states(self.run_dir, step)
+            return path
+
+        self.strategy.agree(lambda: self._write("checkpoint", write_main), True)
+        self.last_good = self.run_dir / CKPT_DIR / f"step_{step:08d}.pt"
+        return self.last_good
 
     # ----------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -219,18 +326,49 @@ class Trainer:
         for batch in batches:
             yield {k: v.to(self.strategy.device, non_blocking=pin) for k, v in batch.items()}
 
-    def _check_finite(self, losses: Mapping[str, torch.Tensor]) -> None:
-        bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
-        if bad:
-            last = latest_checkpoint(self.run_dir)
-            keep = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
-            raise TrainingDivergedError(
-                f"non-finite loss at step {self.step + 1} ({bad}); stopped, {keep}"
-            )
+    def _agree_on_step(self, losses: Mapping[str, torch.Tensor], stop: StopRequest) -> float:
+        """Collective, once per step: was the step finite on every rank, and must we stop?
 
-    def validate(self) -> dict[str, float]:
-        """PSNR/SSIM of the tiled whole-volume prediction of the validation volumes."""
-        if not self.strategy.is_main or not self.feed.val_ids:
+        One all-reduce (max) of ``[stop level, one flag per rank and loss]``. A non-finite
+        loss on any rank ends every rank with the same line before anything of the step is
+        written; DDP has already averaged that rank's gradients into every rank's weights.
+
+        Returns
+        -------
+        float
+            The strongest stop request of any rank (0: none; 1: stop; 2: stop and requeue).
+
+        Raises
+        ------
+        TrainingDivergedError
+            Some rank's loss is NaN or infinite.
+        """
+        keys = sorted(losses)
+        world, rank = self.strategy.world_size, self.strategy.rank
+        flags = torch.zeros(1 + world * len(keys), device=self.strategy.device)
+        flags[0] = stop.level
+        if keys:
+            local = torch.stack([~torch.isfinite(losses[k].float()) for k in keys]).float()
+            flags[1 + rank * len(keys) : 1 + (rank + 1) * len(keys)] = local.to(flags.device)
+        reduced = self.strategy.all_reduce_max(flags).cpu()
+        bad = reduced[1:].view(world, len(keys)) if keys else reduced[1:1]
+        if keys and bool(bad.any()):
+            where = "; ".join(
+                f"rank {r}: {', '.join(k for k, b in zip(keys, row, strict=True) if b)}"
+                for r, row in enumerate(bad.bool().tolist())
+                if any(row)
+            )
+            raise agreed(
+                TrainingDivergedError(
+                    f"non-finite loss at step {self.step + 1} ({where}); every rank stopped "
+                    f"before it was checkpointed, {self._last_good_text()}"
+                )
+            )
+        return float(reduced[0])
+
+    def _validate_main(self) -> dict[str, float]:
+        """PSNR/SSIM of the tiled whole-volume prediction of the validation volumes (rank 0)."""
+        if not self.feed.val_ids:
             return {}
         metrics = validate(
             self.method.deblur_net(),
@@ -240,15 +378,43 @@ class Trainer:
             device=self.strategy.device,
             autocast_dtype=self.strategy.autocast_dtype,
         )
-        self.logger.scalars(self.step, "val", metrics)
+        self._write("validation log", lambda: self.logger.scalars(self.step, "val", metrics))
         return metrics
 
-    def _stop_level(self, stop: StopRequest) -> float:
-        """The strongest stop request of any rank, so all ranks stop at the same step."""
-        return float(self.strategy.all_reduce_max(torch.tensor(stop.level)))
+    def validate(self) -> dict[str, float]:
+        """Collective: validation on rank 0 (``{}`` on the others); a failure ends every rank."""
+        return self.strategy.agree(self._validate_main, True) or {}
+
+    def _log(self, losses: Mapping[str, torch.Tensor], summary: RunSummary, bar: Any) -> None:
+        """Collective: mean losses over ranks, written by rank 0."""
+        values = {k: float(self.strategy.all_reduce_mean(v)) for k, v in losses.items()}
+        values["lr"] = _current_lr(next(iter(self.trainables.values())))
+        summary.losses = values
+
+        def write() -> None:
+            self._write("log", lambda: self.logger.scalars(self.step, "train", values))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "lr"})
+
+        self.strategy.agree(write, True)
+
+    def _images(self) -> None:
+        images = self.method.images()
+        self.strategy.agree(
+            lambda: self._write("image summary", lambda: self.logger.images(self.step, images)),
+            True,
+        )
 
     def fit(self) -> RunSummary:
-        """Train until ``cfg.train.steps``; returns the final losses and validation."""
+        """Train until ``cfg.train.steps``; returns the final losses and validation.
+
+        Raises
+        ------
+        TrainingDivergedError
+            A loss (any rank) or a weight (at a checkpoint) is not finite; the line names
+            the last good checkpoint, which stays ``latest``.
+        RunWriteError
+            A checkpoint or log could not be written.
+        """
         tc = self.cfg.train
         summary = RunSummary(self.run_dir, tc.steps)
         bar = tqdm(
@@ -258,41 +424,35 @@ class Trainer:
         stop = StopRequest().install()
         try:
             while self.step < tc.steps:
-                level = self._stop_level(stop)
-                if level > 0:
+                batch = next(batches)
+                with self.strategy.autocast():
+                    losses = self.method.step(batch)
+                level = self._agree_on_step(losses, stop)
+                self.step += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self._log(losses, summary, bar)
+                if self.step % tc.image_every == 0:
+                    self._images()
+                if self.step % tc.val_every == 0 or self.step == tc.steps:
+                    summary.validation = self.validate() or summary.validation
+                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or level > 0:
                     self.save()
+                if level > 0 and self.step < tc.steps:
                     summary.stopped_at = self.step
                     if level >= 2 and self.strategy.is_main:
                         requeue_slurm_job()
                     log.warning("stop signal: checkpoint at step %d written", self.step)
                     return summary
-                batch = next(batches)
-                with self.strategy.autocast():
-                    losses = self.method.step(batch)
-                self._check_finite(losses)
-                self.step += 1
-                bar.update(1)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    values = {k: float(self.strategy.all_reduce_mean(v)) for k, v in losses.items()}
-                    lr = next(iter(self.trainables.values()))
-                    values["lr"] = _current_lr(lr)
-                    self.logger.scalars(self.step, "train", values)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "lr"})
-                    summary.losses = values
-                if self.step % tc.image_every == 0:
-                    self.logger.images(self.step, self.method.images())
-                if self.step % tc.val_every == 0 or self.step == tc.steps:
-                    summary.validation = self.validate() or summary.validation
-                if self.step % tc.ckpt_every == 0 or self.step == tc.steps:
-                    self.save()
         finally:
             stop.uninstall()
             bar.close()
             self.logger.close()
-        if self.strategy.is_main:
-            truth = None if self.feed.psf is None else torch.from_numpy(self.feed.psf)
-            summary.exports = self.method.export(self.run_dir, truth)
-        self.strategy.barrier()
+        truth = None if self.feed.psf is None else torch.from_numpy(self.feed.psf)
+        exports = self.strategy.agree(
+            lambda: self._write("exports", lambda: self.method.export(self.run_dir, truth)), True
+        )
+        summary.exports = exports or {}
         return summary
 
 

@@ -49,6 +49,22 @@ class RunLogger:
             for key, value in values.items():
                 self._tb.add_scalar(f"{kind}/{key}", float(value), step)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resumed run logs them again).
+
+        A run killed after its last checkpoint logged steps the resumed run repeats; without
+        this they would appear twice. Returns the number of records dropped.
+        """
+        if not self.enabled or not self.path.is_file():
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        return len(lines) - len(kept)
+
     def images(self, step: int, volumes: Mapping[str, torch.Tensor]) -> None:
         """Maximum-intensity projections of input / output / target (and the PSF)."""
         if not self.enabled or self._tb is None or not volumes:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcdeconv.config import OptimConfig
+from hpcdeconv.errors import HpcdeconvError
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,6 +50,37 @@ def linear_decay(total_steps: int, decay_start: int | None) -> Any:
         return max(0.0, 1.0 - (step - decay_start) / max(1, total_steps - decay_start))
 
     return factor
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, base_lr: float) -> None:
+    """Set the configured base rate and the scheduled rate of the current step.
+
+    Called after a schedule is restored from a checkpoint: the saved ``base_lrs`` are
+    those of the run that wrote it, and ``LambdaLR`` does not save its factor function, so
+    both come from this run's configuration (``optim.lr``, ``optim.decay_start``,
+    ``train.steps``). For an unchanged configuration this reproduces the saved rate; a
+    changed one takes effect from the resumed step, as ``config.yaml`` then says.
+    """
+    scheduler.base_lrs = [base_lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def agreed(error: E) -> E:
+    """Mark ``error`` as raised on every rank at once (see :meth:`Strategy.agree`).
+
+    Every rank of a run holding such an error can meet once more before exiting
+    (:func:`is_agreed`), so that each prints its line before a launcher stops the others.
+    """
+    error.agreed_by_all_ranks = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_agreed(error: BaseException) -> bool:
+    """Whether ``error`` was raised on every rank of the process group."""
+    return bool(getattr(error, "agreed_by_all_ranks", False))
 
 
 class Trainable(ABC):
@@ -106,7 +141,8 @@ class LocalTrainable(Trainable):
         self.module = module
         self.wrapped = wrapped
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=lr or optim.lr, betas=optim.betas)
+        self.base_lr = lr or optim.lr
+        self.optimizer = torch.optim.Adam(params, lr=self.base_lr, betas=optim.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_decay(total_steps, optim.decay_start)
         )
@@ -137,6 +173,7 @@ class LocalTrainable(Trainable):
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_schedule(self.optimizer, self.scheduler, self.base_lr)
         self.scaler.load_state_dict(state["scaler"])
 
 
@@ -255,6 +292,21 @@ class Strategy(ABC):
         """Maximum over ranks (identity in one process)."""
         return value
 
+    def agree(self, work: Callable[[], T], main_only: bool = False) -> T | None:
+        """Collective: run ``work`` (on rank 0 only if ``main_only``); a failure ends every rank.
+
+        Without it, an error on one rank (a used run directory seen by rank 0, a full disk
+        at checkpoint time) leaves the others waiting in their next collective until the
+        process group times out and then fails them with a backend traceback. Here every
+        rank learns of it at once and raises the same :class:`HpcdeconvError` line (the
+        lowest failing rank's); a bug keeps its traceback on the rank it happened on.
+
+        Returns
+        -------
+        The result of ``work`` where it ran, ``None`` elsewhere.
+        """
+        return work() if self.is_main or not main_only else None
+
 
 class SingleStrategy(Strategy):
     """One process on the CPU or one GPU."""
@@ -306,6 +358,26 @@ class DistributedStrategy(Strategy):
 
     def sync_frozen(self, module: nn.Module) -> None:
         self.broadcast_module(module)
+
+    def agree(self, work: Callable[[], T], main_only: bool = False) -> T | None:
+        result, failure, error = None, None, None
+        if self.is_main or not main_only:
+            try:
+                result = work()
+            except HpcdeconvError as exc:
+                failure, error = (type(exc), str(exc)), exc
+            except BaseException as exc:
+                failure = (RuntimeError, f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
+                error = exc
+        failures: list[Any] = [None] * self.world_size
+        dist.all_gather_object(failures, failure)
+        first = next((f for f in failures if f is not None), None)
+        if first is None:
+            return result
+        if error is not None and not isinstance(error, HpcdeconvError):
+            raise error
+        kind, message = first
+        raise agreed(kind(message))
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Overwrite ``module``'s parameters and buffers with rank 0's."""

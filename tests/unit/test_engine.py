@@ -132,7 +132,9 @@ def test_run_dir_protection_and_resume_errors(tiny_dataset: Path, tmp_path: Path
             resume=True,
             progress=False,
         )
-    with pytest.raises(InputError, match="does not fit"):
+    with pytest.raises(
+        ConfigError, match=r"changed method\.kernel\.size \[7, 7, 7\] -> \[5, 5, 5\]"
+    ):
         train(
             config(tiny_dataset, run, "train.steps=4", "method.kernel.size=[5, 5, 5]"),
             resume=True,

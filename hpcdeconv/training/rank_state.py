@@ -1,0 +1,67 @@
+"""Per-rank state of a checkpoint: what differs between the processes of one run.
+
+Weights and optimiser states are identical on every rank (DDP) or written by DeepSpeed;
+the method's own state (the history pools of the cycleGANs) and the random streams are
+not. Rank 0 keeps its part inline in the checkpoint; every other rank writes its own file::
+
+    RUN/checkpoints/ranks/step_00000100/rank_00001.pt
+
+before rank 0 writes ``step_00000100.pt`` and moves ``latest``, so ``latest`` only ever
+names a checkpoint whose rank files are complete. A rank file is written atomically like
+the checkpoint; directories no listed checkpoint refers to are pruned at the next save.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcdeconv.errors import InputError
+from hpcdeconv.training.checkpoint import CKPT_DIR, _atomic_write, list_checkpoints
+
+RANK_DIR = "ranks"
+
+
+def rank_state_path(run_dir: Path, step: int, rank: int) -> Path:
+    """Where rank ``rank`` (>= 1) keeps its part of the checkpoint of ``step``."""
+    return Path(run_dir) / CKPT_DIR / RANK_DIR / f"step_{step:08d}" / f"rank_{rank:05d}.pt"
+
+
+def save_rank_state(run_dir: Path, step: int, rank: int, state: dict[str, Any]) -> Path:
+    """Write this rank's part of the checkpoint of ``step`` atomically."""
+    path = rank_state_path(run_dir, step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda fh: torch.save(state, fh))
+    return path
+
+
+def load_rank_state(run_dir: Path, step: int, rank: int) -> dict[str, Any]:
+    """Read this rank's part of the checkpoint of ``step`` (``weights_only=True``).
+
+    Raises
+    ------
+    InputError
+        The file is missing or unreadable.
+    """
+    path = rank_state_path(run_dir, step, rank)
+    if not path.is_file():
+        raise InputError(f"rank {rank}'s part of the checkpoint of step {step} ({path}) is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path} is not readable ({first})") from None
+
+
+def prune_rank_states(run_dir: Path, keep_step: int) -> None:
+    """Remove rank directories that no listed checkpoint (nor ``keep_step``) refers to."""
+    root = Path(run_dir) / CKPT_DIR / RANK_DIR
+    if not root.is_dir():
+        return
+    referenced = {path.stem for path in list_checkpoints(run_dir)} | {f"step_{keep_step:08d}"}
+    for step_dir in root.iterdir():
+        if step_dir.is_dir() and step_dir.name not in referenced:
+            shutil.rmtree(step_dir, ignore_errors=True)
