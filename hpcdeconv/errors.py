@@ -22,3 +22,7 @@ class InputError(HpcdeconvError):
 
 class OutputExistsError(HpcdeconvError):
     """The output path exists and neither overwrite nor resume was requested."""
+
+
+class OutputLockedError(HpcdeconvError):
+    """Another run is writing the output (the message names it), or it cannot be locked."""

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpcdeconv.data.safety import OutputKind
 
 #: Validation metrics printed after training, in display order.
 VAL_KEYS = ("psnr_input", "psnr", "ssim_input", "ssim")
@@ -32,3 +38,50 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a configuration value, e.g. --set psf.na=1.2 (repeatable)",
     )
+
+
+@contextmanager
+def locked_outputs(
+    verb: str,
+    outputs: Iterable[tuple[str, Path | None, OutputKind]],
+    inputs: Iterable[tuple[str, Path | None]],
+    overwrite: bool | None,
+) -> Iterator[None]:
+    """Check the outputs, and hold a writer lock on each for the body of the ``with``.
+
+    The order keeps every run's data safe: first the outputs are checked against the
+    inputs (nothing is touched, so no lock file can land inside an input), then each is
+    locked (:class:`~hpcdeconv.data.lock.OutputLock`), and only then is an existing output
+    checked for replacement, so a second run sees "being written by ..." and never reads,
+    empties or prepares the output of the run that holds it.
+
+    Parameters
+    ----------
+    verb
+        The command, named to a refused second run.
+    outputs, inputs, overwrite
+        As :func:`hpcdeconv.data.safety.check_outputs`.
+
+    Raises
+    ------
+    InputError
+        An output overlaps an input or another output.
+    OutputLockedError
+        Another run writes one of the outputs.
+    OutputExistsError
+        An output exists without ``overwrite``, or cannot be replaced.
+    """
+    from hpcdeconv.data.lock import OutputLock
+    from hpcdeconv.data.safety import check_disjoint, refuse_existing
+
+    outputs = [(flag, path, kind) for flag, path, kind in outputs if path is not None]
+    check_disjoint(((flag, path) for flag, path, _ in outputs), inputs)
+    with ExitStack() as stack:
+        for _, path, _ in outputs:
+            assert path is not None
+            stack.enter_context(OutputLock(path, verb))
+        if overwrite is not None:
+            for _, path, kind in outputs:
+                assert path is not None
+                refuse_existing(path, kind, overwrite)
+        yield

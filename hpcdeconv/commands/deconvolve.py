@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcdeconv.commands.common import add_config_args, config_inputs, positive_int
+from hpcdeconv.commands.common import (
+    add_config_args,
+    config_inputs,
+    locked_outputs,
+    positive_int,
+)
 from hpcdeconv.commands.image_args import add_inputs_argument, add_voxel_size_argument, voxel_size
 
 if TYPE_CHECKING:
@@ -66,15 +72,19 @@ def output_mode(args: argparse.Namespace) -> OutputMode:
     return "overwrite" if args.overwrite else "resume" if args.resume else "new"
 
 
-def check_cluster_output(
-    args: argparse.Namespace, inputs: list[tuple[str, Path | None]], replace: bool
-) -> None:
-    """``--output`` overlaps no input (``--config`` included); with ``replace``
-    (``--overwrite``) an existing output must also be a store hpcdeconv wrote."""
-    from hpcdeconv.data.safety import check_outputs
-
+def locked_cluster_output(
+    verb: str,
+    args: argparse.Namespace,
+    inputs: list[tuple[str, Path | None]],
+    mode: OutputMode,
+) -> AbstractContextManager[None]:
+    """Hold the writer lock on ``--output`` for a ``with`` body, once it overlaps no input
+    (``--config`` included); with ``--overwrite`` an existing output must also be a store
+    hpcdeconv wrote (checked under the lock, see
+    :func:`~hpcdeconv.commands.common.locked_outputs`)."""
     inputs = [*inputs, *[("input", p) for p in args.inputs], *config_inputs(args)]
-    check_outputs([("--output", args.output, "zarr")], inputs, True if replace else None)
+    replace = True if mode == "overwrite" else None
+    return locked_outputs(verb, [("--output", args.output, "zarr")], inputs, replace)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,33 +136,35 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
-    check_cluster_output(args, [("--checkpoint", args.checkpoint)], replace=mode == "overwrite")
-    model = load_model(args.checkpoint, "cpu")
-    radius = model.receptive_field // 2
-    halo = radius if cfg.halo == "auto" else cfg.halo
-    check_halo((halo,) * 3, (radius,) * 3, "receptive-field radius of the network")
-    plan = BlockPlan(cfg.block, (halo,) * 3, cfg.chunks, cfg.retries)
-    check_plan(plan, sources)
-    processor = NetworkProcessor.from_model(
-        model,
-        cfg.tile,
-        cfg.overlap,
-        cfg.blend,
-        cfg.batch_size,
-        cfg.precision,
-        cfg.cluster.threads_per_worker,
-        freeze=cfg.freeze,
-    )
-    provenance = {
-        "command": "deconvolve",
-        "checkpoint": str(processor.checkpoint),
-        "checkpoint_sha256": processor.sha256,
-        "step": model.step,
-        "method": model.config.method.name,
-        "config": cfg.model_dump(mode="json"),
-    }
-    with open_client(cfg.cluster) as client:
-        print_client(client, cfg.cluster)
-        report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)
-    print_report(report)
-    return 0
+    with locked_cluster_output(NAME, args, [("--checkpoint", args.checkpoint)], mode):
+        model = load_model(args.checkpoint, "cpu")
+        radius = model.receptive_field // 2
+        halo = radius if cfg.halo == "auto" else cfg.halo
+        check_halo((halo,) * 3, (radius,) * 3, "receptive-field radius of the network")
+        plan = BlockPlan(cfg.block, (halo,) * 3, cfg.chunks, cfg.retries)
+        check_plan(plan, sources)
+        processor = NetworkProcessor.from_model(
+            model,
+            cfg.tile,
+            cfg.overlap,
+            cfg.blend,
+            cfg.batch_size,
+            cfg.precision,
+            cfg.cluster.threads_per_worker,
+            freeze=cfg.freeze,
+        )
+        provenance = {
+            "command": "deconvolve",
+            "checkpoint": str(processor.checkpoint),
+            "checkpoint_sha256": processor.sha256,
+            "step": model.step,
+            "method": model.config.method.name,
+            "config": cfg.model_dump(mode="json"),
+        }
+        with open_client(cfg.cluster) as client:
+            print_client(client, cfg.cluster)
+            report = deconvolve_volumes(
+                client, sources, args.output, processor, plan, mode, provenance
+            )
+        print_report(report)
+        return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from hpcdeconv.commands.common import positive_int
+from hpcdeconv.commands.common import locked_outputs, positive_int
 from hpcdeconv.commands.image_args import (
     add_inputs_argument,
     add_select_arguments,
@@ -37,23 +37,21 @@ def run(args: argparse.Namespace) -> int:
     """Convert images into the hpcdeconv zarr dataset layout."""
     from hpcdeconv.config import CodecConfig, StorageConfig
     from hpcdeconv.data.ingest import ingest_images
-    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.data.zarr_io import describe
 
     inputs = [("input", path) for path in args.inputs]
-    check_outputs([("--output", args.output, "zarr")], inputs, args.overwrite)
-
-    storage = StorageConfig(chunks=tuple(args.chunks), codec=CodecConfig())
-    ids = ingest_images(
-        args.inputs,
-        args.output,
-        voxel_size=voxel_size(args),
-        select=selection(args),
-        domain=args.domain,
-        split=args.split,
-        storage=storage,
-        overwrite=args.overwrite,
-    )
-    log.info("ingested %d volume(s): %s", len(ids), ", ".join(ids))
-    print(describe(args.output))
-    return 0
+    with locked_outputs(NAME, [("--output", args.output, "zarr")], inputs, args.overwrite):
+        storage = StorageConfig(chunks=tuple(args.chunks), codec=CodecConfig())
+        ids = ingest_images(
+            args.inputs,
+            args.output,
+            voxel_size=voxel_size(args),
+            select=selection(args),
+            domain=args.domain,
+            split=args.split,
+            storage=storage,
+            overwrite=args.overwrite,
+        )
+        log.info("ingested %d volume(s): %s", len(ids), ", ".join(ids))
+        print(describe(args.output))
+        return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdeconv.commands.common import add_config_args, config_inputs
+from hpcdeconv.commands.common import add_config_args, config_inputs, locked_outputs
 from hpcdeconv.errors import InputError
 
 NAME = "psf"
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import tifffile
 
     from hpcdeconv.config import PSFFileConfig, load_config
-    from hpcdeconv.data.safety import SOFTWARE, check_outputs
+    from hpcdeconv.data.safety import SOFTWARE
     from hpcdeconv.physics.psf import make_psf
 
     overrides = list(args.set)
@@ -43,29 +43,29 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in {".tif", ".tiff", ".npy"}:
         raise InputError(f"--out must end in .tif, .tiff or .npy, got {out.name}")
     outputs = [("--out", out, "file"), ("--png", args.png, "file")]
-    check_outputs(outputs, config_inputs(args), args.overwrite)
-    psf = make_psf(cfg.psf)
-    if out.suffix.lower() == ".npy":
-        np.save(out, psf.data)
-    else:
-        spacing = psf.voxel_size
-        meta = {"unit": "um", "axes": "ZYX" if psf.data.ndim == 3 else "YX"}
-        if psf.data.ndim == 3:
-            meta["spacing"] = spacing[0]
-        tifffile.imwrite(
-            out,
-            psf.data,
-            imagej=True,
-            software=SOFTWARE,
-            photometric="minisblack",  # never guess RGB from a last axis of 3 or 4
-            resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]),
-            metadata=meta,
-        )
-    if args.png is not None:
-        from hpcdeconv.viz import save_orthoviews
+    with locked_outputs(NAME, outputs, config_inputs(args), args.overwrite):
+        psf = make_psf(cfg.psf)
+        if out.suffix.lower() == ".npy":
+            np.save(out, psf.data)
+        else:
+            spacing = psf.voxel_size
+            meta = {"unit": "um", "axes": "ZYX" if psf.data.ndim == 3 else "YX"}
+            if psf.data.ndim == 3:
+                meta["spacing"] = spacing[0]
+            tifffile.imwrite(
+                out,
+                psf.data,
+                imagej=True,
+                software=SOFTWARE,
+                photometric="minisblack",  # never guess RGB from a last axis of 3 or 4
+                resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]),
+                metadata=meta,
+            )
+        if args.png is not None:
+            from hpcdeconv.viz import save_orthoviews
 
-        data = psf.data if psf.data.ndim == 3 else psf.data[None]
-        voxel = psf.voxel_size if psf.data.ndim == 3 else (1.0, *psf.voxel_size)
-        save_orthoviews(args.png, [(cfg.psf.model, data)], voxel, log=args.log)
-    print(f"{cfg.psf.model} PSF {psf.data.shape} voxel {psf.voxel_size} µm -> {out}")
-    return 0
+            data = psf.data if psf.data.ndim == 3 else psf.data[None]
+            voxel = psf.voxel_size if psf.data.ndim == 3 else (1.0, *psf.voxel_size)
+            save_orthoviews(args.png, [(cfg.psf.model, data)], voxel, log=args.log)
+        print(f"{cfg.psf.model} PSF {psf.data.shape} voxel {psf.voxel_size} µm -> {out}")
+        return 0

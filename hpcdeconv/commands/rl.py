@@ -11,8 +11,8 @@ import numpy as np
 
 from hpcdeconv.commands.deconvolve import (
     add_cluster_arguments,
-    check_cluster_output,
     cluster_overrides,
+    locked_cluster_output,
     output_mode,
     print_client,
     print_report,
@@ -167,21 +167,23 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
-    check_cluster_output(args, [("--psf", args.psf)], replace=mode == "overwrite")
-    psf, origin = _psf(cfg, args, [s.voxel_size for s in sources])
-    radius = tuple(k // 2 for k in psf.shape)
-    halo = rl_halo(psf.shape) if cfg.halo == "auto" else (cfg.halo,) * 3
-    check_halo(halo, radius, "PSF radius")
-    plan = BlockPlan(cfg.block, halo, cfg.chunks, cfg.retries)
-    check_plan(plan, sources)
-    processor = RLProcessor(
-        psf, cfg.iterations, cfg.tv, cfg.cluster.threads_per_worker, boundary=cfg.boundary
-    )
-    # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
-    richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
-    provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}
-    with open_client(cfg.cluster) as client:
-        print_client(client, cfg.cluster)
-        report = deconvolve_volumes(client, sources, args.output, processor, plan, mode, provenance)
-    print_report(report)
-    return 0
+    with locked_cluster_output(NAME, args, [("--psf", args.psf)], mode):
+        psf, origin = _psf(cfg, args, [s.voxel_size for s in sources])
+        radius = tuple(k // 2 for k in psf.shape)
+        halo = rl_halo(psf.shape) if cfg.halo == "auto" else (cfg.halo,) * 3
+        check_halo(halo, radius, "PSF radius")
+        plan = BlockPlan(cfg.block, halo, cfg.chunks, cfg.retries)
+        check_plan(plan, sources)
+        processor = RLProcessor(
+            psf, cfg.iterations, cfg.tv, cfg.cluster.threads_per_worker, boundary=cfg.boundary
+        )
+        # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
+        richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
+        provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}
+        with open_client(cfg.cluster) as client:
+            print_client(client, cfg.cluster)
+            report = deconvolve_volumes(
+                client, sources, args.output, processor, plan, mode, provenance
+            )
+        print_report(report)
+        return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from hpcdeconv.commands.common import add_config_args, config_inputs
+from hpcdeconv.commands.common import add_config_args, config_inputs, locked_outputs
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write a synthetic microtubule dataset (sharp, blurred, PSF, split) to zarr."""
     from hpcdeconv.config import SimulateConfig, load_config
-    from hpcdeconv.data.safety import check_outputs
     from hpcdeconv.data.simulate import simulate
     from hpcdeconv.data.zarr_io import describe
 
     cfg = load_config(SimulateConfig, args.config, args.set)
     outputs = [("output", args.output, "zarr"), ("--png", args.png, "file")]
-    check_outputs(outputs, config_inputs(args), args.overwrite)
-    shown = simulate(cfg, args.output, overwrite=args.overwrite, progress=True)
-    if args.png is not None:
-        from hpcdeconv.viz import save_orthoviews
+    with locked_outputs(NAME, outputs, config_inputs(args), args.overwrite):
+        shown = simulate(cfg, args.output, overwrite=args.overwrite, progress=True)
+        if args.png is not None:
+            from hpcdeconv.viz import save_orthoviews
 
-        panels = [(f"sharp {shown.id}", shown.sharp), (f"blurred {shown.id}", shown.blurred)]
-        save_orthoviews(args.png, panels, cfg.psf.voxel_size, mode="mip")
-        log.info("figure: %s", args.png)
-    print(describe(args.output))
-    return 0
+            panels = [(f"sharp {shown.id}", shown.sharp), (f"blurred {shown.id}", shown.blurred)]
+            save_orthoviews(args.png, panels, cfg.psf.voxel_size, mode="mip")
+            log.info("figure: %s", args.png)
+        print(describe(args.output))
+        return 0
