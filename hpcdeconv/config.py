@@ -528,6 +528,25 @@ class TrainConfig(StrictModel):
     image_every: PositiveInt = 100
     val_tile: Shape3D = (64, 64, 64)
     val_overlap: Annotated[int, Field(ge=0)] = 16
+    #: Validation metric that selects the ``best`` checkpoint (higher is better);
+    #: ``"none"`` keeps no best checkpoint.
+    best_metric: Literal["psnr", "ssim", "none"] = "psnr"
+    #: Decay of an exponential moving average of G_Θ's weights, kept, validated and saved
+    #: beside the trained weights (e.g. 0.999); ``None`` keeps none.
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
+    #: Fixed centred (Z, Y, X) crop of every validation volume (clamped to the volume), so
+    #: each evaluation scores the same voxels at a fraction of the cost; ``None``: whole volumes.
+    val_crop: Shape3D | None = None
+
+    @model_validator(mode="after")
+    def _val_crop_fits_ssim(self) -> TrainConfig:
+        # SSIM's Gaussian window (sigma 1.5 voxels) spans 11 voxels per axis.
+        if self.val_crop is not None and min(self.val_crop) < 11:
+            raise ValueError(
+                f"val_crop {list(self.val_crop)} must be at least 11 voxels along every axis "
+                "(the SSIM window)"
+            )
+        return self
 
 
 class DeepSpeedConfig(StrictModel):

@@ -350,13 +350,17 @@ def _worker_runtime(threads: int, client_pid: int) -> torch.device:
 
 
 def _cached_network(
-    checkpoint: Path, device: torch.device, autocast_dtype: torch.dtype | None, freeze: bool
+    checkpoint: Path,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    freeze: bool,
+    weights: Literal["raw", "ema"] = "raw",
 ) -> Model:
     """G_Θ of ``checkpoint`` on ``device`` as tiles run it, built once per worker process."""
-    key = (str(checkpoint), str(device), str(autocast_dtype), freeze)
+    key = (str(checkpoint), str(device), str(autocast_dtype), freeze, weights)
     with _LOCK:
         if key not in _NETWORKS:
-            net = load_model(checkpoint, device).net
+            net = load_model(checkpoint, device, weights=weights).net
             _NETWORKS[key] = inference_network(net, device, autocast_dtype, freeze)
         return _NETWORKS[key]
 
@@ -394,6 +398,8 @@ class NetworkProcessor:
         in fp32.
     client_pid
         Process id of the client (see :func:`_worker_runtime`).
+    weights
+        ``"raw"`` or ``"ema"``: which of the checkpoint's weights (as loaded on the client).
     """
 
     checkpoint: Path
@@ -403,6 +409,7 @@ class NetworkProcessor:
     threads: int = 1
     freeze: bool = True
     client_pid: int = field(default_factory=os.getpid)
+    weights: Literal["raw", "ema"] = "raw"
 
     @classmethod
     def from_model(
@@ -426,7 +433,15 @@ class NetworkProcessor:
             size_multiple=model.size_multiple,
         )
         checkpoint = model.checkpoint.absolute()
-        return cls(checkpoint, file_sha256(checkpoint), settings, precision, threads, freeze)
+        return cls(
+            checkpoint,
+            file_sha256(checkpoint),
+            settings,
+            precision,
+            threads,
+            freeze,
+            weights=model.weights,
+        )
 
     @property
     def nonfinite_advice(self) -> str:
@@ -441,6 +456,7 @@ class NetworkProcessor:
         return {
             "kind": "network",
             "checkpoint_sha256": self.sha256,
+            "weights": self.weights,
             "tile": list(self.settings.tile),
             "overlap": self.settings.overlap,
             "blend": self.settings.blend,
@@ -452,7 +468,7 @@ class NetworkProcessor:
         """G_Θ on the padded block, tiled and blended, cropped to ``block.write``."""
         device = _worker_runtime(self.threads, self.client_pid)
         network = _cached_network(
-            self.checkpoint, device, self.settings.autocast_dtype, self.freeze
+            self.checkpoint, device, self.settings.autocast_dtype, self.freeze, self.weights
         )
         settings = dataclasses.replace(self.settings, device=device)
         return predict_block(network, data, block, settings)

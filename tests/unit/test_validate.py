@@ -1,0 +1,101 @@
+"""Validation on fixed centred crops: the same voxels at every evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpcdeconv.config import DataConfig, ExperimentConfig, UNetConfig, load_config
+from hpcdeconv.errors import ConfigError
+from hpcdeconv.methods.cycle import build_unet
+from hpcdeconv.metrics import psnr, ssim
+from hpcdeconv.training.feed import TrainingFeed
+from hpcdeconv.training.validate import ValidationSet, centre_crop_slices, validate
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def feed(tiny_dataset: Path) -> TrainingFeed:
+    return TrainingFeed(DataConfig(path=tiny_dataset, patch=(16, 16, 16)), seed=0)
+
+
+@pytest.fixture
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_unet(UNetConfig(channels=4, depth=2), checkpointing=False)
+
+
+def test_centre_crop_is_centred_and_clamped() -> None:
+    assert centre_crop_slices((16, 32, 32), (11, 16, 40)) == (
+        slice(2, 13),
+        slice(8, 24),
+        slice(0, 32),
+    )
+    # An odd margin leaves the extra voxel after the crop.
+    assert centre_crop_slices((16, 33, 12), (13, 16, 12)) == (
+        slice(1, 14),
+        slice(8, 24),
+        slice(0, 12),
+    )
+    whole = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    assert np.array_equal(whole[centre_crop_slices(whole.shape, None)], whole)
+
+
+def test_validation_set_cuts_each_volume_once(feed: TrainingFeed) -> None:
+    data = ValidationSet.from_feed(feed, (11, 16, 20))
+    assert [v.vid for v in data.volumes] == feed.val_ids == ["val000"]
+    vol = data.volumes[0]
+    blurred, sharp = feed.read_pair("val000")
+    assert vol.blurred.shape == vol.sharp.shape == (11, 16, 20)
+    np.testing.assert_array_equal(vol.blurred, blurred[2:13, 8:24, 6:26])
+    np.testing.assert_array_equal(vol.sharp, sharp[2:13, 8:24, 6:26])
+    # PSNR/SSIM use the whole truth volume's range, fixed for the run.
+    assert vol.data_range == pytest.approx(float(sharp.max() - sharp.min()))
+    assert vol.data_range > float(vol.sharp.max() - vol.sharp.min())
+
+
+def test_metrics_are_those_of_the_crop_and_repeat_exactly(
+    feed: TrainingFeed, net: torch.nn.Module
+) -> None:
+    crop = (11, 16, 16)
+    data = ValidationSet.from_feed(feed, crop)
+    kw = {"tile": (16, 16, 16), "overlap": 4, "device": CPU, "autocast_dtype": None}
+    first = validate(net, data, **kw)
+    again = validate(net, data, **kw)
+    from_feed = validate(net, feed, crop=crop, **kw)
+    assert first == again == from_feed
+    blurred, sharp = feed.read_pair("val000")
+    cut = (slice(2, 13), slice(8, 24), slice(8, 24))
+    rng = float(sharp.max() - sharp.min())
+    assert first["psnr_input"] == pytest.approx(psnr(blurred[cut], sharp[cut], data_range=rng))
+    assert first["ssim_input"] == pytest.approx(ssim(blurred[cut], sharp[cut], data_range=rng))
+    # The input's score is independent of the network: only a fixed crop makes it so.
+    whole = validate(net, feed, **kw)
+    assert whole["psnr_input"] == pytest.approx(psnr(blurred, sharp, data_range=rng))
+    assert whole["psnr_input"] != pytest.approx(first["psnr_input"])
+    # The network's mode is restored.
+    net.train()
+    validate(net, data, **kw)
+    assert net.training
+
+
+def test_a_set_cut_to_another_crop_is_refused(feed: TrainingFeed, net: torch.nn.Module) -> None:
+    data = ValidationSet.from_feed(feed, (11, 16, 16))
+    kw = {"tile": (16, 16, 16), "overlap": 4, "device": CPU, "autocast_dtype": None}
+    assert validate(net, data, crop=(11, 16, 16), **kw) == validate(net, data, **kw)
+    with pytest.raises(ValueError, match="cut to"):
+        validate(net, data, crop=(12, 16, 16), **kw)
+
+
+def test_val_crop_configuration() -> None:
+    assert load_config(ExperimentConfig, None, []).train.val_crop is None
+    cfg = load_config(ExperimentConfig, None, ["train.val_crop=[11, 64, 64]"])
+    assert cfg.train.val_crop == (11, 64, 64)
+    with pytest.raises(ConfigError, match=r"val_crop \[8, 64, 64\] must be at least 11 voxels"):
+        load_config(ExperimentConfig, None, ["train.val_crop=[8, 64, 64]"])
+    with pytest.raises(ConfigError, match=r"'train\.val_crop\.0': Input should be greater"):
+        load_config(ExperimentConfig, None, ["train.val_crop=[0, 64, 64]"])
