@@ -635,6 +635,15 @@ class ExperimentConfig(StrictModel):
         )
         if uses_discriminator:
             _check_patch_for_discriminator(patch, self.method.discriminator)
+        if (
+            self.train.ema_decay is not None
+            and self.strategy.name == "deepspeed"
+            and self.strategy.deepspeed.zero_stage == 3
+        ):
+            raise ValueError(
+                "train.ema_decay needs whole weights on every rank; ZeRO stage 3 partitions "
+                "them: use strategy.deepspeed.zero_stage 0-2 or no EMA"
+            )
         # Validation tiles are rounded up to the deblurring U-Net's multiple (inference
         # pads them), so only the overlap can make validation fail.
         multiple = 2**self.method.generator.depth

@@ -85,3 +85,20 @@ def locked_outputs(
                 assert path is not None
                 refuse_existing(path, kind, overwrite)
         yield
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (a file or a run directory) and ``--weights`` (raw or averaged)."""
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="checkpoint file, or run directory (its best checkpoint, else its latest)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("auto", "raw", "ema"),
+        default="auto",
+        help="G's trained weights or their moving average (train.ema_decay); "
+        "auto: the average when the checkpoint has one",
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcdeconv.commands.common import (
+    add_checkpoint_arguments,
     add_config_args,
     config_inputs,
     locked_outputs,
@@ -90,7 +91,7 @@ def locked_cluster_output(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv deconvolve``."""
     add_inputs_argument(p)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
+    add_checkpoint_arguments(p)
     add_voxel_size_argument(p)
     add_cluster_arguments(p)
 
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
     with locked_cluster_output(NAME, args, [("--checkpoint", args.checkpoint)], mode):
-        model = load_model(args.checkpoint, "cpu")
+        model = load_model(args.checkpoint, "cpu", weights=args.weights)
         radius = model.receptive_field // 2
         halo = radius if cfg.halo == "auto" else cfg.halo
         check_halo((halo,) * 3, (radius,) * 3, "receptive-field radius of the network")
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": str(processor.checkpoint),
             "checkpoint_sha256": processor.sha256,
             "step": model.step,
+            "weights": model.weights,
             "method": model.config.method.name,
             "config": cfg.model_dump(mode="json"),
         }

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hpcdeconv.commands.common import add_config_args, config_inputs, locked_outputs
+from hpcdeconv.commands.common import (
+    add_checkpoint_arguments,
+    add_config_args,
+    config_inputs,
+    locked_outputs,
+)
 from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
 from hpcdeconv.errors import InputError
 
@@ -19,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "input", type=Path, help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)"
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or run dir")
+    add_checkpoint_arguments(p)
     p.add_argument("--output", type=Path, required=True, help=".tif, .npy or .zarr")
     p.add_argument("--truth", type=Path, help="ground truth: print PSNR/SSIM of in and out")
     p.add_argument("--png", type=Path, help="orthoview figure of input/output(/truth)")
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--truth has shape {truth_source.data.shape}, the input {source.data.shape}"
             )
         device = resolve_device(cfg.device)
-        model = load_model(args.checkpoint, device)
+        model = load_model(args.checkpoint, device, weights=args.weights)
         # The tile must suit the checkpoint's network: checked before any output is written.
         PredictSettings(cfg.tile, cfg.overlap, cfg.blend, size_multiple=model.size_multiple)
         volume = load(source)
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         attrs = {
             "checkpoint": str(model.checkpoint),
             "step": model.step,
+            "weights": model.weights,
             "method": model.config.method.name,
             "predict": cfg.model_dump(mode="json"),
         }

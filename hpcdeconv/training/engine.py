@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from hpcdeconv import __version__
 from hpcdeconv.config import ExperimentConfig, dump_config
+from hpcdeconv.data.lock import OutputLock
 from hpcdeconv.data.safety import empty_output
 from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
 from hpcdeconv.methods import build_method
@@ -31,6 +32,7 @@ from hpcdeconv.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from hpcdeconv.training.ema import GeneratorEMA
 from hpcdeconv.training.feed import TrainingFeed
 from hpcdeconv.training.launch import build_strategy
 from hpcdeconv.training.preemption import StopRequest, requeue_slurm_job
@@ -38,8 +40,9 @@ from hpcdeconv.training.rank_state import load_rank_state, prune_rank_states, sa
 from hpcdeconv.training.resume import check_resume_config, check_world_size
 from hpcdeconv.training.rng import capture_rng_state, restore_rng_state
 from hpcdeconv.training.runlog import RunLogger
+from hpcdeconv.training.selection import BestTracker
 from hpcdeconv.training.strategy import Strategy, agreed
-from hpcdeconv.training.validate import validate
+from hpcdeconv.training.validate import ValidationSet, validate
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +166,37 @@ class Trainer:
             voxel_size=self.feed.voxel_size,
         )
         self.feed.require(paired=self.method.paired)
+        # One writer per run directory: rank 0 holds the lock for the life of the run.
+        self.lock = OutputLock(self.run_dir, "train")
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0: lock the run directory, then make (or empty) it."""
+        self.lock.acquire()
+        prepare_run_dir(self.run_dir, resume, overwrite)
+
+    def _build(self, resume: bool | str, overwrite: bool) -> None:
+        cfg, strategy = self.cfg, self.strategy
         # The run directory is made (or emptied) only once the data and the method are
         # known to fit, so a bad setting leaves no folder behind. Rank 0 does it; a refusal
-        # ends every rank with the same line.
-        strategy.agree(lambda: prepare_run_dir(self.run_dir, bool(resume), overwrite), True)
+        # (another run holds it, it is not empty) ends every rank with the same line.
+        strategy.agree(lambda: self._claim_run_dir(bool(resume), overwrite), True)
         rates = self.method.learning_rates()
         self.trainables = {
             name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name), name=name)
             for name, module in self.method.groups().items()
         }
         self.method.bind(self.trainables)
+        tc = cfg.train
+        # Averaged weights of G_Θ (identical on every rank, as G_Θ is).
+        self.ema = GeneratorEMA(self.method.deblur_net(), tc.ema_decay) if tc.ema_decay else None
+        self.best = BestTracker(tc.best_metric)
+        self.val_set: ValidationSet | None = None
+        self.val_metrics: dict[str, float] = {}
         self.step = 0
         #: The newest checkpoint known to hold this run's state (named when a step fails).
         self.last_good: Path | None = None
@@ -195,9 +219,18 @@ class Trainer:
             "groups": {name: t.state_dict() for name, t in self.trainables.items()},
             # G_Θ alone, so inference needs neither the method nor the training data.
             "deblur": self.method.deblur_net().state_dict(),
+            **self._ema_state(),
+            "best": self.best.state_dict(),
             "feed": self.feed.state_dict(),
             **self.rank_state_dict(),
         }
+
+    def _ema_state(self) -> dict[str, Any]:
+        if self.ema is None:
+            return {}
+        # The averaged weights are stored once, as inference reads them.
+        state = self.ema.state_dict()
+        return {"deblur_ema": state.pop("module"), "ema": state}
 
     def rank_state_dict(self) -> dict[str, Any]:
         """What differs between ranks: the method's state (history pools) and random streams."""
@@ -216,7 +249,7 @@ class Trainer:
             )
         check_world_size(int(state.get("world_size", 1)), self.strategy.world_size, str(path))
         applied = check_resume_config(state["config"], self.cfg.model_dump(mode="json"), str(path))
-        weights = {"deblur": state["deblur"], "groups": state["groups"]}
+        weights = {k: state[k] for k in ("deblur", "deblur_ema", "groups") if k in state}
         bad = count_nonfinite(weights)
         if bad:
             raise InputError(
@@ -237,6 +270,10 @@ class Trainer:
             lambda: state if rank == 0 else load_rank_state(self.run_dir, step, rank)
         )
         assert mine is not None
+        if self.ema is not None:
+            self.ema.load_state_dict({**state["ema"], "module": state["deblur_ema"]})
+        if "best" in state:
+            self.best.load_state_dict(state["best"])
         self.method.load_state_dict(mine["method_state"])
         self.feed.load_state_dict(state["feed"])
         restore_rng_state(mine["rng"])
@@ -282,11 +319,12 @@ class Trainer:
                 f"{self._last_good_text()} is untouched"
             ) from None
 
-    def save(self) -> Path:
+    def save(self, best: bool = False) -> Path:
         """Collective checkpoint: finite weights checked, per-rank parts, then rank 0's file.
 
         Every rank writes its part (DeepSpeed partitions, history pools, random streams)
-        before rank 0 writes the checkpoint that refers to them and moves ``latest``.
+        before rank 0 writes the checkpoint that refers to them and moves ``latest`` (and
+        ``best`` when ``best``: this step's validation beat every earlier one).
 
         Raises
         ------
@@ -310,7 +348,12 @@ class Trainer:
 
         def write_main() -> Path:
             path = save_checkpoint(
-                self.run_dir, step, self.state_dict(), keep=self.cfg.train.keep_checkpoints
+                self.run_dir,
+                step,
+                self.state_dict(),
+                keep=self.cfg.train.keep_checkpoints,
+                best=self.val_metrics if best else None,
+                metric=self.best.metric,
             )
             prune_rank_states(self.run_dir, step)
             return path
@@ -367,23 +410,48 @@ class Trainer:
         return float(reduced[0])
 
     def _validate_main(self) -> dict[str, float]:
-        """PSNR/SSIM of the tiled whole-volume prediction of the validation volumes (rank 0)."""
+        """Rank 0: PSNR/SSIM of G_Θ (and of its average) on the fixed validation crops.
+
+        Returns the metrics of the weights inference uses: the EMA's when it is kept.
+        """
         if not self.feed.val_ids:
             return {}
-        metrics = validate(
-            self.method.deblur_net(),
-            self.feed,
-            tile=self.cfg.train.val_tile,
-            overlap=self.cfg.train.val_overlap,
-            device=self.strategy.device,
-            autocast_dtype=self.strategy.autocast_dtype,
-        )
-        self._write("validation log", lambda: self.logger.scalars(self.step, "val", metrics))
-        return metrics
+        tc = self.cfg.train
+        if self.val_set is None:
+            # Read and cut once: every evaluation scores the same voxels.
+            self.val_set = ValidationSet.from_feed(self.feed, tc.val_crop)
+        nets = {"val": self.method.deblur_net()}
+        if self.ema is not None:
+            nets["val_ema"] = self.ema.module
+        scores = {}
+        for kind, net in nets.items():
+            scores[kind] = validate(
+                net,
+                self.val_set,
+                tile=tc.val_tile,
+                overlap=tc.val_overlap,
+                device=self.strategy.device,
+                autocast_dtype=self.strategy.autocast_dtype,
+            )
+            self._write(
+                "validation log", lambda k=kind: self.logger.scalars(self.step, k, scores[k])
+            )
+        return scores["val_ema" if self.ema is not None else "val"]
 
-    def validate(self) -> dict[str, float]:
-        """Collective: validation on rank 0 (``{}`` on the others); a failure ends every rank."""
-        return self.strategy.agree(self._validate_main, True) or {}
+    def validate(self) -> tuple[dict[str, float], bool]:
+        """Collective: validation on rank 0, and whether it is the run's best so far.
+
+        Returns
+        -------
+        (dict, bool)
+            The metrics (``{}`` on ranks other than 0) and, on every rank, whether this
+            step's checkpoint becomes ``best`` (``train.best_metric``).
+        """
+        metrics = self.strategy.agree(self._validate_main, True) or {}
+        improved = self.best.update(self.step, metrics)
+        self.val_metrics = metrics
+        agreed_flag = self.strategy.all_reduce_max(torch.tensor(float(improved)))
+        return metrics, bool(agreed_flag > 0)
 
     def _log(self, losses: Mapping[str, torch.Tensor], summary: RunSummary, bar: Any) -> None:
         """Collective: mean losses over ranks, written by rank 0."""
@@ -428,16 +496,20 @@ class Trainer:
                 with self.strategy.autocast():
                     losses = self.method.step(batch)
                 level = self._agree_on_step(losses, stop)
+                if self.ema is not None:
+                    self.ema.update(self.method.deblur_net())
                 self.step += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     self._log(losses, summary, bar)
                 if self.step % tc.image_every == 0:
                     self._images()
+                improved = False
                 if self.step % tc.val_every == 0 or self.step == tc.steps:
-                    summary.validation = self.validate() or summary.validation
-                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or level > 0:
-                    self.save()
+                    metrics, improved = self.validate()
+                    summary.validation = metrics or summary.validation
+                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or level > 0 or improved:
+                    self.save(best=improved)
                 if level > 0 and self.step < tc.steps:
                     summary.stopped_at = self.step
                     if level >= 2 and self.strategy.is_main:
@@ -448,6 +520,7 @@ class Trainer:
             stop.uninstall()
             bar.close()
             self.logger.close()
+            self.lock.release()
         truth = None if self.feed.psf is None else torch.from_numpy(self.feed.psf)
         exports = self.strategy.agree(
             lambda: self._write("exports", lambda: self.method.export(self.run_dir, truth)), True

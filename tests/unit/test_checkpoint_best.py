@@ -38,7 +38,10 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 4-step supervised run with a checkpoint after every step (all kept)."""
+    """A real 4-step supervised run with a checkpoint after every step (all kept).
+
+    No ``best`` of its own (``best_metric=none``): the pointer tests below write theirs.
+    """
     run = tmp_path_factory.mktemp("best") / "run"
     cfg = load_config(
         ExperimentConfig,
@@ -51,6 +54,7 @@ def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
             f"train.steps={STEPS}",
             "train.ckpt_every=1",
             f"train.keep_checkpoints={STEPS}",
+            "train.best_metric=none",
         ],
     )
     train(cfg, progress=False)
