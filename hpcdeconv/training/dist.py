@@ -279,13 +279,13 @@ def init_process_group(
     except dist.DistError as exc:
         raise _rendezvous_error(dist_env, port, timeout_s, _first_line(exc)) from exc
     logger.info(
-        "rank %d/%d of %s joined the %s process group at %s:%d",
+        "rank %d/%d joined the %s process group at %s:%d (%s)",
         dist_env.rank,
         dist_env.world_size,
-        dist_env.run_id,
         resolved,
         dist_env.master_addr,
         port,
+        dist_env.run_id,
     )
 
 

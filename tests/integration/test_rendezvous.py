@@ -6,24 +6,34 @@
   both are given it through ``SLURM_STEP_RESV_PORTS``): the second step's rank 1 reaches the
   first step's store and is refused, before the first step has formed and after; its rank 0
   finds the port taken; the first step completes its all-reduce untouched.
+- On the dev SLURM: two ``srun`` steps of ``hpcdeconv train`` running at once in one
+  allocation take different ports and both finish.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch.distributed as tdist
 
 from hpcdeconv.training import dist
+from hpcdeconv.training.checkpoint import list_checkpoints
 from tests.conftest import TINY_TRAINING
+
+if TYPE_CHECKING:
+    from conftest import SlurmCluster
 
 pytestmark = pytest.mark.distributed
 
@@ -42,6 +52,7 @@ import torch
 import torch.distributed as tdist
 
 from hpcdeconv.training import dist
+from hpcdeconv.training.checkpoint import list_checkpoints
 
 signals = Path(sys.argv[1])
 env = dist.discover()
@@ -258,3 +269,56 @@ def test_second_step_on_the_first_steps_port_is_refused_and_the_first_is_unharme
     assert [r["rank"] for r in reports] == [0, 1]
     assert {r["run_id"] for r in reports} == {f"SLURM job {JOB_ID} step 0"}
     assert all(r["reduced"] == [0.0, 3.0, 6.0, 9.0] for r in reports)
+
+
+@pytest.mark.slurm
+def test_two_concurrent_srun_steps_of_one_allocation_both_train(
+    slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    overrides = [*TINY_TRAINING, f"data.path={tiny_dataset}", "strategy.name=ddp", "train.steps=4"]
+    overrides += [f"strategy.timeout_s={60}", "train.ckpt_every=1000", "train.image_every=1000"]
+    train = [sys.executable, "-m", "hpcdeconv.cli", "train"]
+    train += [arg for item in overrides for arg in ("--set", item)]
+    # --overlap: the two steps share the allocation's 2 CPUs instead of running one after
+    # the other, as steps of a real job that each take part of it would.
+    steps = "\n".join(
+        f"srun --overlap -n 2 {shlex.join([*train, '--output', str(tmp_path / f'run{step}')])}"
+        f" > {tmp_path / f'step{step}.log'} 2>&1 &\npid{step}=$!"
+        for step in (0, 1)
+    )
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --job-name=hpcdeconv-two-steps\n"
+        "#SBATCH --ntasks=2\n"
+        "#SBATCH --time=10\n"
+        f"#SBATCH --output={tmp_path / 'job.out'}\n"
+        f"{steps}\n"
+        "wait $pid0; s0=$?\nwait $pid1; s1=$?\n"
+        'echo "steps exited $s0 $s1"\n'
+        "exit $((s0 | s1))\n"
+    )
+    job_id, status = slurm_cluster.sbatch_wait(script, timeout=300)
+    logs = [(tmp_path / f"step{step}.log").read_text() for step in (0, 1)]
+    assert status == 0, "\n".join([(tmp_path / "job.out").read_text(), *logs])
+    # SLURM numbers the steps in the order the two background sruns reach it.
+    step_ids = []
+    for index, log in enumerate(logs):
+        joined = re.findall(r"rank (\d)/2 joined the gloo process group at \S+:(\d+) \((.*)\)", log)
+        step_id = int(re.findall(rf"SLURM job {job_id} step (\d+)", log)[0])
+        port = str(10000 + (101 * job_id + step_id) % 50000)
+        run_id = f"SLURM job {job_id} step {step_id}"
+        assert sorted(joined) == [("0", port, run_id), ("1", port, run_id)], log
+        step_ids.append(step_id)
+        checkpoints = list_checkpoints(tmp_path / f"run{index}")
+        assert [p.name for p in checkpoints] == ["step_00000004.pt"]
+    assert sorted(step_ids) == [0, 1]
+    out = slurm_cluster.run("sacct", "-j", str(job_id), "-n", "-P", "-o", "JobID,State,Start,End")
+    times = {}
+    for line in out.splitlines():
+        job, state, start, end = line.split("|")
+        if job in (f"{job_id}.0", f"{job_id}.1"):
+            assert state == "COMPLETED", out
+            times[job] = (datetime.fromisoformat(start), datetime.fromisoformat(end))
+    (start0, end0), (start1, end1) = times[f"{job_id}.0"], times[f"{job_id}.1"]
+    assert start1 < end0 and start0 < end1, f"the steps did not run at once:\n{out}"
