@@ -69,9 +69,11 @@ SLURM_JOB_PORT_STRIDE = 101
 _OWNER_KEY = "hpcdeconv/run"
 _ARRIVED_KEY = "hpcdeconv/arrived/"
 _ALL_ARRIVED_KEY = "hpcdeconv/all-arrived/"
-# A thread that was to connect the store and is still blocked this long after the timeout is
-# stuck in a connection nobody answers (torch's own timeout never fires there).
-_STUCK_GRACE_S = 1.0
+# A thread that was to connect the store and is still blocked this long after the deadline is
+# stuck in a connection nobody answers (torch's own timeout never fires there). Every other
+# torch call in it is bounded by the deadline and returns well within this margin: a thread
+# abandoned while torch could still return would abort the interpreter at exit.
+_STUCK_GRACE_S = 2.0
 _TORCHRUN_VARIABLES = ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Where the world size comes from, for the message when an exported WORLD_SIZE disagrees.
 _WORLD_SOURCE = {
@@ -484,22 +486,32 @@ def _identity(dist_env: DistEnv) -> str:
 def _rendezvous(dist_env: DistEnv, port: int, timeout_s: float) -> dist.Store:
     """Connect to the run's store, check whose it is and wait for every rank.
 
-    Runs in a daemon thread joined with a bound: a TCPStore client whose peer accepts the
-    connection but never answers blocks in torch beyond any timeout, and only the thread can
-    be abandoned.
+    A client first waits in Python for something to accept a TCP connection at the master, so
+    that torch is only asked to connect where a listener is. The torch part runs in a daemon
+    thread joined with a bound: a TCPStore client whose peer accepts the connection but never
+    answers blocks in torch beyond any timeout, and only the thread can be abandoned.
     """
     deadline = time.monotonic() + timeout_s
+    # Under torchrun the agent already hosts the store at MASTER_PORT; every worker is a client.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    is_server = dist_env.rank == 0 and not agent_store
+    if not is_server:
+        refused = _wait_for_listener(dist_env.master_addr, port, deadline)
+        if refused is not None:
+            raise _rendezvous_error(
+                dist_env, port, timeout_s, f"nothing accepted a connection there ({refused})"
+            )
     outcome: dict[str, object] = {}
 
     def join() -> None:
         try:
-            outcome["store"] = _join_store(dist_env, port, timeout_s, deadline)
+            outcome["store"] = _join_store(dist_env, port, is_server, timeout_s, deadline)
         except BaseException as exc:  # handed to the calling thread, re-raised there
             outcome["error"] = exc
 
     worker = threading.Thread(target=join, name="hpcdeconv-rendezvous", daemon=True)
     worker.start()
-    worker.join(timeout_s + _STUCK_GRACE_S)
+    worker.join(max(deadline - time.monotonic(), 0.0) + _STUCK_GRACE_S)
     if worker.is_alive():
         raise _rendezvous_error(
             dist_env,
@@ -517,15 +529,31 @@ def _rendezvous(dist_env: DistEnv, port: int, timeout_s: float) -> dist.Store:
     return store
 
 
-def _join_store(dist_env: DistEnv, port: int, timeout_s: float, deadline: float) -> dist.Store:
-    # Under torchrun the agent already hosts the store at MASTER_PORT; every worker is a client.
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+def _wait_for_listener(host: str, port: int, deadline: float) -> str | None:
+    """Retry a TCP connection to ``host:port`` until one is accepted (``None``) or
+    ``deadline`` passes (the last error, as text): rank 0 may start after this rank."""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(min(left, 1.0), 0.01)):
+                return None
+        except OSError as exc:
+            last = exc.strerror or str(exc) or type(exc).__name__
+        if deadline - time.monotonic() <= 0:
+            return last
+        time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+
+
+def _join_store(
+    dist_env: DistEnv, port: int, is_server: bool, timeout_s: float, deadline: float
+) -> dist.Store:
     store = dist.TCPStore(
         dist_env.master_addr,
         port,
         dist_env.world_size,
-        is_master=dist_env.rank == 0 and not agent_store,
-        timeout=timedelta(seconds=timeout_s),
+        is_master=is_server,
+        # Only what is left: the listener seen a moment ago may be gone, and torch retries.
+        timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.1)),
         wait_for_workers=False,
     )
     identity = _identity(dist_env)

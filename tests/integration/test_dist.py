@@ -103,12 +103,12 @@ def test_unreachable_master_fails_within_timeout() -> None:
     with pytest.raises(dist.RendezvousError) as info:
         dist.init_process_group(dist_env, backend="gloo", timeout_s=2.0)
     elapsed = time.monotonic() - start
-    message = str(info.value)
-    assert f"127.0.0.1:{port}" in message
-    assert "rank 1 of 2" in message
-    assert "\n" not in message
-    # torch retries the connection once before giving up: well under a hang, above zero.
-    assert 1.5 < elapsed < 15.0
+    assert str(info.value) == (
+        f"rank 1 of 2 (slurm) could not join the process group at 127.0.0.1:{port} within 2 s: "
+        "nothing accepted a connection there (Connection refused)"
+    )
+    # Connections are retried until the timeout: rank 0 may start after this rank.
+    assert 2.0 <= elapsed < 3.0
     assert not tdist.is_initialized()
 
 
