@@ -47,7 +47,9 @@ def build_strategy(cfg: ExperimentConfig, env: Mapping[str, str] = os.environ) -
         Several processes were launched for the ``single`` strategy, the launcher's
         variables are inconsistent, or the DeepSpeed settings contradict the YAML.
     RendezvousError
-        The process group could not be joined within ``strategy.timeout_s``.
+        The process group could not be joined within ``strategy.timeout_s``: the master
+        unreachable or silent, its port taken, the store there another run's (two steps
+        given one port), or ranks missing.
     """
     sc = cfg.strategy
     dist_env = dist.discover(env)

@@ -47,7 +47,8 @@ def test_two_task_step_discovers_and_reduces(
     text = output.read_text()
     assert status == 0, text
     reports = check_allreduce(text, 2, "slurm")
-    assert {r["master_port"] for r in reports} == {10000 + job_id % 50000}
+    assert {r["master_port"] for r in reports} == {10000 + 101 * job_id % 50000}
+    assert {r["run_id"] for r in reports} == {f"SLURM job {job_id} step 0"}
     assert sorted(r["local_rank"] for r in reports) == [0, 1]
     batch_line = next(line for line in text.splitlines() if line.startswith("batch_step "))
     batch = json.loads(batch_line.removeprefix("batch_step "))

@@ -46,7 +46,15 @@ TORCHRUN = {
 
 
 def test_torchrun_env() -> None:
-    assert discover(TORCHRUN) == DistEnv(3, 8, 1, "node01", 29500, "torchrun")
+    found = discover(TORCHRUN)
+    assert found == DistEnv(3, 8, 1, "node01", 29500, "torchrun", "torchrun run none restart 0")
+    restarted = discover(TORCHRUN | {"TORCHELASTIC_RESTART_COUNT": "2"})
+    assert restarted.run_id == "torchrun run none restart 2"
+
+
+def test_rank_variables_without_torchrun_have_a_fixed_run_id() -> None:
+    env = {k: v for k, v in TORCHRUN.items() if k != "TORCHELASTIC_RUN_ID"}
+    assert discover(env).run_id == "a launch by RANK/WORLD_SIZE variables"
 
 
 def test_torchrun_wins_over_slurm() -> None:
@@ -65,8 +73,31 @@ def test_incomplete_torchrun_env_names_the_variable(missing: str) -> None:
 
 def test_slurm_step_env() -> None:
     found = discover(SLURM_STEP_TASK1, use_mpi=False)
-    assert found == DistEnv(1, 4, 1, "gpu07", 10000 + 123457 % 50000, "slurm")
-    assert found.master_port == 33457
+    port = 10000 + (101 * 123457 + 0) % 50000
+    assert found == DistEnv(1, 4, 1, "gpu07", port, "slurm", "SLURM job 123457 step 0")
+    assert found.master_port == 29157
+
+
+def test_two_steps_of_one_job_get_different_ports_and_run_ids() -> None:
+    # The reported case: steps 0 and 1 of one allocation derived one port from the job id.
+    step0 = discover(SLURM_STEP_TASK1)
+    step1 = discover(SLURM_STEP_TASK1 | {"SLURM_STEP_ID": "1", "SLURM_STEPID": "1"})
+    assert (step0.master_port, step1.master_port) == (29157, 29158)
+    assert step1.run_id == "SLURM job 123457 step 1"
+
+
+def test_old_slurm_stepid_variable_alone_is_read() -> None:
+    env = {k: v for k, v in SLURM_STEP_TASK1.items() if k != "SLURM_STEP_ID"}
+    found = discover(env | {"SLURM_STEPID": "3"})
+    assert (found.master_port, found.run_id) == (29160, "SLURM job 123457 step 3")
+
+
+def test_slurm_reserved_step_ports_win_over_the_derived_port() -> None:
+    found = discover(SLURM_STEP_TASK1 | {"SLURM_STEP_RESV_PORTS": "12003-12006"})
+    assert found.master_port == 12003
+    # An exported MASTER_PORT wins over both.
+    env = SLURM_STEP_TASK1 | {"SLURM_STEP_RESV_PORTS": "12003-12006", "MASTER_PORT": "31000"}
+    assert discover(env).master_port == 31000
 
 
 def test_slurm_uses_job_nodelist_without_step_nodelist() -> None:
@@ -82,7 +113,8 @@ def test_slurm_master_overrides() -> None:
 
 
 def test_slurm_batch_step_is_single() -> None:
-    assert discover(SLURM_BATCH_STEP, use_mpi=False) == DistEnv(0, 1, 0, "127.0.0.1", 0, "single")
+    found = discover(SLURM_BATCH_STEP, use_mpi=False)
+    assert found == DistEnv(0, 1, 0, "127.0.0.1", 0, "single", "a single process")
 
 
 def test_explicit_world_size_must_match_slurm_ntasks() -> None:
@@ -104,6 +136,9 @@ def test_world_size_without_launcher_is_rejected() -> None:
         (TORCHRUN | {"LOCAL_RANK": "-1"}, "local rank -1 is negative"),
         (TORCHRUN | {"MASTER_PORT": "70000"}, "master port 70000 is not a TCP port"),
         ({k: v for k, v in SLURM_STEP_TASK1.items() if k != "SLURM_JOB_ID"}, "SLURM_JOB_ID"),
+        (SLURM_STEP_TASK1 | {"SLURM_STEP_ID": "x"}, r"SLURM_STEP_ID='x' is not an integer"),
+        (SLURM_STEP_TASK1 | {"SLURM_STEP_RESV_PORTS": "none"}, "SLURM_STEP_RESV_PORTS='none'"),
+        (SLURM_STEP_TASK1 | {"SLURM_STEP_RESV_PORTS": "70000"}, "does not start with a port"),
     ],
 )
 def test_bad_values_are_config_errors(env: dict[str, str], match: str) -> None:
@@ -169,10 +204,25 @@ def test_expand_hostlist_matches_scontrol(tmp_path: Path) -> None:
 
 
 def test_slurm_master_port() -> None:
-    assert slurm_master_port(1) == 10001
-    assert slurm_master_port(49999) == 59999
-    assert slurm_master_port(50000) == 10000
-    assert slurm_master_port(123457) == 33457
-    ports = {slurm_master_port(job) for job in range(0, 10**6, 37)}
+    assert slurm_master_port(0, 0) == 10000
+    assert slurm_master_port(1, 0) == 10101
+    assert slurm_master_port(1, 1) == 10102
+    assert slurm_master_port(495, 0) == 10000 + 49995
+    assert slurm_master_port(123457, 0) == 29157
+    assert slurm_master_port(123457, 5, "12000-12003") == 12000
+    assert slurm_master_port(123457, 5, "12000,12007") == 12000
+    ports = {slurm_master_port(job, step) for job in range(0, 10**6, 37) for step in (0, 7)}
     assert min(ports) >= 10000
     assert max(ports) < 60000
+
+
+def test_concurrent_steps_of_one_job_never_share_a_port() -> None:
+    for job in (0, 1, 4999, 49999, 123457, 10**7 + 3):
+        ports = [slurm_master_port(job, step) for step in range(1000)]
+        assert len(set(ports)) == len(ports)
+
+
+def test_one_step_of_different_jobs_shares_a_port_only_50000_ids_apart() -> None:
+    ports = [slurm_master_port(job, 0) for job in range(100000, 150000)]
+    assert len(set(ports)) == 50000
+    assert slurm_master_port(150000, 0) == slurm_master_port(100000, 0)
