@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,35 @@ def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
         assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_second_train_on_a_running_run_directory_is_refused(
+    tiny_dataset: Path, tmp_path: Path, launch_env: dict[str, str]
+) -> None:
+    """A job submitted twice: the second ``--auto-resume`` must not resume under the first."""
+    run = tmp_path / "run"
+    single = ["strategy.name=single", "train.steps=12", "train.ckpt_every=2"]
+    argv = [sys.executable, "-m", "hpcdeconv.cli", *_args(tiny_dataset, run, *single)]
+    first = subprocess.Popen(
+        [*argv, "--auto-resume"], env=_env(launch_env), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(run) is None and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        # Held still (alive, lock held) while the second is tried, whatever the machine's speed.
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(
+            [*argv, "--auto-resume"], env=_env(launch_env), capture_output=True, text=True
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    assert second.returncode == 2
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"hpcdeconv train: error: {run} is being written by hpcdeconv train")
+    assert f"PID {first.pid}" in line
+    assert first.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in read_metrics(run, "train")]
+    assert steps == list(range(1, 13))  # every step logged once, by the first run

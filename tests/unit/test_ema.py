@@ -179,11 +179,7 @@ def test_ema_decay_configuration() -> None:
 
 @pytest.fixture(scope="module")
 def ema_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 4-step run whose last checkpoint also carries ``deblur_ema``.
-
-    The EMA starts from the step-2 generator and follows the step-4 one, as the training
-    loop keeps it; its weights are saved under ``deblur_ema`` beside ``deblur``.
-    """
+    """A real 4-step run with ``train.ema_decay``: its checkpoints carry ``deblur_ema``."""
     run = tmp_path_factory.mktemp("ema") / "run"
     cfg = load_config(
         ExperimentConfig,
@@ -195,16 +191,10 @@ def ema_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
             "method.name=supervised",
             "train.steps=4",
             "train.ckpt_every=2",
+            "train.ema_decay=0.5",
         ],
     )
     train(cfg, progress=False)
-    early = load_model(run / CKPT_DIR / "step_00000002.pt", weights="raw").net
-    last = load_model(run, weights="raw").net
-    ema = GeneratorEMA(early, decay=0.5)
-    ema.update(last)
-    state = load_checkpoint(run)
-    state["deblur_ema"] = ema.module.state_dict()
-    save_checkpoint(run, 4, state, keep=2)
     return run
 
 
@@ -215,7 +205,7 @@ def test_auto_takes_the_ema_weights_and_says_so(
     with caplog.at_level(logging.INFO, logger="hpcdeconv.inference.model"):
         auto = load_model(ema_run)
     assert auto.weights == "ema" and auto.step == 4
-    assert "using latest checkpoint (step 4)" in caplog.text and "EMA weights" in caplog.text
+    assert "using best checkpoint (step 4, psnr " in caplog.text and "EMA weights" in caplog.text
     raw = load_model(ema_run, weights="raw")
     assert raw.weights == "raw" and "trained (non-EMA) weights" in raw.describe()
     for k, v in state["deblur_ema"].items():
@@ -228,7 +218,11 @@ def test_auto_takes_the_ema_weights_and_says_so(
 
 
 def test_ema_refused_when_absent_and_when_not_finite(ema_run: Path, tmp_path: Path) -> None:
-    early = ema_run / CKPT_DIR / "step_00000002.pt"
+    # A checkpoint of a run without train.ema_decay.
+    early = tmp_path / "no_ema.pt"
+    plain = load_checkpoint(ema_run / CKPT_DIR / "step_00000002.pt")
+    del plain["deblur_ema"], plain["ema"]
+    torch.save(plain, early)
     assert load_model(early).weights == "raw"  # auto without an EMA: the trained weights
     with pytest.raises(InputError, match=r"holds no EMA weights .* use --weights raw"):
         load_model(early, weights="ema")
@@ -240,9 +234,10 @@ def test_ema_refused_when_absent_and_when_not_finite(ema_run: Path, tmp_path: Pa
     state["deblur_ema"]["head.bias"].fill_(float("nan"))
     state["step"] = 5
     save_checkpoint(run, 5, state)
+    fifth = run / CKPT_DIR / "step_00000005.pt"
     with pytest.raises(InputError, match="1 EMA generator weight"):
-        load_model(run)
-    assert load_model(run, weights="raw").step == 5
+        load_model(fifth)
+    assert load_model(fifth, weights="raw").step == 5
 
 
 def test_best_checkpoint_with_ema_is_described_whole(
