@@ -779,17 +779,19 @@ class MemoryNeed:
         The estimate in words, for error messages.
     limit
         Smallest memory limit of the connected workers in bytes; None for none.
+    where
+        The setting that gives the workers their limit.
     """
 
     need: int
     text: str
     limit: int | None
+    where: str = "cluster.memory_per_worker"
 
     @property
     def setting(self) -> str:
-        """``cluster.memory_per_worker=300 MiB``, or that it is unlimited."""
-        value = mib(self.limit) if self.limit else "unlimited"
-        return f"cluster.memory_per_worker={value}"
+        """``cluster.memory_per_worker=300MiB``, or that it is unlimited."""
+        return f"{self.where}={mib(self.limit) if self.limit else 'unlimited'}"
 
     def advice(self) -> str:
         """What to change; the finished blocks stay."""
@@ -798,11 +800,11 @@ class MemoryNeed:
             # The estimate fitted the limit, yet the workers ran out: it was too low.
             return (
                 f"one block was estimated at {self.text} but took more; raise "
-                f"cluster.memory_per_worker above {mib(self.limit)} or use a smaller --block "
+                f"{self.where} above {mib(self.limit)} or use a smaller --block "
                 f"({keep})"
             )
         return (
-            f"one block needs {self.text}; set cluster.memory_per_worker="
+            f"one block needs {self.text}; set {self.where}="
             f"{suggested_limit(self.need)} or more, or use a smaller --block ({keep})"
         )
 
@@ -857,18 +859,28 @@ def check_memory(
 ) -> MemoryNeed:
     """Refuse workers whose memory limit is below what one block needs.
 
+    The workers of a cluster started here have ``cluster.memory_per_worker``; those of an
+    existing scheduler (or dask-mpi ranks) were given theirs when started, e.g. by
+    ``dask worker --memory-limit``.
+
     Raises
     ------
     WorkerMemoryError
-        Naming ``cluster.memory_per_worker``, its value and the estimated need.
+        Naming the setting, its value and the estimated need.
     """
     workers = _wait_for_workers(client)
     limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
     threads = max((int(w.get("nthreads") or 1) for w in workers.values()), default=1)
     limit = min(limits) if limits and all(limits) else None
+    where = "cluster.memory_per_worker" if client.cluster is not None else _EXTERNAL_LIMIT
     need, text = block_memory(processor, plan, sources, threads)
-    check_worker_memory(limit, need, text)
-    return MemoryNeed(need, text, limit)
+    check_worker_memory(limit, need, text, where)
+    return MemoryNeed(need, text, limit, where)
+
+
+# Workers this client did not start (an existing scheduler) got their limit there; dask-mpi
+# ranks get cluster.memory_per_worker, checked before they start (check_memory_setting).
+_EXTERNAL_LIMIT = "dask worker --memory-limit"
 
 
 #: Seconds every worker may stay paused for memory while no block finishes.

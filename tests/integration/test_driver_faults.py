@@ -314,7 +314,7 @@ def external_cluster(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Pop
     """Start ``dask scheduler`` + ``dask worker`` processes; yield the scheduler file."""
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str) -> Path:
+    def start(name: str, memory: str = "2GiB") -> Path:
         file = tmp_path / f"{name}.json"
         log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         processes.append(
@@ -343,7 +343,7 @@ def external_cluster(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Pop
                     "--nthreads",
                     "1",
                     "--memory-limit",
-                    "2GiB",
+                    memory,
                     "--no-dashboard",
                 ),
                 env=_env(),
@@ -422,3 +422,25 @@ def test_killed_scheduler_ends_in_one_line_and_output_resumes(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{16 - len(done)} block(s) computed, {len(done)} already done" in proc.stdout
+
+
+def test_workers_of_an_existing_scheduler_below_a_block_are_refused(
+    external_cluster: Any, volume: Path, tmp_path: Path
+) -> None:
+    start_cluster, _ = external_cluster
+    scheduler = start_cluster("small", memory="300MiB")
+    psf = tmp_path / "psf.npy"
+    np.save(psf, np.ones((9, 9, 9), np.float32))
+    out = tmp_path / "out.zarr"
+    command = [*_hpcdeconv(), "rl", "--psf", str(psf), str(volume), "--output", str(out)]
+    command += ["--scheduler", _address(scheduler)]
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hpcdeconv rl: error:")]
+    assert len(lines) == 1
+    assert (
+        "dask worker --memory-limit=300MiB is too small: one dask worker needs ~366MiB" in lines[0]
+    )
+    assert "set dask worker --memory-limit=448MiB or more" in lines[0]
+    assert not out.exists()
