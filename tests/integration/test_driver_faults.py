@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,8 +310,12 @@ def _dask(*args: str) -> list[str]:
 
 
 @pytest.fixture
-def external_cluster(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]]]:
-    """Start ``dask scheduler`` + ``dask worker`` processes; yield the scheduler file."""
+def external_cluster(
+    tmp_path: Path,
+) -> Iterator[tuple[Callable[..., Path], list[subprocess.Popen[bytes]]]]:
+    """``start(name, memory)``: a ``dask scheduler`` and one ``dask worker`` process (one
+    thread, ``--memory-limit memory``), returning the scheduler file; and the processes,
+    scheduler first, all killed at the end."""
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, memory: str = "2GiB") -> Path:
@@ -357,7 +361,7 @@ def external_cluster(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Pop
         return file
 
     try:
-        yield start, processes  # type: ignore[misc]
+        yield start, processes
     finally:
         for process in processes:
             if process.poll() is None:
@@ -372,7 +376,7 @@ def _address(file: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_killed_scheduler_ends_in_one_line_and_output_resumes(
-    external_cluster: Any, tmp_path: Path
+    external_cluster: Any, client: Client, tmp_path: Path
 ) -> None:
     start_cluster, processes = external_cluster
     data = np.random.default_rng(5).random((32, 64, 256)).astype(np.float32)
@@ -422,6 +426,15 @@ def test_killed_scheduler_ends_in_one_line_and_output_resumes(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{16 - len(done)} block(s) computed, {len(done)} already done" in proc.stdout
+    # The blocks of both runs together equal one uninterrupted run.
+    plan = BlockPlan((32, 32, 32), (8, 8, 8), (32, 32, 32))
+    whole = tmp_path / "whole.zarr"
+    sources = open_sources([tmp_path / "in.zarr" / "blurred" / "v0"])
+    rl = RLProcessor(np.ones((5, 5, 5), np.float32), 40)
+    deconvolve_volumes(client, sources, whole, rl, plan, progress=False)
+    resumed = zarr.open_array(out / "deconvolved" / "v0" / "0", mode="r")[...]
+    expected = zarr.open_array(whole / "deconvolved" / "v0" / "0", mode="r")[...]
+    np.testing.assert_allclose(resumed, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_workers_of_an_existing_scheduler_below_a_block_are_refused(
