@@ -996,10 +996,11 @@ class _ClusterWatch:
 
     Two signs, both reset by every finished block: workers that vanish (a nanny kills a
     worker at the ``terminate`` fraction of its limit and starts another) more often than
-    there are workers, at least twice; and every worker paused for memory for
-    :data:`PAUSED_LIMIT_S`. dask itself gives up on a task only after
-    ``allowed-failures`` + 1 killed workers, each restart reloading torch (15-20 s apiece
-    on a busy 2-core node), so the first sign ends the run sooner.
+    there are workers, at least twice; and every worker paused for memory and running
+    nothing for :data:`PAUSED_LIMIT_S` (a worker paused during a block still finishes it).
+    dask itself gives up on a task only after ``allowed-failures`` + 1 killed workers, each
+    restart reloading torch (15-20 s apiece on a busy 2-core node), so the first sign ends
+    the run sooner.
     """
 
     def __init__(self, client: Client, memory: MemoryNeed) -> None:
@@ -1044,15 +1045,22 @@ class _ClusterWatch:
                 f"{self.lost} dask workers died while no block finished, most likely killed "
                 f"for exceeding {self.memory.setting}; {self.memory.advice()}"
             )
-        paused = bool(workers) and all(w.get("status") == "paused" for w in workers.values())
-        if not paused:
+        # A paused worker still finishes the blocks it runs; only paused and idle is stuck.
+        stuck = bool(workers) and all(_paused_idle(w) for w in workers.values())
+        if not stuck:
             self.progress = now
         elif now - self.progress > PAUSED_LIMIT_S:
             raise WorkerMemoryError(
-                f"every dask worker has been paused for memory for {PAUSED_LIMIT_S:g} s "
-                f"(at {_pause_fraction():.0%} of {self.memory.setting}) with no block "
-                f"finishing; {self.memory.advice()}"
+                f"every dask worker has been paused for memory, running nothing, for "
+                f"{PAUSED_LIMIT_S:g} s (at {_pause_fraction():.0%} of {self.memory.setting}); "
+                f"{self.memory.advice()}"
             )
+
+
+def _paused_idle(worker: Mapping[str, Any]) -> bool:
+    """Whether a worker (the scheduler's record of it) is paused and runs no task."""
+    counts = (worker.get("metrics") or {}).get("task_counts") or {}
+    return worker.get("status") == "paused" and not counts.get("executing")
 
 
 def _pause_fraction() -> float:

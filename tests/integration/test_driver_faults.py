@@ -291,7 +291,7 @@ def test_workers_paused_for_memory_end_in_one_line(
     seconds = time.monotonic() - start
     message = str(err.value)
     print(f"paused for memory: error after {seconds:.1f} s")
-    assert "every dask worker has been paused for memory for 5 s" in message
+    assert "every dask worker has been paused for memory, running nothing, for 5 s" in message
     assert "cluster.memory_per_worker=700MiB" in message
     assert "one block was estimated at ~320MiB" in message
     assert seconds < 60
