@@ -17,18 +17,21 @@ U-Net c=4, d=2, tile 64      87^3 / 110^3    183 MiB            211 MiB
 U-Net c=4, d=2, tile 64      151^3 / 174^3   228 MiB            270 MiB
 U-Net c=16, d=3, tile 64     115^3 / 166^3   322 MiB            383 MiB
 U-Net c=16, d=3, tile 64     179^3 / 230^3   405 MiB            495 MiB
-RL, 7^3 PSF                  41^3 / 47^3     19 MiB             27 MiB
-RL, 7^3 PSF                  85^3 / 91^3     59 MiB             73 MiB
-RL, 7^3 PSF                  149^3 / 155^3   244 MiB            275 MiB
-TV-RL, 7^3 PSF               149^3 / 155^3   359 MiB            417 MiB
+RL, 7^3 PSF                  41^3 / 47^3     19 MiB             48 MiB
+RL, 7^3 PSF                  85^3 / 91^3     59 MiB             97 MiB
+RL, 7^3 PSF                  106^3 / 112^3   96-120 MiB         147 MiB
+RL, 7^3 PSF                  149^3 / 155^3   244 MiB            324 MiB
+RL, 31^3 PSF                 160^3 / 190^3   379 MiB            563 MiB
+TV-RL, 7^3 PSF               149^3 / 155^3   359 MiB            466 MiB
+TV-RL, 31^3 PSF              160^3 / 190^3   464 MiB            825 MiB
 ===========================  ==============  =================  =============
 
 (read / padded: the block's read region and the padded block for networks, the FFT shape
 for RL.) ``tests/integration/test_driver_faults.py`` measures a block of each kind again
 and requires the estimate to lie between the measured need and three times it.
 
-The process before the block held 287-309 MiB (mostly torch's libraries), a dask worker a
-little more: :data:`WORKER_BASE_BYTES`.
+The process before the block held 287-309 MiB (mostly torch's libraries); an idle dask
+worker 287 MiB, 309-333 MiB after 125 tiny blocks: :data:`WORKER_BASE_BYTES`.
 """
 
 from __future__ import annotations
@@ -53,11 +56,16 @@ NETWORK_TILE_CHANNEL_BYTES = 40
 #: Network processor, per voxel of the padded block (block + 2 x halo): the padded
 #: input, its tile-multiple padding and the float32 stitch accumulators (fitted 11-12 B).
 NETWORK_PADDED_BYTES = 16
-#: Richardson-Lucy, fixed part: pocketfft plans and scratch (fitted 13-18 MiB).
-RL_FIXED_BYTES = 20 * MiB
+#: Richardson-Lucy, fixed part: pocketfft plans and scratch (fitted 13-18 MiB), plus the
+#: spread of repeated runs (one 106^3 block peaked 96-120 MiB over the process before it:
+#: glibc's moving mmap threshold keeps some freed buffers in the heap).
+RL_FIXED_BYTES = 40 * MiB
 #: Richardson-Lucy, per voxel of the FFT shape (read region + PSF - 1 per axis): estimate,
 #: blurred estimate, ratio, complex spectra and the OTFs (fitted 62-65 B: ~16 float32).
-RL_FFT_BYTES = 72
+#: Inside a dask worker (one malloc arena, no trimming) the same 160^3 block with a 31^3
+#: PSF reached ~460 MiB over the idle worker against 379 MiB in a plain process, hence
+#: the margin.
+RL_FFT_BYTES = 80
 #: TV-regularised RL, more per FFT voxel: gradient components and the divergence
 #: (measured +128 MiB for a 155^3 FFT shape, 36 B; rounded up).
 RL_TV_FFT_BYTES = 40

@@ -32,8 +32,8 @@ def test_estimates_grow_with_block_tile_channels_and_tv() -> None:
     assert network_block_bytes((64,) * 3, (64,) * 3, 16) > small
     assert network_block_bytes((64,) * 3, (64,) * 3, 4, batch_size=2) > small
     assert rl_block_bytes((64,) * 3, (7,) * 3, tv=True) > rl_block_bytes((64,) * 3, (7,) * 3)
-    # 20 MiB + 72 B x 70^3 voxels of the FFT shape.
-    assert rl_block_bytes((64,) * 3, (7,) * 3) == 20 * MiB + 72 * 70**3
+    # 40 MiB + 80 B x 70^3 voxels of the FFT shape.
+    assert rl_block_bytes((64,) * 3, (7,) * 3) == 40 * MiB + 80 * 70**3
     assert worker_need(100 * MiB, 2) == 520 * MiB
 
 
