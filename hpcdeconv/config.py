@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -670,6 +671,19 @@ class ClusterConfig(StrictModel):
     walltime: str = "01:00:00"
     gpus_per_worker: Annotated[int, Field(ge=0)] = 0
     dashboard: bool = True
+
+    @field_validator("memory_per_worker")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        # Read here so that a typo fails when the configuration loads, not in dask.
+        from dask.utils import parse_bytes
+
+        if value.strip().lower() != "auto":
+            try:
+                parse_bytes(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a size such as 4GiB or 'auto'") from None
+        return value
 
     @model_validator(mode="after")
     def _scheduler_given(self) -> ClusterConfig:

@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         BlockPlan,
         NetworkProcessor,
         check_halo,
+        check_memory_setting,
         check_output,
         check_plan,
         deconvolve_volumes,
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             "method": model.config.method.name,
             "config": cfg.model_dump(mode="json"),
         }
+        check_memory_setting(cfg.cluster, processor, plan, sources)
         with open_client(cfg.cluster) as client:
             print_client(client, cfg.cluster)
             report = deconvolve_volumes(

@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         BlockPlan,
         RLProcessor,
         check_halo,
+        check_memory_setting,
         check_output,
         check_plan,
         deconvolve_volumes,
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
         richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
         provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}
+        check_memory_setting(cfg.cluster, processor, plan, sources)
         with open_client(cfg.cluster) as client:
             print_client(client, cfg.cluster)
             report = deconvolve_volumes(

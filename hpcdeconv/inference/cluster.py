@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from distributed import Client
 
 from hpcdeconv.config import ClusterConfig
-from hpcdeconv.errors import ConfigError
+from hpcdeconv.errors import ConfigError, HpcdeconvError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,24 @@ _SPAWN_ENVIRON_KEY = "distributed.nanny.pre-spawn-environ"
 _WORKER_ENVIRON_EXPORT = (
     f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(repr(_SPAWN_ENVIRON))}"
 )
+
+
+class SchedulerLostError(HpcdeconvError):
+    """The connection to the dask scheduler was lost during a run."""
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence loggers for a while (restoring their levels after)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def _visible_gpus() -> int:
@@ -213,6 +231,8 @@ def open_client(cfg: ClusterConfig, timeout: float = CONNECT_TIMEOUT_S) -> Itera
     ------
     ConfigError
         The scheduler cannot be reached, or an MPI job has fewer than 3 ranks.
+    SchedulerLostError
+        Passed on from the body, after the client is closed quietly.
     """
     with ExitStack() as stack:
         if cfg.kind == "local":
@@ -223,7 +243,14 @@ def open_client(cfg: ClusterConfig, timeout: float = CONNECT_TIMEOUT_S) -> Itera
             client = _slurm_client(cfg, stack)
         else:
             client = _mpi_client(cfg, stack, timeout)
-        yield client
+        try:
+            yield client
+        except SchedulerLostError:
+            # Closing a client whose scheduler is gone cancels its reconnection attempts,
+            # which dask logs as tracebacks; the error line already says what happened.
+            with _quiet("distributed.client", "distributed.comm", "distributed.core"):
+                stack.close()
+            raise
 
 
 def dashboard_url(client: Client, cfg: ClusterConfig) -> str | None:

@@ -24,6 +24,7 @@ radius ``r``; its blocks match whole-volume RL to within the error documented in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -42,11 +44,11 @@ import numpy as np
 import tifffile
 import torch
 import zarr
-from distributed import Client, as_completed
+from distributed import Client, KilledWorker, wait
 from tqdm import tqdm
 
 from hpcdeconv import __version__
-from hpcdeconv.config import CodecConfig
+from hpcdeconv.config import ClusterConfig, CodecConfig
 from hpcdeconv.data.ngff import LEVEL0, add_pyramid, create_image
 from hpcdeconv.data.opener import open_image, read_region
 from hpcdeconv.data.zarr_io import (
@@ -56,9 +58,21 @@ from hpcdeconv.data.zarr_io import (
     open_dataset,
 )
 from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExistsError
-from hpcdeconv.inference.cluster import GPU_RESOURCE, workers_declare_gpus
+from hpcdeconv.inference.cluster import GPU_RESOURCE, SchedulerLostError, workers_declare_gpus
 from hpcdeconv.inference.frozen import inference_network
 from hpcdeconv.inference.manifest import Manifest
+from hpcdeconv.inference.memory import (
+    WorkerMemoryError,
+    check_worker_memory,
+    describe_need,
+    mib,
+    network_block_bytes,
+    parse_limit,
+    rl_block_bytes,
+    suggested_limit,
+    terminate_fraction,
+    worker_need,
+)
 from hpcdeconv.inference.model import LoadedModel, load_model
 from hpcdeconv.inference.predict import Model, PredictSettings, predict_block
 from hpcdeconv.inference.tiling import BlendMode, Block, Slices, block_grid
@@ -377,6 +391,14 @@ def file_sha256(path: Path) -> str:
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _first_level_channels(model: LoadedModel) -> int:
+    """Feature channels of G_Θ's first level: its first convolution's outputs."""
+    for module in model.net.modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return int(module.out_channels)
+    return 1
+
+
 @dataclass(frozen=True)
 class NetworkProcessor:
     """Tiled inference of a checkpoint's deblurring generator G_Θ inside each block.
@@ -410,6 +432,7 @@ class NetworkProcessor:
     freeze: bool = True
     client_pid: int = field(default_factory=os.getpid)
     weights: Literal["raw", "ema"] = "raw"
+    channels: int = 16
 
     @classmethod
     def from_model(
@@ -441,7 +464,17 @@ class NetworkProcessor:
             threads,
             freeze,
             weights=model.weights,
+            channels=_first_level_channels(model),
         )
+
+    def block_bytes(self, block: Block) -> int:
+        """Estimated memory of one block on a worker (:mod:`~hpcdeconv.inference.memory`)."""
+        padded = [
+            s.stop - s.start + before + after
+            for s, (before, after) in zip(block.read, block.pad, strict=True)
+        ]
+        tile = [min(t, n) for t, n in zip(self.settings.rounded_tile, padded, strict=True)]
+        return network_block_bytes(padded, tile, self.channels, self.settings.batch_size)
 
     @property
     def nonfinite_advice(self) -> str:
@@ -512,6 +545,11 @@ class RLProcessor:
             "tv": self.tv,
             "boundary": self.boundary,
         }
+
+    def block_bytes(self, block: Block) -> int:
+        """Estimated memory of one block on a worker (:mod:`~hpcdeconv.inference.memory`)."""
+        read = [s.stop - s.start for s in block.read]
+        return rl_block_bytes(read, self.psf.shape, tv=self.tv > 0)
 
     @property
     def nonfinite_advice(self) -> str:
@@ -732,10 +770,158 @@ def _raise_for(
 
 
 def _task_resources(client: Client) -> dict[str, int] | None:
+    _wait_for_workers(client)
+    return {GPU_RESOURCE: 1} if workers_declare_gpus(client) else None
+
+
+def _wait_for_workers(client: Client) -> dict[str, Any]:
+    """The scheduler's workers, once at least one has connected."""
     if not client.scheduler_info(n_workers=-1).get("workers"):
         logger.info("waiting for the first dask worker to connect")
         client.wait_for_workers(1)
-    return {GPU_RESOURCE: 1} if workers_declare_gpus(client) else None
+    return client.scheduler_info(n_workers=-1).get("workers", {})
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one worker needs for the blocks of a run, and the workers' limit.
+
+    Attributes
+    ----------
+    need
+        Estimated bytes of one worker running ``threads`` blocks at once.
+    text
+        The estimate in words, for error messages.
+    limit
+        Smallest memory limit of the connected workers in bytes; None for none.
+    where
+        The setting that gives the workers their limit.
+    """
+
+    need: int
+    text: str
+    limit: int | None
+    where: str = "cluster.memory_per_worker"
+
+    @property
+    def setting(self) -> str:
+        """``cluster.memory_per_worker=300MiB``, or that it is unlimited."""
+        return f"{self.where}={mib(self.limit) if self.limit else 'unlimited'}"
+
+    def advice(self) -> str:
+        """What to change; the finished blocks stay."""
+        keep = "finished blocks are kept: run again with --resume"
+        if self.limit and self.need <= self.limit * terminate_fraction():
+            # The estimate fitted the limit, yet the workers ran out: it was too low.
+            return (
+                f"one block was estimated at {self.text} but took more; raise "
+                f"{self.where} above {mib(self.limit)} or use a smaller --block "
+                f"({keep})"
+            )
+        return (
+            f"one block needs {self.text}; set {self.where}="
+            f"{suggested_limit(self.need)} or more, or use a smaller --block ({keep})"
+        )
+
+
+def block_memory(
+    processor: BlockProcessor, plan: BlockPlan, sources: Sequence[VolumeSource], threads: int
+) -> tuple[int, str]:
+    """Estimated bytes of one worker for the largest block of ``sources``, and in words.
+
+    Processors without ``block_bytes`` count as the worker alone.
+    """
+    estimate = getattr(processor, "block_bytes", None)
+    largest, shape = 0, plan.block
+    for source in sources:
+        for block in plan.grid(source.shape):
+            size = estimate(block) if estimate is not None else 0
+            if size > largest:
+                largest, shape = size, tuple(s.stop - s.start for s in block.write)
+    need = worker_need(largest, threads)
+    return need, describe_need(need, largest, threads, shape)
+
+
+def check_memory_setting(
+    cluster: ClusterConfig,
+    processor: BlockProcessor,
+    plan: BlockPlan,
+    sources: Sequence[VolumeSource],
+) -> None:
+    """Refuse ``cluster.memory_per_worker`` below one block's need before a cluster starts.
+
+    A cluster started here (local, SLURM, MPI) gives its workers this limit; the workers
+    of an existing scheduler are checked once connected (:func:`check_memory`).
+
+    Raises
+    ------
+    ConfigError
+        An unreadable size.
+    WorkerMemoryError
+        Naming ``cluster.memory_per_worker``, its value and the estimated need.
+    """
+    if cluster.kind == "scheduler":
+        return
+    need, text = block_memory(processor, plan, sources, cluster.threads_per_worker)
+    check_worker_memory(parse_limit(cluster.memory_per_worker), need, text)
+
+
+def check_memory(
+    client: Client,
+    processor: BlockProcessor,
+    plan: BlockPlan,
+    sources: Sequence[VolumeSource],
+) -> MemoryNeed:
+    """Refuse workers whose memory limit is below what one block needs.
+
+    The workers of a cluster started here have ``cluster.memory_per_worker``; those of an
+    existing scheduler (or dask-mpi ranks) were given theirs when started, e.g. by
+    ``dask worker --memory-limit``.
+
+    Raises
+    ------
+    WorkerMemoryError
+        Naming the setting, its value and the estimated need.
+    """
+    workers = _wait_for_workers(client)
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    threads = max((int(w.get("nthreads") or 1) for w in workers.values()), default=1)
+    limit = min(limits) if limits and all(limits) else None
+    where = "cluster.memory_per_worker" if client.cluster is not None else _EXTERNAL_LIMIT
+    need, text = block_memory(processor, plan, sources, threads)
+    check_worker_memory(limit, need, text, where)
+    return MemoryNeed(need, text, limit, where)
+
+
+# Workers this client did not start (an existing scheduler) got their limit there; dask-mpi
+# ranks get cluster.memory_per_worker, checked before they start (check_memory_setting).
+_EXTERNAL_LIMIT = "dask worker --memory-limit"
+
+
+#: Seconds every worker may stay paused for memory while no block finishes.
+PAUSED_LIMIT_S = 30.0
+#: Seconds between looks at the workers while blocks run.
+_POLL_S = 1.0
+
+
+def _scheduler_lost(client: Client) -> SchedulerLostError:
+    address = getattr(client.scheduler, "address", None) or "?"
+    return SchedulerLostError(
+        f"lost the dask scheduler at {address} during the run; finished blocks are kept: "
+        "run again with --resume"
+    )
+
+
+def _killed(source: VolumeSource, block: Block, memory: MemoryNeed) -> WorkerMemoryError:
+    """The one-line error for a block whose workers kept dying (dask's ``KilledWorker``)."""
+    import dask
+
+    attempts = int(dask.config.get("distributed.scheduler.allowed-failures")) + 1
+    where = f"{source.path}: block {block.index} ({_region_text(block)})"
+    return WorkerMemoryError(
+        f"{where}: {attempts} dask workers died running it, most likely killed for "
+        f"exceeding {memory.setting}; {memory.advice()}"
+    )
 
 
 def _run_blocks(
@@ -746,8 +932,15 @@ def _run_blocks(
     retries: int,
     manifest: Manifest,
     bar: tqdm,
+    memory: MemoryNeed,
 ) -> int:
-    """Submit one task per block, record each as it finishes; returns the voxels written."""
+    """Submit one task per block, record each as it finishes; returns the voxels written.
+
+    Whatever the cluster does to the run ends it in one :class:`HpcdeconvError`: workers
+    killed again and again (dask's ``KilledWorker``), every worker paused for memory with no
+    block finishing for :data:`PAUSED_LIMIT_S`, or the scheduler gone. Finished blocks are
+    recorded first, so ``--resume`` continues from them.
+    """
     if not work:
         return 0
     run_id = uuid.uuid4().hex[:8]
@@ -769,20 +962,134 @@ def _run_blocks(
         for source, flat, block in work
     }
     voxels = 0
+    pending = set(futures)
+    watch = _ClusterWatch(client, memory)
     try:
-        for future in as_completed(futures):
-            outcome: BlockOutcome = future.result()
-            _raise_for(outcome, *futures[future], processor)
-            manifest.mark(outcome.name, outcome.flat)
-            voxels += outcome.voxels
-            bar.update(1)
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=_POLL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            for future in done:
+                if future.status == "cancelled" or client.status != "running":
+                    raise _scheduler_lost(client)
+                try:
+                    outcome: BlockOutcome = future.result()
+                except KilledWorker:
+                    raise _killed(*futures[future], memory) from None
+                _raise_for(outcome, *futures[future], processor)
+                manifest.mark(outcome.name, outcome.flat)
+                voxels += outcome.voxels
+                bar.update(1)
+                watch.finished()
+            if pending:
+                watch.look()
+    except SchedulerLostError:
+        raise
+    except CancelledError as exc:
+        # dask cancels every future of a client that lost its scheduler.
+        if client.status != "running" or "scheduler-connection-lost" in str(exc):
+            raise _scheduler_lost(client) from None
+        raise SchedulerLostError(
+            "the run's dask tasks were cancelled on the scheduler (by another client?); "
+            "finished blocks are kept: run again with --resume"
+        ) from None
+    except OSError:  # CommClosedError included
+        # A look at the workers failed: the scheduler is gone.
+        raise _scheduler_lost(client) from None
     except BaseException:
-        client.cancel([*futures, shared])
+        _cancel(client, [*futures, shared])
         raise
     finally:
         manifest.flush()
     shared.release()
     return voxels
+
+
+class _ClusterWatch:
+    """Ends a run that makes no progress because its workers run out of memory.
+
+    Two signs, both reset by every finished block: workers that vanish (a nanny kills a
+    worker at the ``terminate`` fraction of its limit and starts another) more often than
+    there are workers, at least twice; and every worker paused for memory and running
+    nothing for :data:`PAUSED_LIMIT_S` (a worker paused during a block still finishes it).
+    dask itself gives up on a task only after ``allowed-failures`` + 1 killed workers, each
+    restart reloading torch (15-20 s apiece on a busy 2-core node), so the first sign ends
+    the run sooner.
+    """
+
+    def __init__(self, client: Client, memory: MemoryNeed) -> None:
+        self.client = client
+        self.memory = memory
+        self.progress = time.monotonic()
+        self.last_look = 0.0
+        self.workers: set[str] = set()
+        self.lost = 0
+        self.most = 1
+
+    def finished(self) -> None:
+        """A block finished: the run progresses."""
+        self.progress = time.monotonic()
+        self.lost = 0
+
+    def look(self) -> None:
+        """Look at the workers (at most once per :data:`_POLL_S`).
+
+        Raises
+        ------
+        SchedulerLostError
+            The client lost its scheduler.
+        WorkerMemoryError
+            Workers keep dying, or all stay paused, with no block finishing.
+        OSError
+            The scheduler does not answer.
+        """
+        now = time.monotonic()
+        if now - self.last_look < _POLL_S:
+            return
+        self.last_look = now
+        if self.client.status != "running":
+            raise _scheduler_lost(self.client)
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        current = set(workers)
+        self.lost += len(self.workers - current)
+        self.workers = current
+        self.most = max(self.most, len(current))
+        if self.lost >= max(2, self.most + 1):
+            raise WorkerMemoryError(
+                f"{self.lost} dask workers died while no block finished, most likely killed "
+                f"for exceeding {self.memory.setting}; {self.memory.advice()}"
+            )
+        # A paused worker still finishes the blocks it runs; only paused and idle is stuck.
+        stuck = bool(workers) and all(_paused_idle(w) for w in workers.values())
+        if not stuck:
+            self.progress = now
+        elif now - self.progress > PAUSED_LIMIT_S:
+            raise WorkerMemoryError(
+                f"every dask worker has been paused for memory, running nothing, for "
+                f"{PAUSED_LIMIT_S:g} s (at {_pause_fraction():.0%} of {self.memory.setting}); "
+                f"{self.memory.advice()}"
+            )
+
+
+def _paused_idle(worker: Mapping[str, Any]) -> bool:
+    """Whether a worker (the scheduler's record of it) is paused and runs no task."""
+    counts = (worker.get("metrics") or {}).get("task_counts") or {}
+    return worker.get("status") == "paused" and not counts.get("executing")
+
+
+def _pause_fraction() -> float:
+    import dask
+
+    return float(dask.config.get("distributed.worker.memory.pause") or 1.0)
+
+
+def _cancel(client: Client, futures: list[Any]) -> None:
+    """Cancel the run's tasks if the scheduler still answers."""
+    if client.status != "running":
+        return
+    with contextlib.suppress(OSError, TimeoutError):
+        client.cancel(futures)
 
 
 def deconvolve_volumes(
@@ -846,6 +1153,8 @@ def deconvolve_volumes(
         "processor": processor.fingerprint,
         **(provenance or {}),
     }
+    # Before anything is written: workers too small for one block would be killed in a loop.
+    memory = check_memory(client, processor, plan, sources)
     manifest = prepare_output(output, sources, plan, fingerprint, provenance, mode)
     grids = {s.name: plan.grid(s.shape) for s in sources}
     total = sum(len(g) for g in grids.values())
@@ -861,7 +1170,7 @@ def deconvolve_volumes(
     with tqdm(
         total=total, initial=skipped, unit="block", disable=not progress, smoothing=0.1
     ) as bar:
-        voxels = _run_blocks(client, work, output, processor, plan.retries, manifest, bar)
+        voxels = _run_blocks(client, work, output, processor, plan.retries, manifest, bar, memory)
     report = RunReport(
         outputs=tuple(output / OUTPUT_GROUP / s.name for s in sources),
         total_blocks=total,

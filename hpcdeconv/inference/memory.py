@@ -1,0 +1,189 @@
+"""What one dask worker needs in memory to process blocks, checked before a run starts.
+
+A dask worker is paused when its process memory reaches the ``pause`` fraction of its
+limit (no new task starts) and killed by its nanny at the ``terminate`` fraction (its tasks
+are retried elsewhere, up to ``distributed.scheduler.allowed-failures`` times). A limit
+below what one block needs therefore either restarts workers in a loop or pauses them for
+good; :func:`check_worker_memory` refuses such a limit before any block is submitted.
+
+The estimate is measured, not derived: peak RSS of a fresh CPU process (torch, dask,
+zarr and the driver imported, one torch thread) running one real block, less the RSS
+before the block. Measured on a 2-core x86-64 Linux machine, torch 2 CPU, Dec 2026:
+
+===========================  ==============  =================  =============
+processor                    read / padded   measured block     estimate
+===========================  ==============  =================  =============
+U-Net c=4, d=2, tile 64      87^3 / 110^3    183 MiB            211 MiB
+U-Net c=4, d=2, tile 64      151^3 / 174^3   228 MiB            270 MiB
+U-Net c=16, d=3, tile 64     115^3 / 166^3   322 MiB            383 MiB
+U-Net c=16, d=3, tile 64     179^3 / 230^3   405 MiB            495 MiB
+RL, 7^3 PSF                  41^3 / 47^3     19 MiB             48 MiB
+RL, 7^3 PSF                  85^3 / 91^3     59 MiB             97 MiB
+RL, 7^3 PSF                  106^3 / 112^3   96-120 MiB         147 MiB
+RL, 7^3 PSF                  149^3 / 155^3   244 MiB            324 MiB
+RL, 31^3 PSF                 160^3 / 190^3   379 MiB            563 MiB
+TV-RL, 7^3 PSF               149^3 / 155^3   359 MiB            466 MiB
+TV-RL, 31^3 PSF              160^3 / 190^3   464 MiB            825 MiB
+===========================  ==============  =================  =============
+
+(read / padded: the block's read region and the padded block for networks, the FFT shape
+for RL.) ``tests/integration/test_driver_faults.py`` measures a block of each kind again
+and requires the estimate to lie between the measured need and three times it.
+
+The process before the block held 287-309 MiB (mostly torch's libraries); an idle dask
+worker 287 MiB, 309-333 MiB after 125 tiny blocks: :data:`WORKER_BASE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from dask.utils import parse_bytes
+
+from hpcdeconv.errors import ConfigError, HpcdeconvError
+
+MiB = 2**20
+#: RSS of an idle CPU worker process once torch, zarr and the driver are imported
+#: (287-309 MiB measured in a plain process; the worker's own state adds ~10 MiB).
+WORKER_BASE_BYTES = 320 * MiB
+#: Network processor, fixed part: the frozen TorchScript trace, oneDNN's scratch and the
+#: thread pool (fitted 133-135 MiB from two widths, rounded up).
+NETWORK_FIXED_BYTES = 150 * MiB
+#: Network processor, per voxel of one batch of tiles and feature channel at full
+#: resolution: the U-Net's activations (fitted 35 B: ~9 float32 maps per channel).
+NETWORK_TILE_CHANNEL_BYTES = 40
+#: Network processor, per voxel of the padded block (block + 2 x halo): the padded
+#: input, its tile-multiple padding and the float32 stitch accumulators (fitted 11-12 B).
+NETWORK_PADDED_BYTES = 16
+#: Richardson-Lucy, fixed part: pocketfft plans and scratch (fitted 13-18 MiB), plus the
+#: spread of repeated runs (one 106^3 block peaked 96-120 MiB over the process before it:
+#: glibc's moving mmap threshold keeps some freed buffers in the heap).
+RL_FIXED_BYTES = 40 * MiB
+#: Richardson-Lucy, per voxel of the FFT shape (read region + PSF - 1 per axis): estimate,
+#: blurred estimate, ratio, complex spectra and the OTFs (fitted 62-65 B: ~16 float32).
+#: Inside a dask worker (one malloc arena, no trimming) the same 160^3 block with a 31^3
+#: PSF reached ~460 MiB over the idle worker against 379 MiB in a plain process, hence
+#: the margin.
+RL_FFT_BYTES = 80
+#: TV-regularised RL, more per FFT voxel: gradient components and the divergence
+#: (measured +128 MiB for a 155^3 FFT shape, 36 B; rounded up).
+RL_TV_FFT_BYTES = 40
+
+
+class WorkerMemoryError(HpcdeconvError):
+    """The dask workers' memory limit is below what one block needs."""
+
+
+def network_block_bytes(
+    padded: Sequence[int], tile: Sequence[int], channels: int, batch_size: int = 1
+) -> int:
+    """Estimated working set of one block of network inference, in bytes.
+
+    Parameters
+    ----------
+    padded
+        Padded block ``(Z, Y, X)``: block + 2 x halo per axis.
+    tile
+        Network input tile ``(Z, Y, X)``.
+    channels
+        Feature channels of the U-Net's first level.
+    batch_size
+        Tiles per forward pass.
+    """
+    tile_voxels = math.prod(tile) * batch_size
+    return (
+        NETWORK_FIXED_BYTES
+        + NETWORK_TILE_CHANNEL_BYTES * tile_voxels * channels
+        + NETWORK_PADDED_BYTES * math.prod(padded)
+    )
+
+
+def rl_block_bytes(read: Sequence[int], psf: Sequence[int], tv: bool = False) -> int:
+    """Estimated working set of Richardson-Lucy on one block's read region ``(Z, Y, X)``."""
+    fft_voxels = math.prod(r + k - 1 for r, k in zip(read, psf, strict=True))
+    per_voxel = RL_FFT_BYTES + (RL_TV_FFT_BYTES if tv else 0)
+    return RL_FIXED_BYTES + per_voxel * fft_voxels
+
+
+def mib(size: int) -> str:
+    """``size`` bytes as ``'590MiB'``."""
+    return f"{size / MiB:.0f}MiB"
+
+
+def worker_need(block_bytes: int, threads: int) -> int:
+    """Memory of one worker running ``threads`` blocks at once, in bytes."""
+    return WORKER_BASE_BYTES + threads * block_bytes
+
+
+def terminate_fraction() -> float:
+    """Fraction of its limit at which a worker's nanny kills it (dask configuration)."""
+    import dask
+    import distributed  # noqa: F401 - loads distributed's defaults into dask.config
+
+    value = dask.config.get("distributed.worker.memory.terminate")
+    return float(value) if value else 1.0
+
+
+def describe_need(need: int, block_bytes: int, threads: int, block: Sequence[int]) -> str:
+    """``~590 MiB (worker ~320 MiB + 1 x block (128, 128, 128) ~270 MiB)``."""
+    return (
+        f"~{mib(need)} (worker ~{mib(WORKER_BASE_BYTES)} + {threads} x "
+        f"block {tuple(block)} ~{mib(block_bytes)})"
+    )
+
+
+def suggested_limit(need: int) -> str:
+    """A ``cluster.memory_per_worker`` value that holds ``need`` below the kill threshold."""
+    limit = need / terminate_fraction()
+    return f"{math.ceil(limit / (64 * MiB)) * 64}MiB"
+
+
+def check_worker_memory(
+    limit: int | None, need: int, need_text: str, where: str = "cluster.memory_per_worker"
+) -> None:
+    """Refuse a worker memory limit below ``need`` (plus dask's margin before a kill).
+
+    Parameters
+    ----------
+    limit
+        The workers' memory limit in bytes; ``None`` or 0 for none.
+    need
+        Estimated bytes one worker needs (:func:`worker_need`).
+    need_text
+        The estimate in words (:func:`describe_need`).
+    where
+        The setting that fixes it.
+
+    Raises
+    ------
+    WorkerMemoryError
+        ``limit`` times the terminate fraction is below ``need``.
+    """
+    if not limit or limit * terminate_fraction() >= need:
+        return
+    raise WorkerMemoryError(
+        f"{where}={mib(limit)} is too small: one dask worker needs {need_text} "
+        f"and is killed at {terminate_fraction():.0%} of its limit; set {where}="
+        f"{suggested_limit(need)} or more, or use a smaller --block"
+    )
+
+
+def parse_limit(text: str | int | None) -> int | None:
+    """``cluster.memory_per_worker`` in bytes; ``None`` for no limit (``0``, ``none``, ``auto``
+    is left to dask and not checked).
+
+    Raises
+    ------
+    ConfigError
+        An unreadable size.
+    """
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("auto", "none", "")):
+        return None
+    try:
+        value = int(parse_bytes(text)) if isinstance(text, str) else int(text)
+    except ValueError:
+        raise ConfigError(
+            f"cluster.memory_per_worker={text!r} is not a size such as 4GiB"
+        ) from None
+    return value or None
