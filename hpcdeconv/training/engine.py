@@ -139,6 +139,7 @@ class Trainer:
             seed=cfg.train.seed + 7919 * strategy.rank,
             checkpointing=cfg.train.grad_checkpointing,
             voxel_size=self.feed.voxel_size,
+            data_means=self.feed.data_means(),
         )
         self.feed.require(paired=self.method.paired)
         # The run directory is made (or emptied) only once the data and the method are
