@@ -402,6 +402,11 @@ class UNetConfig(StrictModel):
     channels: PositiveInt = 16
     depth: PositiveInt = 3
     final_activation: Literal["sigmoid", "none"] = "sigmoid"
+    # "data": the untrained output starts at the training data's mean of the domain it
+    # maps into (UNet.start_at); "default": PyTorch's initialisation, where a sigmoid head
+    # starts at 0.5 whatever the data. Only a fresh run's start changes; resuming loads
+    # the weights over it.
+    head_init: Literal["data", "default"] = "data"
     # Instance norm (the paper's choice) makes outputs depend on the whole tile;
     # "none" gives a strictly local network whose tiled inference is exact.
     norm: Literal["instance", "none"] = "instance"

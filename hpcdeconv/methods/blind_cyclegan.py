@@ -9,6 +9,7 @@ of a second deep network, so only G_Θ is deep.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,13 @@ class BlindCycleGAN(CycleGANMethod):
         seed: int,
         checkpointing: bool,
         voxel_size: tuple[float, ...],
+        data_means: Mapping[str, float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.voxel_size = voxel_size
         self.kernel = build_psf_layer(cfg.kernel, dataset_psf, learnable=True)
         super().__init__(
-            deblur=build_unet(cfg.generator, checkpointing),
+            deblur=build_unet(cfg.generator, checkpointing, (data_means or {}).get("x")),
             blur=self.kernel,
             discs={
                 "x": build_discriminator(cfg.discriminator),

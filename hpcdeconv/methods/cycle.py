@@ -24,9 +24,22 @@ from hpcdeconv.models.discriminators import MultiScalePatchGAN
 from hpcdeconv.models.unet import UNet
 
 
-def build_unet(cfg: UNetConfig, checkpointing: bool) -> UNet:
-    """The 3D U-Net generator of the seed paper from its configuration."""
-    return UNet(
+def build_unet(cfg: UNetConfig, checkpointing: bool, start_mean: float | None = None) -> UNet:
+    """The 3D U-Net generator of the seed paper from its configuration.
+
+    Parameters
+    ----------
+    cfg
+        Generator configuration.
+    checkpointing
+        Activation checkpointing while training.
+    start_mean
+        Training data's mean of the domain the generator maps into. With
+        ``cfg.head_init == "data"`` the untrained output starts there
+        (:meth:`~hpcdeconv.models.unet.UNet.start_at`); ``None`` (inference, where the
+        weights are loaded anyway) keeps PyTorch's initialisation.
+    """
+    net = UNet(
         spatial_dims=3,
         in_channels=1,
         out_channels=1,
@@ -36,6 +49,9 @@ def build_unet(cfg: UNetConfig, checkpointing: bool) -> UNet:
         checkpointing=checkpointing,
         norm=cfg.norm == "instance",
     )
+    if cfg.head_init == "data" and start_mean is not None:
+        net.start_at(start_mean)
+    return net
 
 
 def build_discriminator(cfg: DiscriminatorConfig) -> MultiScalePatchGAN:

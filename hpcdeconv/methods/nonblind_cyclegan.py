@@ -8,6 +8,8 @@ discriminator ψ of the blurred domain is dropped and only φ (sharp domain) rem
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from hpcdeconv.config import NonBlindCycleGANConfig
@@ -24,9 +26,10 @@ class NonBlindCycleGAN(CycleGANMethod):
         dataset_psf: np.ndarray | None,
         seed: int,
         checkpointing: bool,
+        data_means: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(
-            deblur=build_unet(cfg.generator, checkpointing),
+            deblur=build_unet(cfg.generator, checkpointing, (data_means or {}).get("x")),
             blur=build_psf_layer(cfg.kernel, dataset_psf, learnable=False),
             discs={"x": build_discriminator(cfg.discriminator)},
             loss=cfg.loss,

@@ -22,10 +22,15 @@ class Supervised(Method):
 
     paired = True
 
-    def __init__(self, cfg: SupervisedConfig, checkpointing: bool) -> None:
+    def __init__(
+        self,
+        cfg: SupervisedConfig,
+        checkpointing: bool,
+        data_means: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         self.weight = cfg.adversarial_weight
-        self.generator = build_unet(cfg.generator, checkpointing)
+        self.generator = build_unet(cfg.generator, checkpointing, (data_means or {}).get("x"))
         self.adversarial = make_adversarial("lsgan", 10.0)
         self.discriminators = (
             DomainDiscriminators(self.adversarial, x=build_discriminator(cfg.discriminator))

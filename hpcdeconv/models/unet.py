@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -11,6 +13,20 @@ from torch.utils.checkpoint import checkpoint
 
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.models.blocks import ConvNormAct, conv_nd, conv_transpose_nd, max_pool_nd
+
+log = logging.getLogger(__name__)
+
+#: Factor on the head's centred weights, by final activation, when the head starts at the
+#: data's mean (:meth:`UNet.start_at`). The larger, the faster the head learns; the smaller,
+#: the closer the start. A sigmoid at a dark mean already damps the features' spread by its
+#: slope (≈ the mean), so its weights keep their size: its start is within 10 % of the mean
+#: for the demo's 16-channel U-Net (within 34 % for 4 channels), and the blind CPU demo
+#: passes the input's PSNR within 25 steps (scale 0.5: 50 steps; 0.1: not in 100). A linear
+#: head passes the spread on: 0.1 keeps its start within 15 % (0.5: 75 %).
+HEAD_WEIGHT_SCALE: dict[str, float] = {"sigmoid": 1.0, "none": 0.1}
+#: A sigmoid head's start is clamped into [ε, 1 − ε]: within 1e-3 of any mean in [0, 1],
+#: while the sigmoid's slope there (≈ ε) still lets the bias learn.
+SIGMOID_START_EPS = 1e-3
 
 
 class _DoubleConv(nn.Sequential):
@@ -124,7 +140,70 @@ class UNet(nn.Module):
             for level in reversed(range(depth))
         )
         self.head = conv_nd(spatial_dims)(widths[0], out_channels, kernel_size=1)
+        self.final_activation = final_activation
         self.final = nn.Sigmoid() if final_activation == "sigmoid" else nn.Identity()
+
+    @torch.no_grad()
+    def start_at(self, mean: float, weight_scale: float | None = None) -> None:
+        """Start the untrained output at ``mean``, not at 0.5 (sigmoid) or ±0.3 (linear).
+
+        The head is ``final(w · f + b)`` over the last decoder features ``f`` (ReLU of
+        instance-normalised activations: every channel has about the same positive mean).
+        Three deterministic changes, no random numbers drawn (every rank, and every run
+        with the same data, gets the same start; the global RNG stream is untouched):
+
+        1. ``w`` is centred over the input channels (``Σ_c w_c = 0``), removing the
+           common-mode term ``mean(f) · Σ_c w_c``, a per-initialisation offset of about
+           ±0.3 in logits that would move a sigmoid's start by ±40 %;
+        2. ``w`` is scaled by ``weight_scale`` (:data:`HEAD_WEIGHT_SCALE`: 1 for a
+           sigmoid, 0.1 for a linear head) so the remaining spatial variation of
+           ``w · f`` is small and ``mean(final(w · f + b)) ≈ final(b)``;
+        3. ``b = final⁻¹(mean)``: ``logit(mean)`` (clamped into [ε, 1 − ε],
+           ε = :data:`SIGMOID_START_EPS`) for a sigmoid head, ``mean`` for a linear one.
+
+        Measured over 8 initialisations of a 4-channel depth-2 sigmoid U-Net on sparse
+        data (mean 0.0067): the output's mean is 0.91-1.89 × ``mean`` with step 3 alone,
+        1.01-1.34 × with steps 1 and 3 (1.01-1.10 × with 16 channels), 1.003-1.05 × with
+        a scale of 0.5 and 1.000-1.002 × with 0.1. Loading a checkpoint afterwards replaces
+        all of it.
+
+        Parameters
+        ----------
+        mean
+            Target mean intensity of the output (e.g. the training data's mean of the
+            domain the network maps into), in the data's units.
+        weight_scale
+            Factor on the centred head weights, in (0, 1]; ``None``:
+            :data:`HEAD_WEIGHT_SCALE` of the head's activation.
+
+        Raises
+        ------
+        ValueError
+            If ``mean`` is not finite or ``weight_scale`` is not in (0, 1].
+        """
+        if not math.isfinite(mean):
+            raise ValueError(f"the head's start mean must be finite, got {mean}")
+        if weight_scale is None:
+            weight_scale = HEAD_WEIGHT_SCALE[self.final_activation]
+        if not 0 < weight_scale <= 1:
+            raise ValueError(f"weight_scale must be in (0, 1], got {weight_scale}")
+        weight = self.head.weight
+        weight.sub_(weight.mean(dim=1, keepdim=True)).mul_(weight_scale)
+        if self.final_activation == "sigmoid":
+            start = min(max(mean, SIGMOID_START_EPS), 1 - SIGMOID_START_EPS)
+            if not 0 < mean < 1:
+                # Data outside (0, 1) cannot be matched by a sigmoid at all.
+                log.warning(
+                    "the data's mean %.3g is outside the sigmoid head's range (0, 1); "
+                    "the head starts at %.3g",
+                    mean,
+                    start,
+                )
+            bias = math.log(start / (1 - start))
+        else:
+            bias = mean
+        assert self.head.bias is not None
+        self.head.bias.fill_(bias)
 
     @property
     def size_multiple(self) -> int:

@@ -164,6 +164,7 @@ class Trainer:
             seed=cfg.train.seed + 7919 * strategy.rank,
             checkpointing=cfg.train.grad_checkpointing,
             voxel_size=self.feed.voxel_size,
+            data_means=self.feed.data_means(),
         )
         self.feed.require(paired=self.method.paired)
         # One writer per run directory: rank 0 holds the lock for the life of the run.

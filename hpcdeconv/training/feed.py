@@ -8,11 +8,13 @@ is training step ``start_step + k``, and each sample is a pure function of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from hpcdeconv.config import DataConfig
@@ -29,6 +31,13 @@ from hpcdeconv.data.zarr_io import (
     volume_meta,
 )
 from hpcdeconv.errors import InputError
+
+#: Voxels read per domain for :meth:`TrainingFeed.data_means` (64 MiB of float32, read one
+#: storage chunk at a time): the exact mean for datasets up to this size, beyond it the
+#: mean of a fixed random sample of whole chunks.
+MEAN_SAMPLE_VOXELS = 1 << 24
+#: Seed of that sample: a property of the dataset alone, the same on every rank and run.
+_MEAN_SAMPLE_SEED = 0
 
 
 class TrainingFeed:
@@ -65,6 +74,37 @@ class TrainingFeed:
         if not first:
             raise InputError(f"{cfg.path}: no training volume is stored in sharp/ or blurred/")
         self.voxel_size = volume_meta(open_array(group, _any_array(group, first))).voxel_size
+        self._data_means: dict[str, float] | None = None
+
+    def data_means(self) -> dict[str, float]:
+        """Mean intensity of the training volumes of each stored domain, by batch key.
+
+        Where a generator's output should start (``"x"``: sharp domain, ``"y"``: blurred
+        domain; a domain without training volumes is left out). Computed once, chunk by
+        chunk, from at most :data:`MEAN_SAMPLE_VOXELS` voxels per domain: exact when the
+        domain's training volumes hold no more, otherwise the mean over a seeded random
+        sample of whole storage chunks (cheap whole-chunk reads; a random rather than a
+        regular choice cannot alias with periodic structure such as stitched tiles).
+        Depends on the data alone, so every rank gets the same values.
+
+        Returns
+        -------
+        dict[str, float]
+            ``{"x": mean of sharp/, "y": mean of blurred/}`` in the data's units.
+
+        Raises
+        ------
+        InputError
+            If a read chunk holds NaN or Inf voxels.
+        """
+        if self._data_means is None:
+            self._data_means = {}
+            for key, domain in (("x", SHARP), ("y", BLURRED)):
+                ids = sorted(self.volumes.shapes(domain))
+                if ids:
+                    arrays = {f"{domain}/{vid}": self.volumes.array(domain, vid) for vid in ids}
+                    self._data_means[key] = sampled_mean(arrays, MEAN_SAMPLE_VOXELS)
+        return dict(self._data_means)
 
     def require(self, paired: bool) -> None:
         """Check the dataset holds the domains a method needs and the patch fits."""
@@ -141,6 +181,69 @@ class TrainingFeed:
         for key, value in mine.items():
             if state.get(key) != value:
                 raise InputError(f"cannot resume: data {key} was {state.get(key)!r}, now {value!r}")
+
+
+def sampled_mean(
+    volumes: Mapping[str, zarr.Array], budget: int, seed: int = _MEAN_SAMPLE_SEED
+) -> float:
+    """Mean voxel value of ``arrays`` from at most ``budget`` voxels, one chunk in memory.
+
+    Every storage chunk of every array is a candidate; when all of them hold no more than
+    ``budget`` voxels they are all read (the exact mean), otherwise ``budget //
+    (largest chunk)`` distinct chunks (at least one) drawn with ``seed``. The estimate is
+    the sum of the read voxels over their count.
+
+    Parameters
+    ----------
+    volumes
+        Volumes by name (for error messages), each (Z, Y, X).
+    budget
+        Most voxels to read.
+    seed
+        Seed of the chunk sample.
+
+    Returns
+    -------
+    float
+        The (estimated) mean.
+
+    Raises
+    ------
+    InputError
+        If a read chunk holds NaN or Inf voxels.
+    """
+    names, arrays = list(volumes), list(volumes.values())
+    grids = [
+        tuple(math.ceil(n / c) for n, c in zip(a.shape, a.chunks, strict=True)) for a in arrays
+    ]
+    counts = np.array([math.prod(g) for g in grids], dtype=np.int64)
+    total = int(counts.sum())
+    voxels = sum(int(a.size) for a in arrays)
+    if voxels <= budget:
+        picks = np.arange(total)
+    else:
+        largest = max(math.prod(a.chunks) for a in arrays)
+        k = min(total, max(1, budget // largest))
+        picks = np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
+    ends = np.cumsum(counts)
+    acc, count = 0.0, 0
+    for flat in picks:
+        which = int(np.searchsorted(ends, flat, side="right"))
+        array = arrays[which]
+        local = int(flat - (ends[which] - counts[which]))
+        index = np.unravel_index(local, grids[which])
+        region = tuple(
+            slice(i * c, min((i + 1) * c, size))
+            for i, c, size in zip(index, array.chunks, array.shape, strict=True)
+        )
+        part = float(np.sum(np.asarray(array[region]), dtype=np.float64))
+        if not math.isfinite(part):
+            raise InputError(f"NaN or Inf voxels in training volume '{names[which]}'")
+        acc += part
+        count += math.prod(s.stop - s.start for s in region)
+    if not count:
+        raise InputError("the training volumes hold no voxels")
+    return float(acc / count)
 
 
 def _any_array(group: Any, ids: set[str]) -> str:

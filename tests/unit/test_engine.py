@@ -203,6 +203,9 @@ def test_checkpoint_generator_tiles_exactly_when_local(tiny_dataset: Path, tmp_p
             "train.steps=2",
             "method.generator.norm=none",
             "method.generator.depth=1",
+            # PyTorch's head: the data-mean start's small head makes a too-small halo's
+            # error after 2 steps smaller than the 1e-4 asserted below.
+            "method.generator.head_init=default",
         ),
         progress=False,
     )
