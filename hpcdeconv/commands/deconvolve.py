@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hpcdeconv.commands.common import (
     add_checkpoint_arguments,
@@ -20,7 +21,13 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from hpcdeconv.config import ClusterConfig
-    from hpcdeconv.inference.driver import OutputMode, RunReport
+    from hpcdeconv.inference.driver import (
+        BlockPlan,
+        BlockProcessor,
+        OutputMode,
+        RunReport,
+        VolumeSource,
+    )
 
 NAME = "deconvolve"
 HELP = "deconvolve whole volumes block by block on a dask cluster into zarr"
@@ -96,6 +103,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cluster_arguments(p)
 
 
+def run_on_cluster(
+    cluster: ClusterConfig,
+    sources: Sequence[VolumeSource],
+    output: Path,
+    processor: BlockProcessor,
+    plan: BlockPlan,
+    mode: OutputMode,
+    provenance: dict[str, Any],
+) -> None:
+    """Check the workers' memory against one block, start the cluster, run every block."""
+    from hpcdeconv.inference.cluster import open_client
+    from hpcdeconv.inference.driver import check_memory_setting, deconvolve_volumes
+
+    check_memory_setting(cluster, processor, plan, sources)
+    with open_client(cluster) as client:
+        print_client(client, cluster)
+        report = deconvolve_volumes(client, sources, output, processor, plan, mode, provenance)
+    print_report(report)
+
+
 def print_client(client: Client, cfg: ClusterConfig) -> None:
     """Where the scheduler (and its dashboard) can be reached."""
     from hpcdeconv.inference.cluster import dashboard_url
@@ -121,15 +148,12 @@ def print_report(report: RunReport) -> None:
 def run(args: argparse.Namespace) -> int:
     """Deconvolve the inputs block by block with a trained deblurring generator."""
     from hpcdeconv.config import DeconvolveConfig, load_config
-    from hpcdeconv.inference.cluster import open_client
     from hpcdeconv.inference.driver import (
         BlockPlan,
         NetworkProcessor,
         check_halo,
-        check_memory_setting,
         check_output,
         check_plan,
-        deconvolve_volumes,
         open_sources,
     )
     from hpcdeconv.inference.model import load_model
@@ -164,11 +188,5 @@ def run(args: argparse.Namespace) -> int:
             "method": model.config.method.name,
             "config": cfg.model_dump(mode="json"),
         }
-        check_memory_setting(cfg.cluster, processor, plan, sources)
-        with open_client(cfg.cluster) as client:
-            print_client(client, cfg.cluster)
-            report = deconvolve_volumes(
-                client, sources, args.output, processor, plan, mode, provenance
-            )
-        print_report(report)
+        run_on_cluster(cfg.cluster, sources, args.output, processor, plan, mode, provenance)
         return 0

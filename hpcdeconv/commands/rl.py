@@ -14,8 +14,7 @@ from hpcdeconv.commands.deconvolve import (
     cluster_overrides,
     locked_cluster_output,
     output_mode,
-    print_client,
-    print_report,
+    run_on_cluster,
 )
 from hpcdeconv.commands.image_args import add_inputs_argument, add_voxel_size_argument, voxel_size
 from hpcdeconv.config import RLConfig
@@ -152,15 +151,12 @@ def run(args: argparse.Namespace) -> int:
     """Deconvolve the inputs block by block with (TV-)Richardson-Lucy."""
     from hpcdeconv.classical.rl import richardson_lucy, rl_halo
     from hpcdeconv.config import load_config
-    from hpcdeconv.inference.cluster import open_client
     from hpcdeconv.inference.driver import (
         BlockPlan,
         RLProcessor,
         check_halo,
-        check_memory_setting,
         check_output,
         check_plan,
-        deconvolve_volumes,
         open_sources,
     )
 
@@ -181,11 +177,5 @@ def run(args: argparse.Namespace) -> int:
         # Zero iterations on a tiny image validates the PSF and tv here rather than on every worker.
         richardson_lucy(np.ones((2, 2, 2), np.float32), psf, 0, tv=cfg.tv)
         provenance = {"command": "rl", "psf": origin, "config": cfg.model_dump(mode="json")}
-        check_memory_setting(cfg.cluster, processor, plan, sources)
-        with open_client(cfg.cluster) as client:
-            print_client(client, cfg.cluster)
-            report = deconvolve_volumes(
-                client, sources, args.output, processor, plan, mode, provenance
-            )
-        print_report(report)
+        run_on_cluster(cfg.cluster, sources, args.output, processor, plan, mode, provenance)
         return 0

@@ -178,3 +178,14 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         subprocess.run(
             ["bash", str(SLURM_DEV / "down.sh")], env=env, capture_output=True, timeout=120
         )
+
+
+@pytest.fixture
+def restored_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Let ``init_process_group`` export its variables; put the old values back afterwards."""
+    from hpcdeconv.training import dist
+
+    for key in _LAUNCHER_VARIABLES:
+        monkeypatch.setenv(key, "unset-by-test")
+    yield
+    dist.destroy()

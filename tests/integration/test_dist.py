@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,15 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture
-def restored_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Let init_process_group export its variables; put the old values back afterwards."""
-    for key in ENV_KEYS:
-        monkeypatch.setenv(key, "unset-by-test")
-    yield
-    dist.destroy()
 
 
 def _unused_port() -> int:

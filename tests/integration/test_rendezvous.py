@@ -69,15 +69,6 @@ dist.destroy()
 
 
 @pytest.fixture
-def restored_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Let init_process_group export its variables; put the old values back afterwards."""
-    for key in ENV_KEYS:
-        monkeypatch.setenv(key, "unset-by-test")
-    yield
-    dist.destroy()
-
-
-@pytest.fixture
 def silent_listener() -> Iterator[int]:
     """Port of a TCP listener that accepts every connection and never sends a byte."""
     server = socket.socket()
