@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,11 +85,21 @@ def locked_cluster_output(
     args: argparse.Namespace,
     inputs: list[tuple[str, Path | None]],
     mode: OutputMode,
+    cluster: ClusterConfig,
 ) -> AbstractContextManager[None]:
     """Hold the writer lock on ``--output`` for a ``with`` body, once it overlaps no input
     (``--config`` included); with ``--overwrite`` an existing output must also be a store
     hpcdeconv wrote (checked under the lock, see
-    :func:`~hpcdeconv.commands.common.locked_outputs`)."""
+    :func:`~hpcdeconv.commands.common.locked_outputs`).
+
+    Under ``--cluster mpi`` every rank runs the command but only the client rank writes:
+    the scheduler and worker ranks take no lock (they would refuse each other).
+    """
+    if cluster.kind == "mpi":
+        from hpcdeconv.inference.cluster import is_mpi_client
+
+        if not is_mpi_client():
+            return nullcontext()
     inputs = [*inputs, *[("input", p) for p in args.inputs], *config_inputs(args)]
     replace = True if mode == "overwrite" else None
     return locked_outputs(verb, [("--output", args.output, "zarr")], inputs, replace)
@@ -162,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
-    with locked_cluster_output(NAME, args, [("--checkpoint", args.checkpoint)], mode):
+    with locked_cluster_output(NAME, args, [("--checkpoint", args.checkpoint)], mode, cfg.cluster):
         model = load_model(args.checkpoint, "cpu", weights=args.weights)
         radius = model.receptive_field // 2
         halo = radius if cfg.halo == "auto" else cfg.halo

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)
-    with locked_cluster_output(NAME, args, [("--psf", args.psf)], mode):
+    with locked_cluster_output(NAME, args, [("--psf", args.psf)], mode, cfg.cluster):
         psf, origin = _psf(cfg, args, [s.voxel_size for s in sources])
         radius = tuple(k // 2 for k in psf.shape)
         halo = rl_halo(psf.shape) if cfg.halo == "auto" else (cfg.halo,) * 3

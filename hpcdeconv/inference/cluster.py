@@ -42,6 +42,21 @@ GPU_RESOURCE = "GPU"
 # The scheduler's HTTP server (health checks, and the dashboard when enabled) always runs;
 # binding it to the loopback interface keeps it off the network, on a free port.
 _DASHBOARD = "127.0.0.1:0"
+#: dask-mpi's rank roles: 0 runs the scheduler, this one the client, the others workers.
+MPI_CLIENT_RANK = 1
+
+
+def is_mpi_client() -> bool:
+    """Whether this process is the client rank of a ``--cluster mpi`` launch.
+
+    Every rank of such a launch runs the command; only the client rank returns from
+    ``dask_mpi.initialize`` and writes the output, so only it may hold the output's lock.
+    """
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank() == MPI_CLIENT_RANK
+
+
 # Worker processes get glibc's malloc defaults back, plus one arena. dask's nannies export
 # MALLOC_TRIM_THRESHOLD_=65536 to the workers they spawn; any explicit glibc malloc threshold
 # switches off glibc's dynamic mmap threshold, so every tensor over 128 KiB is mmapped,
