@@ -510,7 +510,8 @@ MethodConfig = Annotated[
 class OptimConfig(StrictModel):
     """Adam per network; linear decay to zero from ``decay_start`` (a step) if set."""
 
-    lr: PositiveFloat = 1e-4
+    #: Finite and below float32's largest value: optimiser states are float32 tensors.
+    lr: Annotated[float, Field(gt=0, lt=3.4e38, allow_inf_nan=False)] = 1e-4
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.5,
         0.999,

@@ -21,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--output", type=Path, help="run directory (overrides output:)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint (the configuration is the run's config.yaml "
+        "unless --config is given; changed keys are applied and announced, or refused)",
+    )
     mode.add_argument(
         "--auto-resume",
         action="store_true",
@@ -43,11 +48,16 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.output is not None:
         overrides.append(f"output={args.output}")
-    cfg = load_config(ExperimentConfig, args.config, overrides)
+    config = args.config
+    if config is None and (args.resume or args.auto_resume) and args.output is not None:
+        # Resuming a run continues its own configuration unless another is given.
+        own = args.output / "config.yaml"
+        config = own if own.is_file() else None
+    cfg = load_config(ExperimentConfig, config, overrides)
     resume = "auto" if args.auto_resume else args.resume
     # Without --overwrite the trainer itself refuses a used run directory or resumes it.
     replace = True if args.overwrite and not args.resume else None
-    check_outputs([("--output", cfg.output, "run")], _inputs(cfg, args.config), replace)
+    check_outputs([("--output", cfg.output, "run")], _inputs(cfg, config), replace)
     strategy = build_strategy(cfg)
     try:
         summary = train(cfg, resume=resume, overwrite=args.overwrite, strategy=strategy)
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         strategy.close()
     if strategy.is_main:
-        _report(cfg.method.name, summary)
+        _report(cfg.method.name, summary, cfg.train.ema_decay is not None)
     return 0
 
 
@@ -77,7 +87,7 @@ def _inputs(cfg: ExperimentConfig, config: Path | None) -> list[tuple[str, Path 
     return inputs
 
 
-def _report(method: str, summary: RunSummary) -> None:
+def _report(method: str, summary: RunSummary, ema: bool) -> None:
     """Print what the run did (rank 0 only: every rank returns the same summary)."""
     if summary.stopped_at is not None:
         print(f"stopped by signal after step {summary.stopped_at}; checkpoint written")
@@ -88,8 +98,9 @@ def _report(method: str, summary: RunSummary) -> None:
         print(f"final losses: {losses}")
     if summary.validation:
         val = {k: summary.validation.get(k, float("nan")) for k in VAL_KEYS}
+        which = " (EMA of G)" if ema else ""
         print(
-            f"validation: PSNR {val['psnr_input']:.2f} -> {val['psnr']:.2f} dB, "
+            f"validation{which}: PSNR {val['psnr_input']:.2f} -> {val['psnr']:.2f} dB, "
             f"SSIM {val['ssim_input']:.3f} -> {val['ssim']:.3f}"
         )
     for name, path in summary.exports.items():

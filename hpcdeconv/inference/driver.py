@@ -70,7 +70,7 @@ from hpcdeconv.inference.memory import (
     parse_limit,
     rl_block_bytes,
     suggested_limit,
-    terminate_fraction,
+    usable_fraction,
     worker_need,
 )
 from hpcdeconv.inference.model import LoadedModel, load_model
@@ -811,7 +811,7 @@ class MemoryNeed:
     def advice(self) -> str:
         """What to change; the finished blocks stay."""
         keep = "finished blocks are kept: run again with --resume"
-        if self.limit and self.need <= self.limit * terminate_fraction():
+        if self.limit and self.need <= self.limit * usable_fraction():
             # The estimate fitted the limit, yet the workers ran out: it was too low.
             return (
                 f"one block was estimated at {self.text} but took more; raise "

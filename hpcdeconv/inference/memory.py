@@ -116,13 +116,22 @@ def worker_need(block_bytes: int, threads: int) -> int:
     return WORKER_BASE_BYTES + threads * block_bytes
 
 
-def terminate_fraction() -> float:
-    """Fraction of its limit at which a worker's nanny kills it (dask configuration)."""
+def usable_fraction() -> float:
+    """Fraction of its limit a worker can use for blocks (dask configuration).
+
+    The lower of the ``pause`` fraction (no new task starts: a worker that reaches it
+    between blocks stalls the run) and the ``terminate`` fraction (the nanny kills it);
+    either may be switched off (``false``).
+    """
     import dask
     import distributed  # noqa: F401 - loads distributed's defaults into dask.config
 
-    value = dask.config.get("distributed.worker.memory.terminate")
-    return float(value) if value else 1.0
+    fractions = [
+        float(value)
+        for key in ("pause", "terminate")
+        if (value := dask.config.get(f"distributed.worker.memory.{key}"))
+    ]
+    return min(fractions, default=1.0)
 
 
 def describe_need(need: int, block_bytes: int, threads: int, block: Sequence[int]) -> str:
@@ -134,8 +143,8 @@ def describe_need(need: int, block_bytes: int, threads: int, block: Sequence[int
 
 
 def suggested_limit(need: int) -> str:
-    """A ``cluster.memory_per_worker`` value that holds ``need`` below the kill threshold."""
-    limit = need / terminate_fraction()
+    """A ``cluster.memory_per_worker`` value that holds ``need`` below the pause threshold."""
+    limit = need / usable_fraction()
     return f"{math.ceil(limit / (64 * MiB)) * 64}MiB"
 
 
@@ -158,13 +167,13 @@ def check_worker_memory(
     Raises
     ------
     WorkerMemoryError
-        ``limit`` times the terminate fraction is below ``need``.
+        ``limit`` times the usable fraction is below ``need``.
     """
-    if not limit or limit * terminate_fraction() >= need:
+    if not limit or limit * usable_fraction() >= need:
         return
     raise WorkerMemoryError(
         f"{where}={mib(limit)} is too small: one dask worker needs {need_text} "
-        f"and is killed at {terminate_fraction():.0%} of its limit; set {where}="
+        f"and stalls at {usable_fraction():.0%} of its limit; set {where}="
         f"{suggested_limit(need)} or more, or use a smaller --block"
     )
 

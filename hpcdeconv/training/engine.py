@@ -28,7 +28,9 @@ from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
 from hpcdeconv.training.checkpoint import (
     CKPT_DIR,
+    LATEST,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -253,9 +255,16 @@ class Trainer:
         weights = {k: state[k] for k in ("deblur", "deblur_ema", "groups") if k in state}
         bad = count_nonfinite(weights)
         if bad:
+            earlier = [p.name for p in list_checkpoints(self.run_dir) if p.name < path.name]
+            how = (
+                f"to resume from an earlier one ({', '.join(earlier)}), write its name into "
+                f"{path.parent / LATEST}"
+                if earlier
+                else "start a new run"
+            )
             raise InputError(
                 f"checkpoint {path} holds {bad} non-finite weight(s): it was written after "
-                "training diverged; resume from an earlier checkpoint or start a new run"
+                f"training diverged; {how}"
             )
         try:
             for name, trainable in self.trainables.items():

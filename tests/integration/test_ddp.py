@@ -165,6 +165,10 @@ def _overrides(data: Path, run: Path, *extra: str) -> list[str]:
         f"data.path={data}",
         f"output={run}",
         "train.ckpt_every=1000",
+        # PyTorch's head: a start at the data's mean leaves the cycle loss too little to
+        # lose in 8 steps, and so many near-zero gradients that Adam's rounding-sized
+        # steps (see below) are no longer "a handful".
+        "method.generator.head_init=default",
         *extra,
     ]
 

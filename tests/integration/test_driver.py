@@ -57,6 +57,9 @@ def local_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "train.steps=2",
         "method.generator.norm=none",
         "method.generator.depth=1",
+        # PyTorch's head: the data-mean start's small head makes a too-small halo's seam
+        # after 2 steps smaller than the 1e-4 the seam check below asserts.
+        "method.generator.head_init=default",
     ]
     train(load_config(ExperimentConfig, None, overrides), progress=False)
     return load_model(run)

@@ -179,7 +179,7 @@ def test_memory_per_worker_below_a_block_is_refused_up_front(
     # Block 64^3, read 64^3 (the whole volume), FFT 72^3: 40 MiB + 80 B x 373248 = 68 MiB.
     assert f"cluster.memory_per_worker={limit} is too small" in lines[0]
     assert "needs ~388MiB (worker ~320MiB + 1 x block (64, 64, 64) ~68MiB)" in lines[0]
-    assert "set cluster.memory_per_worker=448MiB or more" in lines[0]
+    assert "set cluster.memory_per_worker=512MiB or more" in lines[0]
     assert not out.exists()
     assert seconds < 60
 
@@ -455,5 +455,5 @@ def test_workers_of_an_existing_scheduler_below_a_block_are_refused(
     assert (
         "dask worker --memory-limit=300MiB is too small: one dask worker needs ~388MiB" in lines[0]
     )
-    assert "set dask worker --memory-limit=448MiB or more" in lines[0]
+    assert "set dask worker --memory-limit=512MiB or more" in lines[0]
     assert not out.exists()

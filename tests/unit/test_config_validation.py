@@ -85,6 +85,10 @@ def test_patch_not_a_multiple_of_the_unet_is_refused_before_the_run_dir_exists(
         ),
         (["data.patch=[8, 8, 8]"], "every side must be >= 8 and one >= 16"),
         (["train.val_overlap=16"], "train.val_overlap 16 must be smaller than every side"),
+        # Adam's float32 states overflow (1e39) or the run is meaningless (inf, nan).
+        (["optim.lr=1e39"], "'optim.lr': Input should be less than"),
+        (["optim.lr=inf"], "'optim.lr': Input should be a finite number"),
+        (["optim.lr=nan"], "'optim.lr': Input should be a finite number"),
         (
             ["train.val_tile=[6, 32, 32]", "train.val_overlap=8"],
             "rounded up to multiples of 4: [8, 32, 32]",
