@@ -120,3 +120,20 @@ def test_a_changed_learning_rate_is_applied_on_resume_and_recorded(
             progress=False,
         )
     assert latest_checkpoint(run) == before
+
+
+def test_resume_without_config_continues_the_runs_own_configuration(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from hpcdeconv.cli import main
+
+    run = tmp_path / "run"
+    sets = [a for item in [*TINY_TRAINING, f"data.path={tiny_dataset}"] for a in ("--set", item)]
+    sets += ["--set", "method.name=supervised", "--set", "train.steps=2"]
+    assert main(["train", "--output", str(run), *sets]) == 0
+    # Only the budget is given: everything else comes from RUN/config.yaml, not the defaults.
+    argv = ["train", "--output", str(run), "--resume", "--set", "train.steps=3"]
+    assert main(argv) == 0
+    state = load_checkpoint(run)
+    assert state["step"] == 3 and state["config"]["data"]["patch"] == [16, 16, 16]
+    assert state["config"]["method"]["name"] == "supervised"
