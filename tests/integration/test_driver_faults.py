@@ -66,19 +66,25 @@ def _rss() -> int:
 # The estimate against measured peaks
 # --------------------------------------------------------------------------------------
 
+# The peak is this process image's VmHWM, not getrusage's ru_maxrss: Linux carries
+# ru_maxrss across fork and exec, so a child of a large pytest process would report the
+# parent's size (1015 MiB in a full run) as its own peak.
 _MEASURE = """
-import json, pickle, resource, sys
+import json, pickle, sys
 import numpy as np, torch
 from hpcdeconv.inference import driver
 torch.set_num_threads(1)
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        return [int(x.split()[1]) * 1024 for x in lines if x.startswith(key)][0]
+
 processor, block = pickle.load(open(sys.argv[1], "rb"))
-with open("/proc/self/status") as status:
-    base = [int(x.split()[1]) * 1024 for x in status if x.startswith("VmRSS:")][0]
+base = status("VmRSS:")
 shape = tuple(s.stop - s.start for s in block.read)
 data = np.random.default_rng(0).random(shape, dtype=np.float32)
 processor(data, block)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "peak": peak}))
+print(json.dumps({"base": base, "peak": status("VmHWM:")}))
 """
 
 
@@ -134,9 +140,9 @@ def test_network_block_estimate_bounds_measured_peak(tiny_model: Path, tmp_path:
     from hpcdeconv.inference.model import load_model
 
     model = load_model(tiny_model, "cpu")
-    processor = NetworkProcessor.from_model(model, (32, 32, 32), 8, "linear", 1, "fp32")
+    processor = NetworkProcessor.from_model(model, (64, 64, 64), 16, "linear", 1, "fp32")
     assert processor.channels == 4
-    block = _interior_block(32, model.receptive_field // 2)  # padded 78^3
+    block = _interior_block(48, model.receptive_field // 2)  # padded 94^3
     base, peak = _measured(processor, block, tmp_path)
     estimate = processor.block_bytes(block)
     print(f"U-Net block: measured {(peak - base) / MiB:.0f} MiB, estimate {estimate / MiB:.0f} MiB")
