@@ -13,10 +13,10 @@ before the block. Measured on a 2-core x86-64 Linux machine, torch 2 CPU, Dec 20
 ===========================  ==============  =================  =============
 processor                    read / padded   measured block     estimate
 ===========================  ==============  =================  =============
-U-Net c=4, d=2, tile 64      87^3 / 110^3    183 MiB            237 MiB
-U-Net c=4, d=2, tile 64      151^3 / 174^3   228 MiB            296 MiB
-U-Net c=16, d=3, tile 64     115^3 / 166^3   322 MiB            409 MiB
-U-Net c=16, d=3, tile 64     179^3 / 230^3   405 MiB            521 MiB
+U-Net c=4, d=2, tile 64      87^3 / 110^3    183 MiB            269 MiB
+U-Net c=4, d=2, tile 64      151^3 / 174^3   228 MiB            328 MiB
+U-Net c=16, d=3, tile 64     115^3 / 166^3   322 MiB            441 MiB
+U-Net c=16, d=3, tile 64     179^3 / 230^3   405 MiB            553 MiB
 RL, 7^3 PSF                  41^3 / 47^3     19 MiB             48 MiB
 RL, 7^3 PSF                  85^3 / 91^3     59 MiB             97 MiB
 RL, 7^3 PSF                  106^3 / 112^3   96-120 MiB         147 MiB
@@ -31,7 +31,8 @@ for RL.) ``tests/integration/test_driver_faults.py`` measures a block of each ki
 and requires the estimate to lie between the measured need and three times it.
 
 The process before the block held 287-309 MiB (mostly torch's libraries); an idle dask
-worker 287 MiB, 309-333 MiB after 125 tiny blocks: :data:`WORKER_BASE_BYTES`.
+worker 287 MiB, 309-333 MiB after 125 tiny blocks, and 344 MiB before the block in a
+freshly built venv: :data:`WORKER_BASE_BYTES`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ from hpcdeconv.errors import ConfigError, HpcdeconvError
 
 MiB = 2**20
 #: RSS of an idle CPU worker process once torch, zarr and the driver are imported
-#: (287-309 MiB measured in a plain process; the worker's own state adds ~10 MiB).
-WORKER_BASE_BYTES = 320 * MiB
+#: (287-309 MiB measured in a plain process of the development venv, 344 MiB in a venv
+#: freshly built by ``make venv``; the worker's own state adds ~10-30 MiB).
+WORKER_BASE_BYTES = 384 * MiB
 #: Network processor, fixed part at 64^3 tiles: the frozen TorchScript trace, oneDNN's
 #: scratch and the thread pool (fitted 133-135 MiB from two widths; a 4-channel net on a
-#: 94^3 padded block re-measured 190-194 MiB in all (VmHWM), hence the margin). Smaller
-#: tiles need less (a 32^3 tile: 57 MiB in all), so the estimate errs on the safe side.
-NETWORK_FIXED_BYTES = 176 * MiB
+#: 94^3 padded block re-measured 189-212 MiB in all (VmHWM) from one venv to another,
+#: hence the margin). Smaller tiles need less (a 32^3 tile: 57 MiB in all), so the
+#: estimate errs on the safe side there.
+NETWORK_FIXED_BYTES = 208 * MiB
 #: Network processor, per voxel of one batch of tiles and feature channel at full
 #: resolution: the U-Net's activations (fitted 35 B: ~9 float32 maps per channel).
 NETWORK_TILE_CHANNEL_BYTES = 40

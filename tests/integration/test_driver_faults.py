@@ -130,7 +130,8 @@ def test_rl_block_estimate_bounds_measured_peak(tmp_path: Path) -> None:
     block = _interior_block(64, 21)  # read 106^3
     base, peak = _measured(processor, block, tmp_path)
     estimate = processor.block_bytes(block)
-    print(f"RL block: measured {(peak - base) / MiB:.0f} MiB, estimate {estimate / MiB:.0f} MiB")
+    measured = f"measured {(peak - base) / MiB:.0f} MiB (base {base / MiB:.0f} MiB)"
+    print(f"RL block: {measured}, estimate {estimate / MiB:.0f} MiB")
     assert peak - base <= estimate <= 3 * (peak - base)
     # The worker's own share: the process before the block, with torch imported.
     assert base <= WORKER_BASE_BYTES <= 1.5 * base
@@ -184,8 +185,8 @@ def test_memory_per_worker_below_a_block_is_refused_up_front(
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     # Block 64^3, read 64^3 (the whole volume), FFT 72^3: 40 MiB + 80 B x 373248 = 68 MiB.
     assert f"cluster.memory_per_worker={limit} is too small" in lines[0]
-    assert "needs ~388MiB (worker ~320MiB + 1 x block (64, 64, 64) ~68MiB)" in lines[0]
-    assert "set cluster.memory_per_worker=512MiB or more" in lines[0]
+    assert "needs ~452MiB (worker ~384MiB + 1 x block (64, 64, 64) ~68MiB)" in lines[0]
+    assert "set cluster.memory_per_worker=576MiB or more" in lines[0]
     assert not out.exists()
     assert seconds < 60
 
@@ -267,7 +268,7 @@ def test_workers_killed_for_memory_end_in_one_line_and_resume(
     print(f"killed for memory: error after {seconds:.1f} s")
     assert "dask workers died" in message
     assert "exceeding cluster.memory_per_worker=700MiB" in message
-    assert "one block was estimated at ~320MiB" in message and "--resume" in message
+    assert "one block was estimated at ~384MiB" in message and "--resume" in message
     assert "raise cluster.memory_per_worker above 700MiB" in message
     assert "\n" not in message
     assert seconds < 60
@@ -299,7 +300,7 @@ def test_workers_paused_for_memory_end_in_one_line(
     print(f"paused for memory: error after {seconds:.1f} s")
     assert "every dask worker has been paused for memory, running nothing, for 5 s" in message
     assert "cluster.memory_per_worker=700MiB" in message
-    assert "one block was estimated at ~320MiB" in message
+    assert "one block was estimated at ~384MiB" in message
     assert seconds < 60
     # The block that filled the worker finished and is recorded; none after it started.
     assert len(_done(out)) == 1
@@ -459,7 +460,7 @@ def test_workers_of_an_existing_scheduler_below_a_block_are_refused(
     lines = [line for line in proc.stderr.splitlines() if line.startswith("hpcdeconv rl: error:")]
     assert len(lines) == 1
     assert (
-        "dask worker --memory-limit=300MiB is too small: one dask worker needs ~388MiB" in lines[0]
+        "dask worker --memory-limit=300MiB is too small: one dask worker needs ~452MiB" in lines[0]
     )
-    assert "set dask worker --memory-limit=512MiB or more" in lines[0]
+    assert "set dask worker --memory-limit=576MiB or more" in lines[0]
     assert not out.exists()
