@@ -21,7 +21,12 @@ from torch import nn
 from hpcdeconv.config import ExperimentConfig, build_config
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.methods.cycle import build_unet
-from hpcdeconv.training.checkpoint import CheckpointChoice, choose_checkpoint, load_checkpoint
+from hpcdeconv.training.checkpoint import (
+    CheckpointChoice,
+    choose_checkpoint,
+    count_nonfinite,
+    load_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,7 @@ def load_model(
         raise InputError(f"{ckpt}: incompatible configuration ({exc})") from None
     # Non-finite weights are refused here: fused CPU kernels can turn NaN activations into
     # zeros, so the prediction itself need not show them.
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in state[key].values() if t.is_floating_point())
+    bad = count_nonfinite(state[key])
     if bad:
         what = "EMA generator weight(s)" if kind == "ema" else "generator weight(s)"
         raise InputError(f"{ckpt}: {bad} {what} are NaN or Inf; use an earlier checkpoint")

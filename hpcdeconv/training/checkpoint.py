@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 _UNITS = {"psnr": " dB", "psnr_input": " dB"}
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(fh)`` into a temporary file beside ``path``, fsync, rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -58,6 +60,43 @@ def _atomic_write(path: Path, write: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def step_tag(step: int) -> str:
+    """``step_00000100``: the stem of the checkpoint of ``step``, and the name of the
+    directories that hold its per-rank parts (DeepSpeed shards, rank states)."""
+    return f"step_{step:08d}"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives in ``run_dir``."""
+    return Path(run_dir) / CKPT_DIR / f"{step_tag(step)}.pt"
+
+
+def prune_unreferenced(run_dir: Path, root: Path, keep: str) -> None:
+    """Remove directories under ``root`` that no listed checkpoint (nor ``keep``) names.
+
+    Per-rank parts of a checkpoint live in directories named by :func:`step_tag`; once
+    their checkpoint is pruned they are never read again.
+    """
+    if not root.is_dir():
+        return
+    referenced = {path.stem for path in list_checkpoints(run_dir)} | {keep}
+    for tag_dir in root.iterdir():
+        if tag_dir.is_dir() and tag_dir.name not in referenced:
+            log.debug("removing unreferenced %s", tag_dir)
+            shutil.rmtree(tag_dir)
+
+
+def count_nonfinite(tree: Any) -> int:
+    """Number of NaN/Inf values in the floating-point tensors of a nested state."""
+    if isinstance(tree, torch.Tensor):
+        return int((~torch.isfinite(tree)).sum()) if tree.is_floating_point() else 0
+    if isinstance(tree, Mapping):
+        return sum(count_nonfinite(value) for value in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(count_nonfinite(value) for value in tree)
+    return 0
 
 
 def save_checkpoint(
@@ -94,9 +133,9 @@ def save_checkpoint(
     """
     ckpt_dir = run_dir / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{step:08d}.pt"
-    _atomic_write(path, lambda fh: torch.save(state, fh))
-    _atomic_write(ckpt_dir / LATEST, lambda fh: fh.write(path.name.encode()))
+    path = checkpoint_path(run_dir, step)
+    atomic_write(path, lambda fh: torch.save(state, fh))
+    atomic_write(ckpt_dir / LATEST, lambda fh: fh.write(path.name.encode()))
     if best is not None:
         mark_best(run_dir, path, best, metric=metric)
     prune_checkpoints(run_dir, keep)
@@ -220,7 +259,7 @@ def mark_best(
         raise ValueError(f"metric {metric!r} is not among {sorted(values)}")
     record = {"checkpoint": path.name, "step": step, "metric": metric, "metrics": values}
     payload = json.dumps(record, indent=1, sort_keys=True).encode()
-    _atomic_write(ckpt_dir / BEST, lambda fh: fh.write(payload))
+    atomic_write(ckpt_dir / BEST, lambda fh: fh.write(payload))
     return BestRecord(ckpt_dir / path.name, step, values, metric)
 
 

@@ -21,7 +21,6 @@ pruned (at the next save, by rank 0) only once no listed torch checkpoint refers
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from torch import nn
 
 from hpcdeconv.config import DeepSpeedConfig, OptimConfig, deep_merge
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.training.checkpoint import CKPT_DIR, list_checkpoints
+from hpcdeconv.training.checkpoint import CKPT_DIR, prune_unreferenced, step_tag
 from hpcdeconv.training.strategy import (
     DistributedStrategy,
     Trainable,
@@ -61,11 +60,6 @@ _OWNED_SECTIONS = {
 # computes the same mixed-precision step, and fp16 gets DeepSpeed's gradient scaler.
 _DS_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _OFF_LEAVES = ("bf16.enabled", "bfloat16.enabled", "fp16.enabled", "amp.enabled")
-
-
-def shard_tag(step: int) -> str:
-    """DeepSpeed tag of the checkpoint of ``step``: the torch checkpoint's file stem."""
-    return f"step_{step:08d}"
 
 
 def deepspeed_config(
@@ -332,21 +326,10 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def save_shards(self, run_dir: Path, step: int) -> None:
         """Every rank writes its engine state under the tag of ``step``, then all meet."""
-        tag = shard_tag(step)
+        tag = step_tag(step)
         if self.is_main:
-            _prune_unreferenced(Path(run_dir), self.shard_root, keep=tag)
+            prune_unreferenced(Path(run_dir), self.shard_root, keep=tag)
         for trainable in self.trainables.values():
             trainable.save_shards(tag)
         # Rank 0's checkpoint may refer to the tag only once every rank has written it.
         self.barrier()
-
-
-def _prune_unreferenced(run_dir: Path, shard_root: Path, keep: str) -> None:
-    """Remove tag directories that no listed torch checkpoint refers to (except ``keep``)."""
-    if not shard_root.is_dir():
-        return
-    referenced = {path.stem for path in list_checkpoints(run_dir)} | {keep}
-    for tag_dir in shard_root.iterdir():
-        if tag_dir.is_dir() and tag_dir.name not in referenced:
-            log.debug("removing unreferenced DeepSpeed checkpoint %s", tag_dir)
-            shutil.rmtree(tag_dir)

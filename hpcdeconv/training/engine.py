@@ -27,8 +27,9 @@ from hpcdeconv.errors import ConfigError, HpcdeconvError, InputError, OutputExis
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
 from hpcdeconv.training.checkpoint import (
-    CKPT_DIR,
     LATEST,
+    checkpoint_path,
+    count_nonfinite,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -58,17 +59,6 @@ class TrainingDivergedError(HpcdeconvError):
 
 class RunWriteError(HpcdeconvError):
     """A checkpoint or log of the run could not be written (full disk, quota, permissions)."""
-
-
-def count_nonfinite(tree: Any) -> int:
-    """Number of NaN/Inf values in the floating-point tensors of a nested state."""
-    if isinstance(tree, torch.Tensor):
-        return int((~torch.isfinite(tree)).sum()) if tree.is_floating_point() else 0
-    if isinstance(tree, Mapping):
-        return sum(count_nonfinite(value) for value in tree.values())
-    if isinstance(tree, list | tuple):
-        return sum(count_nonfinite(value) for value in tree)
-    return 0
 
 
 @dataclass
@@ -369,7 +359,7 @@ class Trainer:
             return path
 
         self.strategy.agree(lambda: self._write("checkpoint", write_main), True)
-        self.last_good = self.run_dir / CKPT_DIR / f"step_{step:08d}.pt"
+        self.last_good = checkpoint_path(self.run_dir, step)
         return self.last_good
 
     # ----------------------------------------------------------------------------------

@@ -13,28 +13,27 @@ the checkpoint; directories no listed checkpoint refers to are pruned at the nex
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hpcdeconv.errors import InputError
-from hpcdeconv.training.checkpoint import CKPT_DIR, _atomic_write, list_checkpoints
+from hpcdeconv.training.checkpoint import CKPT_DIR, atomic_write, prune_unreferenced, step_tag
 
 RANK_DIR = "ranks"
 
 
 def rank_state_path(run_dir: Path, step: int, rank: int) -> Path:
     """Where rank ``rank`` (>= 1) keeps its part of the checkpoint of ``step``."""
-    return Path(run_dir) / CKPT_DIR / RANK_DIR / f"step_{step:08d}" / f"rank_{rank:05d}.pt"
+    return Path(run_dir) / CKPT_DIR / RANK_DIR / step_tag(step) / f"rank_{rank:05d}.pt"
 
 
 def save_rank_state(run_dir: Path, step: int, rank: int, state: dict[str, Any]) -> Path:
     """Write this rank's part of the checkpoint of ``step`` atomically."""
     path = rank_state_path(run_dir, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda fh: torch.save(state, fh))
+    atomic_write(path, lambda fh: torch.save(state, fh))
     return path
 
 
@@ -59,9 +58,4 @@ def load_rank_state(run_dir: Path, step: int, rank: int) -> dict[str, Any]:
 def prune_rank_states(run_dir: Path, keep_step: int) -> None:
     """Remove rank directories that no listed checkpoint (nor ``keep_step``) refers to."""
     root = Path(run_dir) / CKPT_DIR / RANK_DIR
-    if not root.is_dir():
-        return
-    referenced = {path.stem for path in list_checkpoints(run_dir)} | {f"step_{keep_step:08d}"}
-    for step_dir in root.iterdir():
-        if step_dir.is_dir() and step_dir.name not in referenced:
-            shutil.rmtree(step_dir, ignore_errors=True)
+    prune_unreferenced(run_dir, root, keep=step_tag(keep_step))

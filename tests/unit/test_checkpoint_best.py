@@ -24,11 +24,11 @@ from hpcdeconv.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     mark_best,
+    prune_unreferenced,
     read_best,
     resolve_checkpoint,
     save_checkpoint,
 )
-from hpcdeconv.training.deepspeed_strategy import _prune_unreferenced
 from hpcdeconv.training.engine import train
 from hpcdeconv.training.selection import BestTracker
 from tests.conftest import TINY_TRAINING
@@ -131,11 +131,11 @@ def test_deepspeed_shards_of_the_best_checkpoint_survive_pruning(run: Path) -> N
     for step in range(5, 8):
         tag = f"step_{step:08d}"
         (shard_root / tag / "G").mkdir(parents=True)
-        _prune_unreferenced(run, shard_root, keep=tag)
+        prune_unreferenced(run, shard_root, keep=tag)
         save_checkpoint(run, step, state, keep=1)
     for step in (1, 2, 3, 4):
         (shard_root / f"step_{step:08d}").mkdir(exist_ok=True)
-    _prune_unreferenced(run, shard_root, keep="step_00000008")
+    prune_unreferenced(run, shard_root, keep="step_00000008")
     assert sorted(p.name for p in shard_root.iterdir()) == ["step_00000001", "step_00000007"]
 
 
