@@ -1,0 +1,91 @@
+"""Typed configuration: pydantic models loaded from YAML with ``--set a.b=c`` overrides.
+
+One module per concern (``loading``, ``physics``, ``data``, ``networks``, ``methods``, ``run``,
+``experiment``, ``infer``); every public name is re-exported here, so
+``from hpcdeconv.config import ExperimentConfig`` is the import to use.
+"""
+
+from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape3D, Spacing3D, StrictModel
+from hpcdeconv.config.data import DataConfig
+from hpcdeconv.config.experiment import ExperimentConfig
+from hpcdeconv.config.infer import ClusterConfig, DeconvolveConfig, PredictConfig, RLConfig
+from hpcdeconv.config.loading import (
+    build_config,
+    deep_merge,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
+from hpcdeconv.config.methods import (
+    BlindCycleGANConfig,
+    CycleGANConfig,
+    GANLossConfig,
+    KernelConfig,
+    KnownKernelConfig,
+    MethodConfig,
+    NonBlindCycleGANConfig,
+    SupervisedConfig,
+)
+from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
+from hpcdeconv.config.physics import (
+    BornWolfPSF,
+    CodecConfig,
+    GaussianPSF,
+    GibsonLanniPSF,
+    NoiseConfig,
+    PhantomConfig,
+    PSFConfig,
+    PSFFileConfig,
+    RichardsWolfPSF,
+    SimulateConfig,
+    SplitConfig,
+    StorageConfig,
+    ZernikePSF,
+)
+from hpcdeconv.config.run import DeepSpeedConfig, OptimConfig, StrategyConfig, TrainConfig
+
+__all__ = [
+    "BlindCycleGANConfig",
+    "BornWolfPSF",
+    "ClusterConfig",
+    "CodecConfig",
+    "CycleGANConfig",
+    "DataConfig",
+    "DeconvolveConfig",
+    "DeepSpeedConfig",
+    "DiscriminatorConfig",
+    "ExperimentConfig",
+    "GANLossConfig",
+    "GaussianPSF",
+    "GibsonLanniPSF",
+    "KernelConfig",
+    "KnownKernelConfig",
+    "MethodConfig",
+    "NoiseConfig",
+    "NonBlindCycleGANConfig",
+    "OptimConfig",
+    "PSFConfig",
+    "PSFFileConfig",
+    "PhantomConfig",
+    "PositiveFloat",
+    "PositiveInt",
+    "PredictConfig",
+    "RLConfig",
+    "RichardsWolfPSF",
+    "Shape3D",
+    "SimulateConfig",
+    "Spacing3D",
+    "SplitConfig",
+    "StorageConfig",
+    "StrategyConfig",
+    "StrictModel",
+    "SupervisedConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "ZernikePSF",
+    "build_config",
+    "deep_merge",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+]

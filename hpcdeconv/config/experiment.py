@@ -1,0 +1,113 @@
+"""Top level of ``hpcdeconv train``: sizes checked across data and networks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import (
+    BaseModel,
+    Field,
+    model_validator,
+)
+
+from hpcdeconv.config.base import StrictModel
+from hpcdeconv.config.data import DataConfig
+from hpcdeconv.config.methods import (
+    BlindCycleGANConfig,
+    CycleGANConfig,
+    MethodConfig,
+    SupervisedConfig,
+)
+from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
+from hpcdeconv.config.run import OptimConfig, StrategyConfig, TrainConfig
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _unets(method: BaseModel) -> list[tuple[str, UNetConfig]]:
+    """``(key, config)`` of every U-Net a method trains on ``data.patch``."""
+    nets = [("method.generator", method.generator)]  # type: ignore[attr-defined]
+    if isinstance(method, CycleGANConfig):
+        nets.append(("method.blur_generator", method.blur_generator))
+    return nets
+
+
+def _check_patch_for_unet(patch: tuple[int, ...], key: str, net: UNetConfig) -> None:
+    """A U-Net of depth ``d`` halves a patch ``d`` times: every side a multiple of ``2**d``,
+    and instance normalisation needs more than one voxel at the bottleneck."""
+    multiple = 2**net.depth
+    if any(p % multiple for p in patch):
+        nearest = [_round_up(p, multiple) for p in patch]
+        raise ValueError(
+            f"data.patch {list(patch)} must be a multiple of {multiple} along every axis "
+            f"({key}.depth={net.depth} halves it {net.depth} times), e.g. {nearest}"
+        )
+    bottleneck = [p // multiple for p in patch]
+    if net.norm == "instance" and bottleneck.count(1) == len(patch):
+        raise ValueError(
+            f"data.patch {list(patch)} leaves one voxel at the bottleneck of {key} "
+            f"(depth {net.depth}), too few for instance normalisation; use a patch with "
+            f"one side >= {2 * multiple}"
+        )
+
+
+def _check_patch_for_discriminator(patch: tuple[int, ...], disc: DiscriminatorConfig) -> None:
+    """Same rule as :func:`hpcdeconv.models.discriminators.check_patch_input` at the
+    coarsest scale: at least one score per axis and two in all."""
+    reduction = 2**disc.n_layers * 2 ** (disc.n_scales - 1)
+    scores = [p // reduction for p in patch]
+    if min(scores) < 1 or math.prod(scores) < 2:
+        raise ValueError(
+            f"data.patch {list(patch)} is too small for method.discriminator "
+            f"(n_layers={disc.n_layers}, n_scales={disc.n_scales} reduce it {reduction}x): "
+            f"every side must be >= {reduction} and one >= {2 * reduction}"
+        )
+
+
+class ExperimentConfig(StrictModel):
+    """Top level of ``hpcdeconv train``.
+
+    Sizes the networks constrain (``data.patch``, ``train.val_overlap``) are checked here,
+    so a run that cannot take its first step is refused before anything is created.
+    """
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=BlindCycleGANConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    output: Path = Path("runs/blind")
+
+    @model_validator(mode="after")
+    def _sizes_fit_networks(self) -> ExperimentConfig:
+        patch = self.data.patch
+        for key, net in _unets(self.method):
+            _check_patch_for_unet(patch, key, net)
+        uses_discriminator = not isinstance(self.method, SupervisedConfig) or (
+            self.method.adversarial_weight > 0
+        )
+        if uses_discriminator:
+            _check_patch_for_discriminator(patch, self.method.discriminator)
+        if (
+            self.train.ema_decay is not None
+            and self.strategy.name == "deepspeed"
+            and self.strategy.deepspeed.zero_stage == 3
+        ):
+            raise ValueError(
+                "train.ema_decay needs whole weights on every rank; ZeRO stage 3 partitions "
+                "them: use strategy.deepspeed.zero_stage 0-2 or no EMA"
+            )
+        # Validation tiles are rounded up to the deblurring U-Net's multiple (inference
+        # pads them), so only the overlap can make validation fail.
+        multiple = 2**self.method.generator.depth
+        tile = [_round_up(t, multiple) for t in self.train.val_tile]
+        if self.train.val_overlap >= min(tile):
+            raise ValueError(
+                f"train.val_overlap {self.train.val_overlap} must be smaller than every side "
+                f"of train.val_tile {list(self.train.val_tile)} (rounded up to multiples of "
+                f"{multiple}: {tile})"
+            )
+        return self

@@ -1,0 +1,104 @@
+"""Method configurations: a tagged union, one class per method."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
+
+from hpcdeconv.config.base import PositiveFloat, Shape3D, StrictModel
+from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
+
+
+class KernelConfig(StrictModel):
+    """The learnable (blind) or fixed (non-blind) linear blur path ``h``."""
+
+    size: Shape3D = (31, 31, 31)
+    init: Literal["delta", "gaussian", "file", "dataset"] = "gaussian"
+    sigma: PositiveFloat = 2.0
+    file: Path | None = None
+    constraint: Literal["none", "simplex"] = "none"
+    penalty: Literal["none", "l1", "tv"] = "none"
+    penalty_weight: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _file_given(self) -> KernelConfig:
+        if self.init == "file" and self.file is None:
+            raise ValueError("init: file needs kernel.file")
+        return self
+
+
+class KnownKernelConfig(KernelConfig):
+    """The fixed blur path of non-blind training: the dataset's PSF or a file."""
+
+    init: Literal["file", "dataset"] = "dataset"
+
+
+class GANLossConfig(StrictModel):
+    """Adversarial and cycle terms: ``L = L_adv + gamma * L_cycle (+ lambda Q(h))``."""
+
+    adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
+    gp_eta: PositiveFloat = 10.0
+    cycle_weight: Annotated[float, Field(ge=0)] = 10.0
+    pool_size: Annotated[int, Field(ge=0)] = 50
+
+
+class BlindCycleGANConfig(StrictModel):
+    """cycleGAN with a learnable linear blur kernel (seed paper eq. 13)."""
+
+    name: Literal["blind_cyclegan"] = "blind_cyclegan"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+
+class NonBlindCycleGANConfig(StrictModel):
+    """cycleGAN with the known PSF as a fixed blur path (seed paper eqs. 15-18)."""
+
+    name: Literal["nonblind_cyclegan"] = "nonblind_cyclegan"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    kernel: KnownKernelConfig = Field(default_factory=KnownKernelConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+
+class CycleGANConfig(StrictModel):
+    """Conventional cycleGAN: a second deep generator for the blurring direction."""
+
+    name: Literal["cyclegan"] = "cyclegan"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    blur_generator: UNetConfig = Field(default_factory=UNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+
+class SupervisedConfig(StrictModel):
+    """U-Net on paired data: MSE, plus an LSGAN term if ``adversarial_weight`` > 0."""
+
+    name: Literal["supervised"] = "supervised"
+    generator: UNetConfig = Field(default_factory=UNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    adversarial_weight: Annotated[float, Field(ge=0)] = 0.0
+
+
+def _method_tag(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return str(value.get("name", "blind_cyclegan"))
+    return str(getattr(value, "name", "blind_cyclegan"))
+
+
+MethodConfig = Annotated[
+    Annotated[BlindCycleGANConfig, Tag("blind_cyclegan")]
+    | Annotated[NonBlindCycleGANConfig, Tag("nonblind_cyclegan")]
+    | Annotated[CycleGANConfig, Tag("cyclegan")]
+    | Annotated[SupervisedConfig, Tag("supervised")],
+    Discriminator(_method_tag),
+]
