@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import markdown_table, write_section
 from hpcdeconv.config import BornWolfPSF, ExperimentConfig, load_config
 from hpcdeconv.methods import build_method
-from hpcdeconv.methods.base import Method
+from hpcdeconv.methods.base import DataInfo, Method
 from hpcdeconv.physics.psf import make_psf
 from hpcdeconv.training.strategy import SingleStrategy, Strategy, resolve_device
 
@@ -73,10 +73,9 @@ def make_method(cfg: ExperimentConfig, checkpointing: bool | None = None) -> Met
     ckpt = cfg.train.grad_checkpointing if checkpointing is None else checkpointing
     return build_method(
         cfg.method,
-        dataset_psf=dataset_psf(cfg),
+        DataInfo(spatial_dims=3, channels=1, voxel_size=(0.1, 0.1, 0.1), psf=dataset_psf(cfg)),
         seed=cfg.train.seed,
         checkpointing=ckpt,
-        voxel_size=(0.1, 0.1, 0.1),
     )
 
 

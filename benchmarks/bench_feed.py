@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import markdown_table, write_section
 from benchmarks.bench_cost import bind_method, random_batch
-from hpcdeconv.config import DataConfig, ExperimentConfig, load_config
+from hpcdeconv.config import ExperimentConfig, ImageDomainsData, load_config
 from hpcdeconv.data.datasets import UnpairedPatches, ZarrVolumes
 from hpcdeconv.data.sampling import PatchSampler, chunks_touched
 from hpcdeconv.data.zarr_io import (
@@ -141,9 +141,9 @@ def compressed_chunk_bytes(path: Path) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def data_config(path: Path, patch: int, workers: int) -> DataConfig:
+def data_config(path: Path, patch: int, workers: int) -> ImageDomainsData:
     """The feed's settings: cubic patches, batch 1, augmentation on."""
-    return DataConfig(path=path, patch=(patch,) * 3, batch_size=1, num_workers=workers)
+    return ImageDomainsData(path=path, patch=(patch,) * 3, batch_size=1, num_workers=workers)
 
 
 def feed_rate(label: str, path: Path, patch: int, workers: int, samples: int) -> FeedRate:

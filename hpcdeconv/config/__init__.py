@@ -5,8 +5,8 @@ One module per concern (``loading``, ``physics``, ``data``, ``networks``, ``meth
 ``from hpcdeconv.config import ExperimentConfig`` is the import to use.
 """
 
-from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape3D, Spacing3D, StrictModel
-from hpcdeconv.config.data import DataConfig
+from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, Shape3D, Spacing3D, StrictModel
+from hpcdeconv.config.data import DataConfig, ImageDomainsData, PairedImagesData, PSFSamplesData
 from hpcdeconv.config.experiment import ExperimentConfig
 from hpcdeconv.config.infer import ClusterConfig, DeconvolveConfig, PredictConfig, RLConfig
 from hpcdeconv.config.loading import (
@@ -17,6 +17,7 @@ from hpcdeconv.config.loading import (
     parse_overrides,
 )
 from hpcdeconv.config.methods import (
+    METHOD_CONFIGS,
     BlindCycleGANConfig,
     CycleGANConfig,
     GANLossConfig,
@@ -45,6 +46,7 @@ from hpcdeconv.config.physics import (
 from hpcdeconv.config.run import DeepSpeedConfig, OptimConfig, StrategyConfig, TrainConfig
 
 __all__ = [
+    "METHOD_CONFIGS",
     "BlindCycleGANConfig",
     "BornWolfPSF",
     "ClusterConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "GANLossConfig",
     "GaussianPSF",
     "GibsonLanniPSF",
+    "ImageDomainsData",
     "KernelConfig",
     "KnownKernelConfig",
     "MethodConfig",
@@ -66,12 +69,15 @@ __all__ = [
     "OptimConfig",
     "PSFConfig",
     "PSFFileConfig",
+    "PSFSamplesData",
+    "PairedImagesData",
     "PhantomConfig",
     "PositiveFloat",
     "PositiveInt",
     "PredictConfig",
     "RLConfig",
     "RichardsWolfPSF",
+    "Shape",
     "Shape3D",
     "SimulateConfig",
     "Spacing3D",

@@ -13,6 +13,9 @@ from pydantic import (
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Shape3D = tuple[PositiveInt, PositiveInt, PositiveInt]
+#: A 2D ``(Y, X)`` or 3D ``(Z, Y, X)`` size in voxels; its length must match the
+#: dimensionality of the data it applies to (checked where both are known).
+Shape = Annotated[tuple[PositiveInt, ...], Field(min_length=2, max_length=3)]
 Spacing3D = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 
 

@@ -1,23 +1,63 @@
-"""Training data configuration."""
+"""Training data configuration: a tagged union, one class per kind of data.
+
+``kind`` says what a batch holds: two unpaired image domains (``domains``), paired images
+of the same place (``paired``) or (patch, PSF parameter vector, validity) samples
+(``psf_samples``). A ``data`` block without ``kind`` takes the kind its method trains on
+(see :class:`~hpcdeconv.config.experiment.ExperimentConfig`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    Field,
-)
+from pydantic import Discriminator, Field, Tag
 
-from hpcdeconv.config.base import PositiveInt, Shape3D, StrictModel
+from hpcdeconv.config.base import PositiveInt, Shape, StrictModel
 
 
-class DataConfig(StrictModel):
-    """Where training patches come from and how they are drawn."""
-
+class _DataBase(StrictModel):
     path: Path = Path("data.zarr")
-    patch: Shape3D = (64, 64, 64)
     batch_size: PositiveInt = 1
     num_workers: Annotated[int, Field(ge=0)] = 0
     augment: bool = True
+
+
+class ImageDomainsData(_DataBase):
+    """Patches drawn independently from the sharp and the blurred volumes of a dataset.
+
+    ``patch`` is ``(Y, X)`` for 2D data and ``(Z, Y, X)`` for volumes, in voxels; its
+    length is the training's ``spatial_dims``.
+    """
+
+    kind: Literal["domains"] = "domains"
+    patch: Shape = (64, 64, 64)
     val_volumes: Annotated[int, Field(ge=0)] = 1
+
+
+class PairedImagesData(ImageDomainsData):
+    """Patches at the same place of a sharp volume and its blurred counterpart."""
+
+    kind: Literal["paired"] = "paired"  # type: ignore[assignment]
+
+
+class PSFSamplesData(_DataBase):
+    """(patch, PSF parameter vector, validity) samples for PSF-parameter regression."""
+
+    kind: Literal["psf_samples"] = "psf_samples"
+    val_samples: Annotated[int, Field(ge=0)] = 64
+
+
+def _data_tag(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return str(value.get("kind", "domains"))
+    return str(getattr(value, "kind", "domains"))
+
+
+DataConfig = Annotated[
+    Annotated[ImageDomainsData, Tag("domains")]
+    | Annotated[PairedImagesData, Tag("paired")]
+    | Annotated[PSFSamplesData, Tag("psf_samples")],
+    Discriminator(_data_tag),
+]

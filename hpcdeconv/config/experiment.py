@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -12,8 +14,9 @@ from pydantic import (
 )
 
 from hpcdeconv.config.base import StrictModel
-from hpcdeconv.config.data import DataConfig
+from hpcdeconv.config.data import DataConfig, ImageDomainsData
 from hpcdeconv.config.methods import (
+    METHOD_CONFIGS,
     BlindCycleGANConfig,
     CycleGANConfig,
     MethodConfig,
@@ -74,15 +77,41 @@ class ExperimentConfig(StrictModel):
     so a run that cannot take its first step is refused before anything is created.
     """
 
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=ImageDomainsData)
     method: MethodConfig = Field(default_factory=BlindCycleGANConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     output: Path = Path("runs/blind")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_kind_from_method(cls, value: Any) -> Any:
+        """A ``data`` block without ``kind`` takes the kind its method trains on."""
+        if not isinstance(value, Mapping):
+            return value
+        data, method = value.get("data", {}), value.get("method", {})
+        if not isinstance(data, Mapping) or "kind" in data:
+            return value
+        name = method.get("name", "blind_cyclegan") if isinstance(method, Mapping) else None
+        model = METHOD_CONFIGS.get(str(name)) if name is not None else type(method)
+        if model is None or not hasattr(model, "data_kind"):
+            return value  # the method's own error is clearer
+        return {**value, "data": {**data, "kind": model.data_kind}}
+
+    @model_validator(mode="after")
+    def _data_kind_fits_method(self) -> ExperimentConfig:
+        needed = type(self.method).data_kind
+        if self.data.kind != needed:
+            raise ValueError(
+                f"method {self.method.name} trains on data.kind {needed!r}, not {self.data.kind!r}"
+            )
+        return self
+
     @model_validator(mode="after")
     def _sizes_fit_networks(self) -> ExperimentConfig:
+        if not isinstance(self.data, ImageDomainsData):
+            return self
         patch = self.data.patch
         for key, net in _unets(self.method):
             _check_patch_for_unet(patch, key, net)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     Discriminator,
@@ -54,6 +54,8 @@ class BlindCycleGANConfig(StrictModel):
     """cycleGAN with a learnable linear blur kernel (seed paper eq. 13)."""
 
     name: Literal["blind_cyclegan"] = "blind_cyclegan"
+    #: Kind of training data (``data.kind``) the method trains on.
+    data_kind: ClassVar[str] = "domains"
     generator: UNetConfig = Field(default_factory=UNetConfig)
     kernel: KernelConfig = Field(default_factory=KernelConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
@@ -64,6 +66,8 @@ class NonBlindCycleGANConfig(StrictModel):
     """cycleGAN with the known PSF as a fixed blur path (seed paper eqs. 15-18)."""
 
     name: Literal["nonblind_cyclegan"] = "nonblind_cyclegan"
+    #: Kind of training data (``data.kind``) the method trains on.
+    data_kind: ClassVar[str] = "domains"
     generator: UNetConfig = Field(default_factory=UNetConfig)
     kernel: KnownKernelConfig = Field(default_factory=KnownKernelConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
@@ -74,6 +78,8 @@ class CycleGANConfig(StrictModel):
     """Conventional cycleGAN: a second deep generator for the blurring direction."""
 
     name: Literal["cyclegan"] = "cyclegan"
+    #: Kind of training data (``data.kind``) the method trains on.
+    data_kind: ClassVar[str] = "domains"
     generator: UNetConfig = Field(default_factory=UNetConfig)
     blur_generator: UNetConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
@@ -84,6 +90,8 @@ class SupervisedConfig(StrictModel):
     """U-Net on paired data: MSE, plus an LSGAN term if ``adversarial_weight`` > 0."""
 
     name: Literal["supervised"] = "supervised"
+    #: Kind of training data (``data.kind``) the method trains on.
+    data_kind: ClassVar[str] = "paired"
     generator: UNetConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     adversarial_weight: Annotated[float, Field(ge=0)] = 0.0
@@ -102,3 +110,12 @@ MethodConfig = Annotated[
     | Annotated[SupervisedConfig, Tag("supervised")],
     Discriminator(_method_tag),
 ]
+
+
+#: Method configuration class by ``method.name``.
+METHOD_CONFIGS: dict[str, type[StrictModel]] = {
+    "blind_cyclegan": BlindCycleGANConfig,
+    "nonblind_cyclegan": NonBlindCycleGANConfig,
+    "cyclegan": CycleGANConfig,
+    "supervised": SupervisedConfig,
+}

@@ -80,6 +80,25 @@ class Artefact:
     record: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How validation runs the network: tiled like inference.
+
+    Attributes
+    ----------
+    tile
+        Tile size per spatial axis in voxels.
+    overlap
+        Overlap of neighbouring tiles in voxels.
+    autocast_dtype
+        Autocast dtype of the run's precision, ``None`` for fp32.
+    """
+
+    tile: tuple[int, ...]
+    overlap: int
+    autocast_dtype: torch.dtype | None = None
+
+
 class Method(ABC):
     """Base class of the training methods.
 
@@ -91,7 +110,7 @@ class Method(ABC):
     data_kind: ClassVar[DataKind] = "domains"
     #: Metric names :meth:`validate` returns that a run may select its best checkpoint
     #: by, each with whether higher is better.
-    metrics: ClassVar[Mapping[str, bool]] = {}
+    metrics: ClassVar[Mapping[str, bool]] = {"psnr": True, "ssim": True}
 
     def __init__(self) -> None:
         self.t: dict[str, Trainable] = {}
@@ -136,10 +155,15 @@ class Method(ABC):
 
     def artefact(self) -> Artefact:
         """The network inference uses (its EMA, when kept, is of this network)."""
-        raise NotImplementedError
+        # TRANSITION default (image-to-image methods); the methods helper replaces it.
+        return Artefact("image_to_image", "deblur", self.deblur_net(), {})
 
     def validate(
-        self, network: nn.Module, data: Any, device: torch.device, settings: Any
+        self,
+        network: nn.Module,
+        data: Any,
+        device: torch.device,
+        settings: ValidationSettings,
     ) -> dict[str, float]:
         """Validation scores of ``network`` (the artefact's network or its EMA).
 
@@ -147,7 +171,12 @@ class Method(ABC):
         settings (tile, overlap, autocast dtype); the returned names include
         :attr:`metrics`. Runs on one rank, under ``torch.no_grad``.
         """
-        raise NotImplementedError
+        # TRANSITION default (image-to-image methods); the methods helper replaces it.
+        from hpcdeconv.training.validate import validate
+
+        return validate(
+            network, data, settings.tile, settings.overlap, device, settings.autocast_dtype
+        )
 
     def images(self) -> dict[str, torch.Tensor]:
         """Images of the last step for image summaries, each ``(*S)``."""

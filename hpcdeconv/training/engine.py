@@ -152,11 +152,9 @@ class Trainer:
         )
         self.method: Method = build_method(
             cfg.method,
-            dataset_psf=self.feed.psf,
+            self.feed.info(),
             seed=cfg.train.seed + 7919 * strategy.rank,
             checkpointing=cfg.train.grad_checkpointing,
-            voxel_size=self.feed.voxel_size,
-            data_means=self.feed.data_means(),
         )
         self.feed.require(paired=self.method.paired)
         # One writer per run directory: rank 0 holds the lock for the life of the run.

@@ -17,7 +17,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from hpcdeconv.config import DataConfig
+from hpcdeconv.config import ImageDomainsData
 from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches, ZarrVolumes
 from hpcdeconv.data.sampling import PatchSampler
 from hpcdeconv.data.zarr_io import (
@@ -31,6 +31,7 @@ from hpcdeconv.data.zarr_io import (
     volume_meta,
 )
 from hpcdeconv.errors import InputError
+from hpcdeconv.methods.base import DataInfo
 
 #: Voxels read per domain for :meth:`TrainingFeed.data_means` (64 MiB of float32, read one
 #: storage chunk at a time): the exact mean for datasets up to this size, beyond it the
@@ -53,7 +54,9 @@ class TrainingFeed:
         Data-parallel position of this process.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, cfg: ImageDomainsData, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.cfg = cfg
         self.seed = seed
         self.rank = rank
@@ -105,6 +108,16 @@ class TrainingFeed:
                     arrays = {f"{domain}/{vid}": self.volumes.array(domain, vid) for vid in ids}
                     self._data_means[key] = sampled_mean(arrays, MEAN_SAMPLE_VOXELS)
         return dict(self._data_means)
+
+    def info(self) -> DataInfo:
+        """What the methods need to know of this data (dims, channels, voxel size, PSF, means)."""
+        return DataInfo(
+            spatial_dims=len(self.cfg.patch),
+            channels=1,
+            voxel_size=tuple(float(v) for v in self.voxel_size),
+            psf=self.psf,
+            means=self.data_means(),
+        )
 
     def require(self, paired: bool) -> None:
         """Check the dataset holds the domains a method needs and the patch fits."""
@@ -251,7 +264,7 @@ def _any_array(group: Any, ids: set[str]) -> str:
     return f"{BLURRED}/{vid}" if f"{BLURRED}/{vid}" in group else f"{SHARP}/{vid}"
 
 
-def _sampler_factory(cfg: DataConfig, seed: int, rank: int, world_size: int) -> Any:
+def _sampler_factory(cfg: ImageDomainsData, seed: int, rank: int, world_size: int) -> Any:
     def make(shapes: Mapping[str, tuple[int, int, int]]) -> PatchSampler:
         return PatchSampler(shapes, cfg.patch, seed, rank=rank, world_size=world_size)
 

@@ -36,14 +36,7 @@ def _build(
     )
     torch.manual_seed(seed)
     feed = TrainingFeed(cfg.data, seed=cfg.train.seed)
-    method = build_method(
-        cfg.method,
-        dataset_psf=feed.psf,
-        seed=seed,
-        checkpointing=False,
-        voxel_size=feed.voxel_size,
-        data_means=feed.data_means(),
-    )
+    method = build_method(cfg.method, feed.info(), seed=seed, checkpointing=False)
     return method, feed
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdeconv.config import DataConfig, ExperimentConfig, UNetConfig, load_config
+from hpcdeconv.config import ExperimentConfig, ImageDomainsData, UNetConfig, load_config
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.methods.cycle import build_unet
 from hpcdeconv.metrics import psnr, ssim
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def feed(tiny_dataset: Path) -> TrainingFeed:
-    return TrainingFeed(DataConfig(path=tiny_dataset, patch=(16, 16, 16)), seed=0)
+    return TrainingFeed(ImageDomainsData(path=tiny_dataset, patch=(16, 16, 16)), seed=0)
 
 
 @pytest.fixture
