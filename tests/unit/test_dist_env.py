@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpcdeconv.errors import ConfigError
-from hpcdeconv.training.dist import DistEnv, discover, expand_hostlist, slurm_master_port
+from hpcdeconv.training.dist import DistEnv, discover
+from hpcdeconv.training.slurm_env import expand_hostlist, slurm_master_port
 
 # The variables srun sets for task 1 of a 2-task step (recorded from slurm/dev, trimmed).
 SLURM_STEP_TASK1 = {
