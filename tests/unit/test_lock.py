@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcdeconv.data.lock import MECHANISM_ENV, OutputLock, holder_record, lock_path
+from hpcdeconv.data.lock import MECHANISM_ENV, OutputLock, lock_path
+from hpcdeconv.data.lock_record import holder_record
 from hpcdeconv.errors import OutputLockedError
 
 REPO = Path(__file__).resolve().parents[2]
