@@ -22,8 +22,9 @@ to the negative log-likelihood and takes the one-step-late update::
     x <- x * H^T( y / H x ) / ( N * (1 - lambda * div( grad x / |grad x|_eps )) )
 
 with forward differences for ``grad``, its negative adjoint for ``div`` and
-``|g|_eps = sqrt(|g|^2 + eps^2)``. With ``N = 1`` this is Dey's update; with ``N = H^T 1``
-it coincides with it wherever ``N = 1`` and stays positive at the borders. The field
+``|g|_eps = sqrt(|g|^2 + eps^2)`` (:func:`~hpcdeconv.classical.tv.tv_divergence`). With
+``N = 1`` this is Dey's update; with ``N = H^T 1`` it coincides with it wherever ``N = 1``
+and stays positive at the borders. The field
 ``p = grad x / |grad x|_eps`` has ``|p| <= 1`` at every voxel, so
 ``|div p| = |sum_a (p_a[i] - p_a[i - e_a])| <= sqrt(d) + d`` and
 ``lambda < 1 / (d + sqrt(d))`` keeps the denominator positive.
@@ -41,7 +42,8 @@ image (numpy ``mode="symmetric"``)::
 
 with ``E`` the symmetric extension of the estimate by ``k // 2`` voxels per side, ``C``
 the convolution cropped back to the field of view and ``E^T`` the adjoint of the
-extension (it folds the light of the mirrored voxels back onto their originals). A
+extension (it folds the light of the mirrored voxels back onto their originals; built by
+:func:`~hpcdeconv.classical.rl_operator.build_operator`). A
 constant is then a fixed point of the update for a symmetric PSF (``H 1 = 1`` and
 ``H^T 1 = 1``), so a uniform field stays uniform and there is no rim. Each side of each
 axis may be given its own treatment: block-wise runs apply the chosen one at the volume's
@@ -56,33 +58,24 @@ to the data's own scale.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import numpy as np
-import scipy.fft
 import torch
 from torch import Tensor
 
+from hpcdeconv.classical.rl_operator import (
+    Boundaries,
+    Operator,
+    boundary_sides,
+    build_operator,
+)
+from hpcdeconv.classical.tv import tv_divergence
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.physics.forward import FFTConvolver
 
-__all__ = [
-    "BOUNDARIES",
-    "Boundaries",
-    "Boundary",
-    "richardson_lucy",
-    "richardson_lucy_torch",
-    "rl_halo",
-    "tv_divergence",
-]
-
-#: How the operator treats the image border: mirror the scene, or assume darkness beyond it.
-Boundary = Literal["reflect", "truncated"]
-BOUNDARIES: tuple[str, ...] = get_args(Boundary)
+__all__ = ["richardson_lucy", "richardson_lucy_torch", "rl_halo"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,214 +126,10 @@ def _compute_dtype(image: Tensor) -> torch.dtype:
     return torch.float64 if image.dtype == torch.float64 else torch.float32
 
 
-def tv_divergence(x: Tensor, eps: float) -> Tensor:
-    """Curvature term ``div( grad x / sqrt(|grad x|^2 + eps^2) )`` of TV regularisation.
-
-    ``grad`` is the forward difference with a zero last difference (Neumann boundary) and
-    ``div`` is its negative adjoint, so ``<grad u, p> = -<u, div p>`` for all ``u``, ``p``.
-
-    Parameters
-    ----------
-    x
-        Estimate, shape ``(*spatial)``; every axis is differentiated.
-    eps
-        Smoothing of the gradient magnitude, in the units of ``x``.
-
-    Returns
-    -------
-    torch.Tensor
-        Shape and dtype of ``x``; bounded by ``x.ndim + sqrt(x.ndim)`` in magnitude.
-    """
-    grads = [_forward_difference(x, axis) for axis in range(x.ndim)]
-    magnitude = torch.stack(grads).square_().sum(0).add_(eps * eps).sqrt_()
-    return sum(_backward_difference(g / magnitude, axis) for axis, g in enumerate(grads))
-
-
-def _forward_difference(x: Tensor, axis: int) -> Tensor:
-    """``x[i + 1] - x[i]`` along ``axis``, 0 at the last index."""
-    pad = [0, 0] * (x.ndim - 1 - axis) + [0, 1]
-    return torch.nn.functional.pad(torch.diff(x, dim=axis), pad)
-
-
-def _backward_difference(p: Tensor, axis: int) -> Tensor:
-    """``p[i] - p[i - 1]`` along ``axis`` with ``p[-1] = 0``: minus the adjoint of the above.
-
-    Exact as the adjoint only for fields whose last entry along ``axis`` is 0, which
-    :func:`_forward_difference` guarantees.
-    """
-    pad = [0, 0] * (p.ndim - 1 - axis) + [1, 0]
-    return torch.diff(torch.nn.functional.pad(p, pad), dim=axis)
-
-
-class _PocketFFT:
-    """``H`` and ``H^T`` of an :class:`FFTConvolver` on the CPU, one axis at a time.
-
-    The OTF is the convolver's; only the transforms differ. Axis by axis, each transform
-    skips the lines that are all padding on the way in (the operand lives in the first
-    ``n`` of ``N`` entries per axis) and those cropped away on the way out: about 20 %
-    fewer butterflies than a full ``N``-point transform. With scipy's pocketfft this runs
-    about 1.5x faster than torch's CPU FFT on the project's machines (AMD EPYC, where
-    MKL's complex-to-real transform is slow); results agree to float round-off.
-
-    Parameters
-    ----------
-    convolver
-        Convolver whose ``otf`` (on the CPU) and ``fft_shape`` define the operator.
-    """
-
-    def __init__(self, convolver: FFTConvolver) -> None:
-        self.shape = convolver.shape
-        self.fft_shape = convolver.fft_shape
-        self.otf = convolver.otf.numpy()
-        self.otf_conj = np.conjugate(self.otf)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``H x``: ``(*spatial) -> (*spatial)``."""
-        return self._apply(x, self.otf)
-
-    def adjoint(self, x: Tensor) -> Tensor:
-        """``H^T x``: ``(*spatial) -> (*spatial)``."""
-        return self._apply(x, self.otf_conj)
-
-    def _apply(self, x: Tensor, otf: np.ndarray) -> Tensor:
-        workers = torch.get_num_threads()
-        axes = range(len(self.shape))
-        spectrum = scipy.fft.rfft(x.numpy(), n=self.fft_shape[-1], axis=-1, workers=workers)
-        for axis in reversed(axes[:-1]):
-            spectrum = scipy.fft.fft(
-                spectrum, n=self.fft_shape[axis], axis=axis, workers=workers, overwrite_x=True
-            )
-        spectrum *= otf
-        for axis in axes[:-1]:
-            spectrum = scipy.fft.ifft(spectrum, axis=axis, workers=workers, overwrite_x=True)
-            spectrum = spectrum[(slice(None),) * axis + (slice(0, self.shape[axis]),)]
-        out = scipy.fft.irfft(spectrum, n=self.fft_shape[-1], axis=-1, workers=workers)
-        return torch.from_numpy(out[..., : self.shape[-1]])
-
-
-def _operator(convolver: FFTConvolver) -> FFTConvolver | _PocketFFT:
-    """The fastest implementation of the convolver's ``H`` / ``H^T`` for its device."""
-    return _PocketFFT(convolver) if convolver.otf.device.type == "cpu" else convolver
-
-
-def _mirror_index(size: int, before: int, after: int, device: torch.device) -> Tensor:
-    """Source index of each voxel of an axis of ``size`` extended symmetrically.
-
-    numpy's ``mode="symmetric"`` (edge voxel repeated, ``-1 -> 0``), reflected again as
-    often as needed when a width exceeds ``size``: the extension has period ``2 size``.
-    """
-    index = torch.arange(-before, size + after, device=device) % (2 * size)
-    return torch.where(index >= size, 2 * size - 1 - index, index)
-
-
-class _Mirrored:
-    """``H = C E`` and ``H^T = E^T C^T``: convolution of the symmetrically extended estimate.
-
-    ``E`` extends each axis by ``widths[a]`` voxels before and after (0 keeps that side
-    truncated), ``C`` is ``inner`` (the truncated operator on the extended shape) cropped
-    back to the field of view, and ``E^T`` adds the mirrored voxels onto their originals.
-
-    Parameters
-    ----------
-    inner
-        ``H`` / ``H^T`` on the extended shape.
-    shape
-        Field of view ``(*spatial)``.
-    widths
-        ``(before, after)`` extension per axis, in voxels.
-    """
-
-    def __init__(
-        self,
-        inner: FFTConvolver | _PocketFFT,
-        shape: Sequence[int],
-        widths: Sequence[tuple[int, int]],
-        device: torch.device,
-    ) -> None:
-        self.inner = inner
-        self.shape = tuple(int(n) for n in shape)
-        self.extended = tuple(n + a + b for n, (a, b) in zip(self.shape, widths, strict=True))
-        self.index = [
-            _mirror_index(n, a, b, device) for n, (a, b) in zip(self.shape, widths, strict=True)
-        ]
-        self.view = tuple(slice(a, a + n) for n, (a, _) in zip(self.shape, widths, strict=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``H x``: ``(*spatial) -> (*spatial)``."""
-        for axis, index in enumerate(self.index):
-            x = x.index_select(axis, index)
-        return self.inner.forward(x)[self.view]
-
-    def adjoint(self, x: Tensor) -> Tensor:
-        """``H^T x``: ``(*spatial) -> (*spatial)``."""
-        embedded = x.new_zeros(self.extended)
-        embedded[self.view] = x
-        out = self.inner.adjoint(embedded)
-        for axis, index in enumerate(self.index):
-            shape = list(out.shape)
-            shape[axis] = self.shape[axis]
-            out = out.new_zeros(shape).index_add_(axis, index, out)
-        return out
-
-
-#: One boundary for every side, or per axis the ``(before, after)`` boundaries.
-Boundaries = Boundary | Sequence[tuple[Boundary, Boundary]]
-
-
-def _sides(boundary: Boundaries, ndim: int) -> list[tuple[str, str]]:
-    """Per axis ``(before, after)`` boundary; ``ConfigError`` for unknown or misshapen ones."""
-    sides = [(boundary, boundary)] * ndim if isinstance(boundary, str) else list(boundary)
-    if len(sides) != ndim or any(len(pair) != 2 for pair in sides):
-        raise ConfigError(f"boundary {boundary!r} needs (before, after) for each of {ndim} axes")
-    for side in itertools.chain.from_iterable(sides):
-        if side not in BOUNDARIES:
-            raise ConfigError(f"boundary must be one of {', '.join(BOUNDARIES)}, got {side!r}")
-    return [(str(a), str(b)) for a, b in sides]
-
-
-def _build_operator(
-    psf: Tensor, shape: tuple[int, ...], sides: Sequence[tuple[str, str]]
-) -> FFTConvolver | _PocketFFT | _Mirrored:
-    """``H`` / ``H^T`` of a unit-sum ``psf`` on images of ``shape`` with per-side boundaries."""
-    # k // 2 per side covers the PSF's reach in both directions, for odd and even k.
-    widths = [
-        (k // 2 if before == "reflect" else 0, k // 2 if after == "reflect" else 0)
-        for k, (before, after) in zip(psf.shape, sides, strict=True)
-    ]
-    if not any(a or b for a, b in widths):
-        return _operator(FFTConvolver(psf, shape))
-    extended = tuple(n + a + b for n, (a, b) in zip(shape, widths, strict=True))
-    return _Mirrored(
-        _operator(FFTConvolver(psf, extended, _fft_shape(extended, psf.shape, widths))),
-        shape,
-        widths,
-        psf.device,
-    )
-
-
-def _fft_shape(
-    extended: Sequence[int], psf_shape: Sequence[int], widths: Sequence[tuple[int, int]]
-) -> tuple[int, ...]:
-    """Smallest fast FFT lengths at which the kept part of the extended volume is exact.
-
-    Output ``j`` of the circular convolution reads extended voxels ``j + c - (k - 1)`` to
-    ``j + c`` (``c = k // 2``). Inside the kept field of view these stay within the
-    extension on a reflected side; on a truncated side they reach ``k - 1 - c`` (before) or
-    ``c`` (after) voxels past it, which must land on the zero padding, not wrap onto data.
-    Where every side reflects this saves the ``k // 2`` of :func:`padded_shape`.
-    """
-    lengths = []
-    for m, k, (before, after) in zip(extended, psf_shape, widths, strict=True):
-        centre = k // 2
-        reach = max(k - 1 - centre - before, centre - after, 0)
-        lengths.append(scipy.fft.next_fast_len(max(m + reach, k), real=True))
-    return tuple(lengths)
-
-
 def _rl_step(
     x: Tensor,
     y: Tensor,
-    operator: FFTConvolver | _PocketFFT | _Mirrored,
+    operator: Operator,
     sensitivity: Tensor | None,
     tv: float,
     eps: float,
@@ -414,11 +203,11 @@ def richardson_lucy_torch(
     """
     _check_arrays(image, psf)
     _check_parameters(iterations, tv, eps, image.ndim)
-    sides = _sides(boundary, image.ndim)
+    sides = boundary_sides(boundary, image.ndim)
     dtype = _compute_dtype(image)
     y = _non_negative(image.to(dtype), "image")
     unit = _unit_psf(psf.to(device=y.device, dtype=dtype))
-    operator = _build_operator(unit, tuple(y.shape), sides)
+    operator = build_operator(unit, tuple(y.shape), sides)
     sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
     x = torch.full_like(y, float(y.mean()))
     for iteration in range(iterations):

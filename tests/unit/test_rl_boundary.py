@@ -24,7 +24,8 @@ import torch
 import zarr
 from distributed import Client
 
-from hpcdeconv.classical.rl import _build_operator, richardson_lucy
+from hpcdeconv.classical.rl import richardson_lucy
+from hpcdeconv.classical.rl_operator import build_operator
 from hpcdeconv.cli import main
 from hpcdeconv.config import DeconvolveConfig, RLConfig, load_config
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
@@ -118,7 +119,7 @@ def test_truncated_leaves_the_documented_rim() -> None:
 )
 def test_mirrored_operator_matches_numpy_and_its_adjoint(shape, psf_shape, sides, rng) -> None:
     psf = asymmetric_psf(psf_shape, rng)
-    operator = _build_operator(torch.from_numpy(psf), shape, sides)
+    operator = build_operator(torch.from_numpy(psf), shape, sides)
     x = rng.random(shape)
     y = rng.random(shape)
     forward = operator.forward(torch.from_numpy(x)).numpy()
