@@ -1,0 +1,139 @@
+"""Reduce a stored array to its ``(Z, Y, X)`` view by the axis letters its file declares.
+
+Singleton axes are dropped and the axes fixed by an index (``--time``/``--channel``) taken;
+any other non-spatial axis is refused with one line naming it and how to process it. An
+unnamed page axis (tifffile's ``Q``/``I``) is taken as Z when it is the only candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import dask.array as da
+
+from hpcdeconv.data.image import SPATIAL
+from hpcdeconv.errors import InputError
+
+__all__ = ["spatial_view"]
+
+logger = logging.getLogger(__name__)
+
+#: tifffile's letters for axes whose meaning the file does not state (page sequences).
+_UNNAMED = ("Q", "I")
+_WHAT = {
+    "T": "time points",
+    "C": "channels",
+    "S": "samples per pixel (an RGB image)",
+    "A": "angles",
+    "P": "phases",
+    "R": "tiles",
+    "H": "lifetime bins",
+    "E": "lambda bins",
+    "L": "exposures",
+    "V": "views",
+}
+
+
+def _describe_axis(letter: str, size: int) -> str:
+    return f"axis {letter} ({size} {_WHAT.get(letter, 'planes')})"
+
+
+def _hint(letter: str, has_z: bool) -> str:
+    """How to process one plane of a non-spatial axis (or why that cannot help)."""
+    if not has_z:
+        # Taking one time point or channel of a (T|C, Y, X) file leaves a 2D image.
+        return (
+            "each of its planes is a 2D (Y, X) image and the file has no Z axis; "
+            "the 3D methods need a z-stack"
+        )
+    option = {"T": "time", "C": "channel", "S": "channel"}.get(letter)
+    if option is None:
+        return "split the file (e.g. in Fiji) and process each volume separately"
+    return (
+        f"take one with `hpcdeconv ingest --{option} N` (or split the file, e.g. in Fiji) "
+        "and process each separately"
+    )
+
+
+def spatial_view(
+    data: da.Array,
+    axes: str,
+    where: str,
+    select: Mapping[str, int] | None = None,
+    kind: str = "stack",
+) -> tuple[da.Array, bool]:
+    """``data`` reduced to ``(Z, Y, X)`` using its axis letters.
+
+    Parameters
+    ----------
+    data
+        The stored array.
+    axes
+        One upper-case letter per axis of ``data`` (tifffile convention: T, C, Z, Y, X, S, Q...).
+    where
+        The file, for messages.
+    select
+        Index to take along non-spatial axes, e.g. ``{"T": 3, "C": 0}``; ``"C"`` also
+        selects the sample of an RGB (``S``) axis when there is no ``C`` axis.
+    kind
+        What the image is (``"stack"``, ``"PSF"``), for messages.
+
+    Returns
+    -------
+    view, plain
+        The ``(Z, Y, X)`` view and whether it is a plain squeeze of ``data``.
+
+    Raises
+    ------
+    InputError
+        A non-spatial axis longer than one is left, an index is out of range or names an
+        axis the file lacks, or fewer/more than three spatial axes remain.
+    """
+    if len(axes) != data.ndim:
+        raise InputError(f"{where}: axes {axes!r} do not match the shape {data.shape}")
+    select = dict(select or {})
+    if "C" in select and "C" not in axes and "S" in axes:
+        select["S"] = select.pop("C")
+    for letter in select:
+        if letter not in axes:
+            raise InputError(f"{where}: has no axis {letter} to index (axes {axes})")
+    index: list[int | slice] = []
+    kept: list[str] = []
+    plain = True
+    for letter, size in zip(axes, data.shape, strict=True):
+        if letter in select:
+            i = select[letter]
+            if not 0 <= i < size:
+                raise InputError(f"{where}: index {i} out of range for axis {letter} of {size}")
+            index.append(i)
+            plain = plain and size == 1
+        elif size == 1:
+            index.append(0)
+        else:
+            index.append(slice(None))
+            kept.append(letter)
+    unnamed = [a for a in kept if a in _UNNAMED]
+    if unnamed and "Z" not in kept and len(unnamed) == 1:
+        # A page sequence without stated meaning: the only reading a 3D method can take.
+        logger.info("%s: axis %s (unnamed) taken as Z", where, unnamed[0])
+        kept = ["Z" if a in _UNNAMED else a for a in kept]
+    for letter in kept:
+        if letter not in SPATIAL and letter not in _UNNAMED:
+            n = data.shape[axes.index(letter)] if letter in axes else 0
+            raise InputError(
+                f"{where}: {_describe_axis(letter, n)} is not spatial; hpcdeconv deconvolves "
+                f"3D (Z, Y, X) volumes: {_hint(letter, 'Z' in kept)}"
+            )
+    if sorted(kept) != sorted(SPATIAL) or len(kept) != 3:
+        shape = tuple(int(n) for n in data.shape)
+        raise InputError(
+            f"{where}: expected a 3D (Z, Y, X) {kind}, got axes {''.join(kept) or '-'} after "
+            f"dropping singleton axes (stored axes {axes}, shape {shape})"
+        )
+    view = data[tuple(index)]
+    order = [kept.index(a) for a in SPATIAL]
+    if order != [0, 1, 2]:
+        view = view.transpose(order)
+        plain = False
+    return view, plain
