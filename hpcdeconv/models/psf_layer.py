@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpcdeconv.config import KernelConfig
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.physics.forward import convolve_torch
+from hpcdeconv.physics.psf import gaussian
+from hpcdeconv.physics.psf_io import read_psf
 
 Init = Literal["delta", "gaussian"]
 Constraint = Literal["none", "simplex"]
@@ -31,27 +34,6 @@ def delta_kernel(kernel_size: tuple[int, ...]) -> np.ndarray:
     h = np.zeros(kernel_size, dtype=np.float64)
     h[tuple(n // 2 for n in kernel_size)] = 1.0
     return h
-
-
-def gaussian_kernel(kernel_size: tuple[int, ...], sigma: float | tuple[float, ...]) -> np.ndarray:
-    """Sampled Gaussian centred at index ``n // 2`` per axis, normalised to sum one.
-
-    Parameters
-    ----------
-    kernel_size
-        Shape (Z, Y, X).
-    sigma
-        Standard deviation in voxels, scalar or one per axis.
-    """
-    sigmas = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(kernel_size),))
-    if np.any(sigmas <= 0):
-        raise ConfigError(f"Gaussian PSF sigma must be positive, got {sigma}")
-    grids = np.meshgrid(
-        *[(np.arange(n) - n // 2) / s for n, s in zip(kernel_size, sigmas, strict=True)],
-        indexing="ij",
-    )
-    h = np.exp(-0.5 * sum(g**2 for g in grids))
-    return h / h.sum()
 
 
 class PSFLayer(nn.Module):
@@ -119,7 +101,7 @@ class PSFLayer(nn.Module):
         if init == "delta":
             return delta_kernel(self.kernel_size)
         if init == "gaussian":
-            return gaussian_kernel(self.kernel_size, sigma)
+            return gaussian(self.kernel_size, sigma)
         raise ConfigError(f"PSF init must be 'delta', 'gaussian' or an array, got {init!r}")
 
     @property
@@ -237,3 +219,43 @@ def _direct_convolve(x: Tensor, h: Tensor) -> Tensor:
     for n in reversed(h.shape):
         pad += [n - 1 - n // 2, n // 2]
     return F.conv3d(F.pad(x, pad), weight, groups=channels)
+
+
+def build_psf_layer(cfg: KernelConfig, dataset_psf: np.ndarray | None, learnable: bool) -> PSFLayer:
+    """The blur layer of a cycleGAN, initialised as its kernel configuration says.
+
+    Parameters
+    ----------
+    cfg
+        ``init: dataset`` takes ``dataset_psf``; ``file`` reads ``cfg.file`` with
+        :func:`hpcdeconv.physics.psf_io.read_psf`; ``delta`` and ``gaussian`` (``sigma``
+        in voxels) start blind.
+    dataset_psf
+        The PSF stored with the training data, ``(Z, Y, X)``, or None.
+    learnable
+        Whether the kernel is trained (blind) or fixed (non-blind).
+
+    Raises
+    ------
+    InputError
+        ``init: dataset`` without a dataset PSF; an unreadable ``kernel.file``; a PSF whose
+        shape differs from ``cfg.size``.
+    """
+    layer = PSFLayer(
+        kernel_size=cfg.size,
+        init="gaussian" if cfg.init == "gaussian" else "delta",
+        sigma=cfg.sigma,
+        constraint=cfg.constraint,
+        learnable=learnable,
+    )
+    if cfg.init == "file":
+        assert cfg.file is not None  # KernelConfig requires it for init: file
+        layer.load_kernel(read_psf(cfg.file, source="kernel.file")[0])
+    elif cfg.init == "dataset":
+        if dataset_psf is None:
+            raise InputError(
+                "kernel.init is 'dataset' but the dataset has no 'psf' array; "
+                "give kernel.init=file and kernel.file"
+            )
+        layer.load_kernel(np.asarray(dataset_psf, dtype=np.float32))
+    return layer

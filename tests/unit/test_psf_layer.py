@@ -9,7 +9,8 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.models.psf_layer import PSFLayer, delta_kernel, gaussian_kernel
+from hpcdeconv.models.psf_layer import PSFLayer, delta_kernel
+from hpcdeconv.physics.psf import gaussian
 
 
 def scipy_reference(x: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -76,7 +77,7 @@ def test_fft_and_direct_paths_agree_in_value_and_gradient(rng: np.random.Generat
 
 
 def test_large_kernel_fft_path_matches_scipy(rng: np.random.Generator) -> None:
-    h = gaussian_kernel((31, 31, 31), (3.0, 1.5, 1.5))
+    h = gaussian((31, 31, 31), (3.0, 1.5, 1.5))
     x = rng.random((1, 1, 32, 32, 32))
     layer = PSFLayer((31, 31, 31), init=h)
     assert layer.uses_fft
@@ -121,9 +122,7 @@ def test_delta_layer_is_identity(rng: np.random.Generator) -> None:
 
 def test_simplex_constraint_stays_on_simplex_while_learning(rng: np.random.Generator) -> None:
     layer = PSFLayer((5, 5, 5), init="gaussian", constraint="simplex")
-    np.testing.assert_allclose(
-        layer.kernel().detach().numpy(), gaussian_kernel((5, 5, 5), 1.0), atol=1e-7
-    )
+    np.testing.assert_allclose(layer.kernel().detach().numpy(), gaussian((5, 5, 5), 1.0), atol=1e-7)
     opt = torch.optim.SGD(layer.parameters(), lr=50.0)
     x = torch.from_numpy(rng.random((1, 1, 8, 8, 8))).float()
     target = torch.from_numpy(rng.random((1, 1, 8, 8, 8))).float()
