@@ -20,7 +20,7 @@ from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel
 # --------------------------------------------------------------------------------------
 
 #: Sampling step per axis in micrometres, (dz, dy, dx) or (dy, dx).
-Spacing = Annotated[tuple[PositiveFloat, ...], Field(min_length=2, max_length=3)]
+_Spacing = Annotated[tuple[PositiveFloat, ...], Field(min_length=2, max_length=3)]
 
 
 class _Optics(StrictModel):
@@ -31,7 +31,7 @@ class _Optics(StrictModel):
     """
 
     shape: Shape = (31, 31, 31)
-    voxel_size: Spacing = (0.1, 0.1, 0.1)
+    voxel_size: _Spacing = (0.1, 0.1, 0.1)
     na: PositiveFloat = 1.4
     n_immersion: PositiveFloat = 1.5
     wavelength: PositiveFloat = 0.5
