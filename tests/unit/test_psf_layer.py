@@ -39,6 +39,37 @@ def test_matches_scipy_linear_convolution(
     np.testing.assert_allclose(y, scipy_reference(x, h_used), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fft", [False, True])
+@pytest.mark.parametrize("shape", [(5, 5), (4, 7), (1, 3)])
+def test_2d_psf_matches_scipy_linear_convolution(
+    rng: np.random.Generator, shape: tuple[int, int], fft: bool
+) -> None:
+    h = rng.random(shape)
+    x = rng.random((2, 3, 13, 11))
+    layer = layer_with(h, fft)
+    h_used = layer.kernel().detach().numpy()
+    y = layer(torch.from_numpy(x)).detach().numpy()
+    assert y.shape == x.shape
+    np.testing.assert_allclose(y, scipy_reference(x, h_used), rtol=1e-10, atol=1e-12)
+
+
+def test_2d_psf_learns_under_the_simplex_constraint(rng: np.random.Generator) -> None:
+    layer = PSFLayer((5, 5), init="gaussian", sigma=1.0, constraint="simplex")
+    x = torch.from_numpy(rng.random((2, 1, 16, 16)).astype(np.float32))
+    layer(x).square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert float(layer.kernel().detach().sum()) == pytest.approx(1.0, abs=1e-6)
+    raw, smoothed = layer.export()
+    assert raw.shape == smoothed.shape == (5, 5)
+
+
+def test_input_rank_must_match_the_psf() -> None:
+    with pytest.raises(ValueError, match=r"\(B, C, Y, X\)"):
+        PSFLayer((3, 3))(torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, C, Z, Y, X\)"):
+        PSFLayer((3, 3, 3))(torch.zeros(1, 1, 4, 4))
+
+
 def test_matches_physics_forward_convolve(rng: np.random.Generator) -> None:
     from hpcdeconv.physics.forward import convolve
 
@@ -173,7 +204,9 @@ def test_load_kernel_rejects_wrong_size_and_non_finite() -> None:
 
 def test_bad_configuration() -> None:
     with pytest.raises(ConfigError):
-        PSFLayer((3, 3))  # type: ignore[arg-type]
+        PSFLayer((3,))
+    with pytest.raises(ConfigError):
+        PSFLayer((3, 3, 3, 3))
     with pytest.raises(ConfigError):
         PSFLayer((3, 3, 3), constraint="positive")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
