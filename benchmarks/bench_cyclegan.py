@@ -45,8 +45,9 @@ from hpcdeconv.data.simulate import simulate
 from hpcdeconv.data.zarr_io import BLURRED, PSF_KEY, SHARP, get_split, open_array, open_dataset
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.inference.predict import predict_volume
-from hpcdeconv.methods.kernel import build_psf_layer, centre_crop, ncc
-from hpcdeconv.metrics import psnr, ssim
+from hpcdeconv.metrics import pcc, psnr, ssim
+from hpcdeconv.models.psf_layer import build_psf_layer
+from hpcdeconv.physics.psf_io import centre_crop
 from hpcdeconv.training.checkpoint import load_checkpoint, resolve_checkpoint
 from hpcdeconv.training.engine import train
 
@@ -164,7 +165,7 @@ def initial_kernel_ncc(cfg: ExperimentConfig, truth: np.ndarray) -> float:
     layer = build_psf_layer(cfg.method.kernel, None, learnable=True)
     _, smoothed = layer.export(smooth_sigma=1.0)
     reference = centre_crop(truth, smoothed.shape)
-    return ncc(smoothed, reference / reference.sum())
+    return pcc(smoothed, reference / reference.sum())
 
 
 def learned_kernel_sum(cfg: ExperimentConfig, run_dir: Path) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import markdown_table, write_section
-from hpcdeconv.physics import psf
+from hpcdeconv.physics import psf, zernike
 
 SHAPE = (31, 31, 31)
 VOXEL = (0.1, 0.1, 0.1)
@@ -38,7 +38,7 @@ def median_ms(fn: Callable[[], np.ndarray], repeats: int = REPEATS) -> tuple[flo
 
 def cases() -> list[tuple[str, str, Callable[[], np.ndarray], str]]:
     """(model, shape, call, target) for every model."""
-    astig = psf.astigmatism_coefficients(0.15, 30.0)
+    astig = zernike.astigmatism_coefficients(0.15, 30.0)
     return [
         (
             "Born & Wolf, paraxial",
@@ -65,7 +65,7 @@ def cases() -> list[tuple[str, str, Callable[[], np.ndarray], str]]:
         (
             "Zernike pupil (astigmatism, defocus 0.4 µm)",
             "64²",
-            lambda: psf.zernike_psf((64, 64), 0.1, 1.4, 1.5, 0.5, astig, 0.4),
+            lambda: zernike.zernike_psf((64, 64), 0.1, 1.4, 1.5, 0.5, astig, 0.4),
             "",
         ),
     ]

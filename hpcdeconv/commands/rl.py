@@ -55,30 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cluster_arguments(p)
 
 
-def read_psf(
-    path: Path, voxel_size: tuple[float, float, float] | None = None
-) -> tuple[np.ndarray, tuple[float | None, ...]]:
-    """A measured PSF as float32 ``(Z, Y, X)`` and its voxel size (µm, None where unknown).
-
-    The file is read like every image (:func:`hpcdeconv.data.opener.open_image`): its axes
-    must reduce to Z, Y, X, and its units are converted.
-
-    Raises
-    ------
-    InputError
-        Missing or unreadable file, non-spatial axes or an unsupported unit.
-    """
-    from hpcdeconv.data.opener import load, open_image
-
-    if not path.exists():
-        raise InputError(f"{path}: no such PSF file")
-    try:
-        image = open_image(path, voxel_size=voxel_size, warn=False, kind="PSF")
-    except InputError as exc:
-        raise InputError(f"--psf {exc}") from None
-    return load(image), image.voxel_size
-
-
 def _check_sampling(
     psf_voxel: tuple[float | None, ...],
     inputs: list[tuple[float | None, ...]],
@@ -134,8 +110,10 @@ def _psf(
     warning, since RL would then deconvolve with a PSF of the wrong width.
     """
     if args.psf is not None:
+        from hpcdeconv.physics.psf_io import read_psf
+
         given = args.psf_voxel_size
-        data, psf_voxel = read_psf(args.psf, None if given is None else tuple(given))
+        data, psf_voxel = read_psf(args.psf, given, source="--psf")
         _check_sampling(psf_voxel, voxel_sizes, "--psf-voxel-size DZ DY DX")
         return data, {"file": str(args.psf.absolute()), "voxel_size": list(psf_voxel)}
     from hpcdeconv.physics.psf import make_psf

@@ -1,4 +1,4 @@
-"""``hpcdeconv simulate``: write a synthetic microtubule dataset to zarr."""
+"""``hpcdeconv simulate``: write a synthetic dataset (3D volumes or 2D images) to zarr."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ from hpcdeconv.commands.common import add_config_args, config_inputs, locked_out
 log = logging.getLogger(__name__)
 
 NAME = "simulate"
-HELP = "write a synthetic microtubule dataset to zarr"
+HELP = "write a synthetic dataset (3D volumes or 2D images) to zarr"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv simulate``."""
     add_config_args(p)
     p.add_argument("output", type=Path, help="zarr group to create, e.g. data.zarr")
-    p.add_argument("--png", type=Path, help="orthoview figure of one sharp/blurred pair")
+    p.add_argument("--png", type=Path, help="figure of one sharp/blurred pair (orthoviews in 3D)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write a synthetic microtubule dataset (sharp, blurred, PSF, split) to zarr."""
+    """Write a synthetic dataset (sharp, blurred, PSF, split) to zarr."""
     from hpcdeconv.config import SimulateConfig, load_config
     from hpcdeconv.data.simulate import simulate
     from hpcdeconv.data.zarr_io import describe
@@ -35,8 +35,12 @@ def run(args: argparse.Namespace) -> int:
         if args.png is not None:
             from hpcdeconv.viz import save_orthoviews
 
-            panels = [(f"sharp {shown.id}", shown.sharp), (f"blurred {shown.id}", shown.blurred)]
-            save_orthoviews(args.png, panels, cfg.psf.voxel_size, mode="mip")
+            sharp, blurred, voxel = shown.sharp, shown.blurred, shown.voxel_size
+            if sharp.ndim == 2:
+                # One plane of unit depth: the orthoview's XY panel is the image itself.
+                sharp, blurred, voxel = sharp[None], blurred[None], (1.0, *voxel)
+            panels = [(f"sharp {shown.id}", sharp), (f"blurred {shown.id}", blurred)]
+            save_orthoviews(args.png, panels, voxel, mode="mip")
             log.info("figure: %s", args.png)
         print(describe(args.output))
         return 0

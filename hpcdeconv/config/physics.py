@@ -12,26 +12,38 @@ from pydantic import (
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape3D, Spacing3D, StrictModel
+from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel
 
 # --------------------------------------------------------------------------------------
-# Point-spread functions. Lengths are in micrometres; shapes and spacings are (Z, Y, X).
+# Point-spread functions. Lengths are in micrometres; shapes and spacings are (Z, Y, X),
+# or (Y, X) for a 2D PSF.
 # --------------------------------------------------------------------------------------
+
+#: Sampling step per axis in micrometres, (dz, dy, dx) or (dy, dx).
+_Spacing = Annotated[tuple[PositiveFloat, ...], Field(min_length=2, max_length=3)]
 
 
 class _Optics(StrictModel):
-    """Objective and sampling shared by the 3D widefield PSF models."""
+    """Objective and sampling shared by the widefield PSF models.
 
-    shape: Shape3D = (31, 31, 31)
-    voxel_size: Spacing3D = (0.1, 0.1, 0.1)
+    A 3-axis ``shape`` (Z, Y, X) gives the 3D PSF; a 2-axis ``shape`` (Y, X) gives its
+    in-focus plane ``z = 0`` (normalised to sum one), the PSF of 2D images.
+    """
+
+    shape: Shape = (31, 31, 31)
+    voxel_size: _Spacing = (0.1, 0.1, 0.1)
     na: PositiveFloat = 1.4
     n_immersion: PositiveFloat = 1.5
     wavelength: PositiveFloat = 0.5
 
     @model_validator(mode="after")
-    def _na_below_index(self) -> _Optics:
+    def _consistent(self) -> _Optics:
         if self.na >= self.n_immersion:
             raise ValueError(f"na={self.na} must be smaller than n_immersion={self.n_immersion}")
+        if len(self.voxel_size) != len(self.shape):
+            raise ValueError(
+                f"voxel_size {self.voxel_size} needs one entry per axis of shape {self.shape}"
+            )
         return self
 
 
@@ -135,9 +147,15 @@ class PSFFileConfig(StrictModel):
 
 
 class PhantomConfig(StrictModel):
-    """Synthetic 3D microtubule network (random smooth tubular filaments)."""
+    """Synthetic specimen.
 
-    kind: Literal["microtubules"] = "microtubules"
+    ``microtubules``: random smooth tubular filaments, a 3D network or 2D filaments (as
+    seen by TIRF) after the rank of ``SimulateConfig.shape``; ``filaments_per_mvoxel``
+    counts per million voxels or pixels. ``cells`` and ``points`` (2D only): textured cell
+    bodies or sparse point emitters; the filament settings do not apply to them.
+    """
+
+    kind: Literal["microtubules", "cells", "points"] = "microtubules"
     filaments_per_mvoxel: PositiveFloat = 60.0
     radius: PositiveFloat = 1.2
     intensity_range: tuple[PositiveFloat, PositiveFloat] = (0.4, 1.0)
@@ -160,9 +178,13 @@ class CodecConfig(StrictModel):
 
 
 class StorageConfig(StrictModel):
-    """How volumes are laid out on disk."""
+    """How images are laid out on disk.
 
-    chunks: Shape3D = (64, 64, 64)
+    ``chunks`` is (Z, Y, X) or (Y, X); an image takes its trailing axes, so 3D chunks also
+    serve 2D images.
+    """
+
+    chunks: Shape = (64, 64, 64)
     codec: CodecConfig = Field(default_factory=CodecConfig)
 
 
@@ -175,9 +197,12 @@ class SplitConfig(StrictModel):
 
 
 class SimulateConfig(StrictModel):
-    """Top level of a ``hpcdeconv simulate`` configuration file."""
+    """Top level of a ``hpcdeconv simulate`` configuration file.
 
-    shape: Shape3D = (64, 128, 128)
+    ``shape`` (Z, Y, X) makes volumes, (Y, X) makes 2D images; the PSF has the same axes.
+    """
+
+    shape: Shape = (64, 128, 128)
     split: SplitConfig = Field(default_factory=SplitConfig)
     psf: PSFConfig = Field(default_factory=BornWolfPSF)
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
@@ -189,8 +214,17 @@ class SimulateConfig(StrictModel):
     def _psf_fits(self) -> SimulateConfig:
         if self.split.train + self.split.val + self.split.test == 0:
             raise ValueError("split must hold at least one volume")
-        if len(self.psf.shape) != 3:
-            raise ValueError("simulation needs a 3D PSF")
+        if len(self.psf.shape) != len(self.shape):
+            raise ValueError(
+                f"psf.shape {self.psf.shape} has {len(self.psf.shape)} axes but the images "
+                f"{self.shape} have {len(self.shape)}; give the PSF the images' axes"
+            )
+        if len(self.shape) == 3 and self.phantom.kind != "microtubules":
+            raise ValueError(f"phantom.kind {self.phantom.kind!r} is 2D only; use microtubules")
+        if len(self.storage.chunks) < len(self.shape):
+            raise ValueError(
+                f"storage.chunks {self.storage.chunks} has fewer axes than the images {self.shape}"
+            )
         if any(p > s for p, s in zip(self.psf.shape, self.shape, strict=True)):
             raise ValueError(f"psf.shape {self.psf.shape} is larger than the volume {self.shape}")
         return self

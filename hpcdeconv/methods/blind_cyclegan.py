@@ -17,8 +17,8 @@ import torch
 
 from hpcdeconv.config import BlindCycleGANConfig
 from hpcdeconv.methods.cycle import CycleGANMethod, build_discriminator, build_unet
-from hpcdeconv.methods.kernel import build_psf_layer, export_kernel
-from hpcdeconv.models.psf_layer import PSFLayer
+from hpcdeconv.models.psf_layer import PSFLayer, build_psf_layer
+from hpcdeconv.physics.psf_io import export_kernel
 
 
 class BlindCycleGAN(CycleGANMethod):

@@ -14,7 +14,7 @@ import numpy as np
 
 from hpcdeconv.config import NonBlindCycleGANConfig
 from hpcdeconv.methods.cycle import CycleGANMethod, build_discriminator, build_unet
-from hpcdeconv.methods.kernel import build_psf_layer
+from hpcdeconv.models.psf_layer import build_psf_layer
 
 
 class NonBlindCycleGAN(CycleGANMethod):

@@ -1,4 +1,4 @@
-"""Linear blur generator: one learnable 3D convolution whose kernel is the PSF."""
+"""Linear blur generator: one learnable 2D or 3D convolution whose kernel is the PSF."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpcdeconv.config import KernelConfig
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.physics.forward import convolve_torch
+from hpcdeconv.physics.psf import gaussian
+from hpcdeconv.physics.psf_io import read_psf
 
 Init = Literal["delta", "gaussian"]
 Constraint = Literal["none", "simplex"]
@@ -33,32 +36,11 @@ def delta_kernel(kernel_size: tuple[int, ...]) -> np.ndarray:
     return h
 
 
-def gaussian_kernel(kernel_size: tuple[int, ...], sigma: float | tuple[float, ...]) -> np.ndarray:
-    """Sampled Gaussian centred at index ``n // 2`` per axis, normalised to sum one.
-
-    Parameters
-    ----------
-    kernel_size
-        Shape (Z, Y, X).
-    sigma
-        Standard deviation in voxels, scalar or one per axis.
-    """
-    sigmas = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(kernel_size),))
-    if np.any(sigmas <= 0):
-        raise ConfigError(f"Gaussian PSF sigma must be positive, got {sigma}")
-    grids = np.meshgrid(
-        *[(np.arange(n) - n // 2) / s for n, s in zip(kernel_size, sigmas, strict=True)],
-        indexing="ij",
-    )
-    h = np.exp(-0.5 * sum(g**2 for g in grids))
-    return h / h.sum()
-
-
 class PSFLayer(nn.Module):
     """Blur generator of Lim et al., "CycleGAN with a blur kernel for deconvolution
     microscopy: optimal transport geometry", IEEE Trans. Comput. Imaging 6 (2020).
 
-    A single linear 3D convolution without bias, ``y = h ∗ x`` (paper eq. 1), evaluated as
+    A single linear convolution without bias, ``y = h ∗ x`` (paper eq. 1), evaluated as
     a *linear* convolution with zeros outside the volume and cropped to the input size with
     the PSF centre at index ``n // 2`` per axis, so that it equals
     ``hpcdeconv.physics.forward.convolve``. In the blind method ``h`` is learned; in the
@@ -66,12 +48,13 @@ class PSFLayer(nn.Module):
 
     Kernels larger than ``fft_threshold`` on any side are applied by FFT through
     :func:`hpcdeconv.physics.forward.convolve_torch` (same result, differentiable in ``h``
-    and ``x``, computed in float32 or wider), smaller ones by a direct ``conv3d``.
+    and ``x``, computed in float32 or wider), smaller ones by a direct ``conv3d`` (``conv2d``
+    for a 2D PSF).
 
     Parameters
     ----------
     kernel_size
-        PSF shape (Z, Y, X); even and odd sides are allowed.
+        PSF shape (Z, Y, X), or (Y, X) for 2D images; even and odd sides are allowed.
     init
         ``"delta"``, ``"gaussian"`` (with ``sigma``) or an array of shape ``kernel_size``.
     sigma
@@ -91,17 +74,19 @@ class PSFLayer(nn.Module):
 
     def __init__(
         self,
-        kernel_size: tuple[int, int, int],
+        kernel_size: tuple[int, ...],
         init: Init | np.ndarray = "delta",
-        sigma: float | tuple[float, float, float] = 1.0,
+        sigma: float | tuple[float, ...] = 1.0,
         constraint: Constraint = "none",
         learnable: bool = True,
         fft_threshold: int = 3,
     ) -> None:
         super().__init__()
         self.kernel_size = tuple(int(n) for n in kernel_size)
-        if len(self.kernel_size) != 3 or min(self.kernel_size) < 1:
-            raise ConfigError(f"PSF kernel_size must be three positive sides, got {kernel_size}")
+        if len(self.kernel_size) not in (2, 3) or min(self.kernel_size) < 1:
+            raise ConfigError(
+                f"PSF kernel_size must be two or three positive sides, got {kernel_size}"
+            )
         if constraint not in ("none", "simplex"):
             raise ConfigError(f"PSF constraint must be 'none' or 'simplex', got {constraint!r}")
         self.constraint = constraint
@@ -119,7 +104,7 @@ class PSFLayer(nn.Module):
         if init == "delta":
             return delta_kernel(self.kernel_size)
         if init == "gaussian":
-            return gaussian_kernel(self.kernel_size, sigma)
+            return gaussian(self.kernel_size, sigma)
         raise ConfigError(f"PSF init must be 'delta', 'gaussian' or an array, got {init!r}")
 
     @property
@@ -128,7 +113,7 @@ class PSFLayer(nn.Module):
         return max(self.kernel_size) > self.fft_threshold
 
     def kernel(self) -> Tensor:
-        """Effective PSF ``h``, shape (Z, Y, X), in PSF orientation (centre at ``n // 2``)."""
+        """Effective PSF ``h``, shape ``kernel_size``, in PSF orientation (centre at ``n // 2``)."""
         if self.constraint == "simplex":
             positive = F.softplus(self.weight)
             return positive / positive.sum()
@@ -187,7 +172,8 @@ class PSFLayer(nn.Module):
         Returns
         -------
         raw, smoothed
-            float64 arrays (Z, Y, X), each normalised to sum one.
+            float64 arrays of ``kernel_size`` ((Z, Y, X) or (Y, X)), each normalised to sum
+            one.
 
         Raises
         ------
@@ -204,15 +190,23 @@ class PSFLayer(nn.Module):
         Parameters
         ----------
         x
-            (B, C, Z, Y, X).
+            (B, C, Z, Y, X) for a 3D PSF, (B, C, Y, X) for a 2D one.
 
         Returns
         -------
         Tensor
-            (B, C, Z, Y, X): ``(h ∗ x)`` cropped to the input size, zeros outside ``x``.
+            Shape of ``x``: ``(h ∗ x)`` cropped to the input size, zeros outside ``x``.
+
+        Raises
+        ------
+        ValueError
+            ``x`` is not a batch of channels of the PSF's dimensionality.
         """
-        if x.ndim != 5:
-            raise ValueError(f"PSFLayer expects a (B, C, Z, Y, X) tensor, got {tuple(x.shape)}")
+        if x.ndim != 2 + len(self.kernel_size):
+            axes = "(B, C, Z, Y, X)" if len(self.kernel_size) == 3 else "(B, C, Y, X)"
+            raise ValueError(
+                f"a {len(self.kernel_size)}D PSFLayer expects a {axes} tensor, got {tuple(x.shape)}"
+            )
         h = self.kernel()
         return convolve_torch(x, h) if self.uses_fft else _direct_convolve(x, h)
 
@@ -225,15 +219,57 @@ def _normalised(h: np.ndarray) -> np.ndarray:
 
 
 def _direct_convolve(x: Tensor, h: Tensor) -> Tensor:
-    """Same-size linear convolution by ``conv3d``; ``x`` (B, C, Z, Y, X), ``h`` (Z, Y, X).
+    """Same-size linear convolution by ``conv3d`` or ``conv2d``.
 
-    conv3d is a cross-correlation, so the kernel is flipped. With the centre at
+    ``x`` is (B, C, Z, Y, X) with ``h`` (Z, Y, X), or (B, C, Y, X) with ``h`` (Y, X).
+    The convolutions are cross-correlations, so the kernel is flipped. With the centre at
     ``c = n // 2``, ``y[i] = Σ_j h[j] x[i + c − j]`` needs ``n − 1 − c`` zeros before and
     ``c`` after each axis (asymmetric for even ``n``).
     """
     channels = x.shape[1]
-    weight = h.flip((0, 1, 2)).to(x.dtype).expand(channels, 1, *h.shape)
+    weight = h.flip(tuple(range(h.ndim))).to(x.dtype).expand(channels, 1, *h.shape)
     pad: list[int] = []
     for n in reversed(h.shape):
         pad += [n - 1 - n // 2, n // 2]
-    return F.conv3d(F.pad(x, pad), weight, groups=channels)
+    conv = F.conv3d if h.ndim == 3 else F.conv2d
+    return conv(F.pad(x, pad), weight, groups=channels)
+
+
+def build_psf_layer(cfg: KernelConfig, dataset_psf: np.ndarray | None, learnable: bool) -> PSFLayer:
+    """The blur layer of a cycleGAN, initialised as its kernel configuration says.
+
+    Parameters
+    ----------
+    cfg
+        ``init: dataset`` takes ``dataset_psf``; ``file`` reads ``cfg.file`` with
+        :func:`hpcdeconv.physics.psf_io.read_psf`; ``delta`` and ``gaussian`` (``sigma``
+        in voxels) start blind.
+    dataset_psf
+        The PSF stored with the training data, ``(Z, Y, X)``, or None.
+    learnable
+        Whether the kernel is trained (blind) or fixed (non-blind).
+
+    Raises
+    ------
+    InputError
+        ``init: dataset`` without a dataset PSF; an unreadable ``kernel.file``; a PSF whose
+        shape differs from ``cfg.size``.
+    """
+    layer = PSFLayer(
+        kernel_size=cfg.size,
+        init="gaussian" if cfg.init == "gaussian" else "delta",
+        sigma=cfg.sigma,
+        constraint=cfg.constraint,
+        learnable=learnable,
+    )
+    if cfg.init == "file":
+        assert cfg.file is not None  # KernelConfig requires it for init: file
+        layer.load_kernel(read_psf(cfg.file, source="kernel.file")[0])
+    elif cfg.init == "dataset":
+        if dataset_psf is None:
+            raise InputError(
+                "kernel.init is 'dataset' but the dataset has no 'psf' array; "
+                "give kernel.init=file and kernel.file"
+            )
+        layer.load_kernel(np.asarray(dataset_psf, dtype=np.float32))
+    return layer

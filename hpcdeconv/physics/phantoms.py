@@ -1,9 +1,9 @@
-"""Synthetic ground truth: 3D microtubule networks and 2D textures.
+"""Synthetic ground truth: microtubule networks (3D volumes or 2D images) and 2D textures.
 
 Microtubules are persistent random walks through the volume, rendered as tubes with a
 Gaussian cross-section. Rendering is local: points sampled every half voxel along each
-filament are splatted trilinearly onto the grid (a line density), and one separable
-Gaussian filter over the whole volume turns all lines into tubes at once. Memory stays at
+filament are splatted (bi- or trilinearly) onto the grid (a line density), and one
+separable Gaussian filter over the whole grid turns all lines into tubes at once. Memory stays at
 a few volumes and the cost grows with total filament length plus the volume size, never
 with filaments times voxels.
 """
@@ -21,7 +21,7 @@ __all__ = ["microtubules", "texture_2d"]
 
 _STEP = 1.0  # voxels between direction updates of a filament
 _SAMPLES_PER_STEP = 2  # render points per step, i.e. every half voxel
-_TRILINEAR_VARIANCE = 1.0 / 6.0  # mean per-axis variance a trilinear splat adds
+_SPLAT_VARIANCE = 1.0 / 6.0  # mean per-axis variance a (bi/tri)linear splat adds
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -47,7 +47,8 @@ def _walk(
     Returns
     -------
     numpy.ndarray
-        Node positions, shape ``(S + 1, N, 3)`` with ``S <= max_steps``.
+        Node positions, shape ``(S + 1, N, D)`` with ``S <= max_steps`` and ``D`` the
+        number of axes of ``start`` ``(N, D)``.
     """
     nodes = [start]
     for _ in range(max_steps):
@@ -60,12 +61,12 @@ def _walk(
 
 
 def _inside(points: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Whether points ``(..., 3)`` lie inside the box ``bounds``; shape ``(...)``."""
+    """Whether points ``(..., D)`` lie inside the box ``bounds``; shape ``(...)``."""
     return np.all((points >= bounds[0]) & (points <= bounds[1]), axis=-1)
 
 
 def _densify(nodes: np.ndarray) -> np.ndarray:
-    """Insert points between consecutive nodes: ``(S+1, N, 3) -> (S*m+1, N, 3)``."""
+    """Insert points between consecutive nodes: ``(S+1, N, D) -> (S*m+1, N, D)``."""
     fractions = np.arange(_SAMPLES_PER_STEP) / _SAMPLES_PER_STEP
     segments = nodes[:-1, None] + fractions[None, :, None, None] * np.diff(nodes, axis=0)[:, None]
     dense = segments.reshape(-1, *nodes.shape[1:])
@@ -73,7 +74,7 @@ def _densify(nodes: np.ndarray) -> np.ndarray:
 
 
 def _first_run(points: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Mask of each filament's points ``(P, N, 3)`` before it first leaves ``bounds``.
+    """Mask of each filament's points ``(P, N, D)`` before it first leaves ``bounds``.
 
     Returns
     -------
@@ -83,15 +84,16 @@ def _first_run(points: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> np.
     return np.logical_and.accumulate(_inside(points, bounds), axis=0)
 
 
-def _splat_trilinear(volume: np.ndarray, points: np.ndarray, weights: np.ndarray) -> None:
-    """Add ``weights`` ``(P,)`` at sub-voxel ``points`` ``(P, 3)`` into ``volume`` in place.
+def _splat_linear(volume: np.ndarray, points: np.ndarray, weights: np.ndarray) -> None:
+    """Add ``weights`` ``(P,)`` at sub-voxel ``points`` ``(P, D)`` into ``volume`` in place.
 
-    The points must lie at least one voxel inside the far faces of ``volume``.
+    Multilinear weights over the ``2**D`` corners (``D = volume.ndim``). The points must lie
+    at least one voxel inside the far faces of ``volume``.
     """
     base = np.floor(points).astype(np.int64)
     frac = points - base
     linear, shares = [], []
-    for corner in np.ndindex(2, 2, 2):
+    for corner in np.ndindex(*(2,) * volume.ndim):
         offset = np.asarray(corner)
         linear.append(np.ravel_multi_index((base + offset).T, volume.shape))
         shares.append(np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=1) * weights)
@@ -104,29 +106,29 @@ def _filament_count(shape: tuple[int, ...], per_mvoxel: float) -> int:
 
 
 def microtubules(
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     rng: np.random.Generator,
     filaments_per_mvoxel: float = 60.0,
     radius: float = 1.2,
     intensity_range: tuple[float, float] = (0.4, 1.0),
     stiffness: float = 0.9,
 ) -> np.ndarray:
-    """Random 3D network of curved filaments with Gaussian cross-sections.
+    """Random network of curved filaments with Gaussian cross-sections, in 3D or 2D.
 
     Each filament grows both ways from a uniform random point along a persistent random
-    walk until it leaves the volume. Its line density, scaled so that an isolated tube
-    peaks near its own intensity drawn from ``intensity_range``, is blurred by a Gaussian
-    of standard deviation ``radius``. Overlapping filaments add, as fluorescence does, and
-    saturate at 1.
+    walk until it leaves the volume (in 2D the image, as in a TIRF view of microtubules).
+    Its line density, scaled so that an isolated tube peaks near its own intensity drawn
+    from ``intensity_range``, is blurred by a Gaussian of standard deviation ``radius``.
+    Overlapping filaments add, as fluorescence does, and saturate at 1.
 
     Parameters
     ----------
     shape
-        Volume shape ``(Z, Y, X)``.
+        Volume shape ``(Z, Y, X)`` or image shape ``(Y, X)``.
     rng
         Source of randomness; the same state gives the same volume.
     filaments_per_mvoxel
-        Number of filaments per million voxels (at least one filament is drawn).
+        Number of filaments per million voxels (pixels in 2D; at least one is drawn).
     radius
         Standard deviation of the tube cross-section, in voxels.
     intensity_range
@@ -137,23 +139,33 @@ def microtubules(
     Returns
     -------
     numpy.ndarray
-        Volume, shape ``(Z, Y, X)``, float32 in ``[0, 1]``.
+        Float32 in ``[0, 1]`` of ``shape``.
+
+    Raises
+    ------
+    ConfigError
+        A shape of other than 2 or 3 positive sides, or a setting out of range.
     """
     _check_microtubule_args(shape, filaments_per_mvoxel, radius, intensity_range, stiffness)
     n_filaments = _filament_count(shape, filaments_per_mvoxel)
     extent = np.asarray(shape, dtype=np.float64) - 1.0
-    start = rng.random((n_filaments, 3)) * extent
-    direction = _unit(rng.standard_normal((n_filaments, 3)))
+    ndim = len(shape)
+    start = rng.random((n_filaments, ndim)) * extent
+    direction = _unit(rng.standard_normal((n_filaments, ndim)))
     intensity = rng.uniform(*intensity_range, size=n_filaments)
     # Filaments are drawn until 3 radii outside the volume so that tubes running just
     # outside still shine in; the grid is padded by that much and cropped at the end.
     pad = int(np.ceil(3.0 * radius)) + 1
-    bounds = (np.full(3, -3.0 * radius), extent + 3.0 * radius)
+    bounds = (np.full(ndim, -3.0 * radius), extent + 3.0 * radius)
     # Only a very floppy walk stays inside longer; the cap bounds its cost.
     max_steps = int(np.ceil(2 * max(shape) / _STEP))
-    # A line of density I * 2 pi r^2 blurred by a 3D Gaussian of std r peaks at I on its
-    # axis; each render point stands for 1 / _SAMPLES_PER_STEP of a step.
-    line_density = intensity * 2.0 * np.pi * radius**2 * (_STEP / _SAMPLES_PER_STEP)
+    # A line of density I * 2 pi r^2 blurred by a 3D Gaussian of std r (I sqrt(2 pi) r by a
+    # 2D one) peaks at I on its axis; each render point stands for 1 / _SAMPLES_PER_STEP of
+    # a step. The 3D expression is kept as written so that 3D phantoms stay bit-identical.
+    if ndim == 3:
+        line_density = intensity * 2.0 * np.pi * radius**2 * (_STEP / _SAMPLES_PER_STEP)
+    else:
+        line_density = intensity * np.sqrt(2.0 * np.pi) * radius * (_STEP / _SAMPLES_PER_STEP)
     points, weights = [], []
     for sense in (1.0, -1.0):
         dense = _densify(_walk(start, sense * direction, stiffness, bounds, max_steps, rng))
@@ -163,9 +175,9 @@ def microtubules(
         points.append(dense[keep])
         weights.append(np.broadcast_to(line_density, keep.shape)[keep])
     volume = np.zeros(tuple(n + 2 * pad for n in shape), dtype=np.float32)
-    _splat_trilinear(volume, np.concatenate(points) + pad, np.concatenate(weights))
-    # The trilinear splat already spreads each point by about 1/6 voxel^2 per axis.
-    filter_sigma = np.sqrt(max(radius**2 - _TRILINEAR_VARIANCE, 0.25 * radius**2))
+    _splat_linear(volume, np.concatenate(points) + pad, np.concatenate(weights))
+    # The linear splat already spreads each point by about 1/6 voxel^2 per axis.
+    filter_sigma = np.sqrt(max(radius**2 - _SPLAT_VARIANCE, 0.25 * radius**2))
     volume = ndimage.gaussian_filter(volume, filter_sigma, mode="constant")
     volume = volume[tuple(slice(pad, pad + n) for n in shape)]
     return np.clip(volume, 0.0, 1.0, out=volume)
@@ -178,8 +190,8 @@ def _check_microtubule_args(
     intensity_range: tuple[float, float],
     stiffness: float,
 ) -> None:
-    if len(shape) != 3 or min(shape) < 1:
-        raise ConfigError(f"microtubule phantoms need a positive 3D shape, got {shape}")
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ConfigError(f"microtubule phantoms need a positive 2D or 3D shape, got {shape}")
     if filaments_per_mvoxel < 0 or radius <= 0:
         raise ConfigError("filaments_per_mvoxel must be >= 0 and radius > 0")
     low, high = intensity_range

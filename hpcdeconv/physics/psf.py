@@ -1,22 +1,20 @@
-"""Point-spread function models of widefield fluorescence microscopes.
+"""Point-spread function models of widefield fluorescence microscopes, and their dispatch.
 
 Every model returns a float32 numpy array that sums to 1. Lengths are in micrometres and
 axes are ordered ``(Z, Y, X)`` (``(Y, X)`` in 2D). The PSF centre (optical axis, nominal
 focal plane) sits at index ``n // 2`` along every axis, for odd and even ``n``; the
 forward-convolution code relies on the same convention.
 
-The rotationally symmetric models (Born & Wolf, Richards & Wolf, Gibson & Lanni) evaluate
-their pupil integrals once per distinct lateral radius of one grid quadrant, by
-Gauss-Legendre quadrature vectorised over radii and planes, and unfold the quadrant onto
-the full grid: exact values at every voxel without integrating per voxel.
+The rotationally symmetric models (Born & Wolf, Richards & Wolf, Gibson & Lanni) are
+evaluated on one lateral quadrant by :mod:`hpcdeconv.physics.psf_grid`: exact values at
+every voxel without integrating per voxel. Zernike pupils live in
+:mod:`hpcdeconv.physics.zernike`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from scipy import special
@@ -30,17 +28,18 @@ from hpcdeconv.config import (
     ZernikePSF,
 )
 from hpcdeconv.errors import ConfigError, InputError
-
-# Fewest quadrature nodes per sub-interval; the count grows with the number of
-# oscillations of the integrand (Bessel argument plus phase variation, in radians).
-_MIN_NODES = 32
-# Uniform samples used to measure how much a pupil phase varies over the aperture.
-_PHASE_PROBES = 129
-
-# (Z,) defocus positions and (N,) pupil nodes -> (Z, N) pupil phase in radians.
-PhaseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-# (Z,) defocus positions and (R,) lateral radii -> (Z, R) intensity.
-RadialFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+from hpcdeconv.physics.psf_grid import (
+    bessel_j2,
+    centred_coords,
+    check_grid,
+    check_optics,
+    node_count,
+    normalised,
+    quadrature,
+    radially_symmetric,
+    scalar_radial,
+)
+from hpcdeconv.physics.zernike import astigmatism_coefficients, zernike_psf
 
 
 @dataclass(frozen=True)
@@ -65,147 +64,6 @@ class PSF:
                 f"PSF of shape {self.data.shape} needs {self.data.ndim} voxel sizes, "
                 f"got {self.voxel_size}"
             )
-
-
-# --------------------------------------------------------------------------------------
-# Validation and sampling helpers
-# --------------------------------------------------------------------------------------
-
-
-def _check_grid(shape: tuple[int, ...], spacing: tuple[float, ...], ndim: int) -> None:
-    if len(shape) != ndim or len(spacing) != ndim:
-        raise ConfigError(
-            f"expected {ndim} sizes and {ndim} spacings, got shape={shape}, spacing={spacing}"
-        )
-    if any(n < 1 for n in shape) or any(s <= 0 for s in spacing):
-        raise ConfigError(f"shape {shape} and spacing {spacing} must be positive")
-
-
-def _check_optics(na: float, n_immersion: float, wavelength: float) -> None:
-    if not 0 < na < n_immersion:
-        raise ConfigError(f"na={na} must be positive and smaller than n_immersion={n_immersion}")
-    if wavelength <= 0:
-        raise ConfigError(f"wavelength={wavelength} must be positive")
-
-
-def _centred_coords(n: int, step: float) -> np.ndarray:
-    """Sample positions ``(i - n // 2) * step``, shape ``(n,)``: zero at index ``n // 2``."""
-    return (np.arange(n) - n // 2) * step
-
-
-def _normalised(data: np.ndarray) -> np.ndarray:
-    """Scale to unit sum in float64, then store as float32."""
-    return (data / data.sum()).astype(np.float32)
-
-
-@lru_cache(maxsize=64)
-def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Legendre nodes and weights on ``[-1, 1]``, cached because they are reused."""
-    return np.polynomial.legendre.leggauss(n)
-
-
-def _quadrature(breaks: np.ndarray, n: int, graded: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Composite Gauss-Legendre rule with ``n`` nodes on each interval between ``breaks``.
-
-    With ``graded``, each interval is mapped through ``s = (1 - cos(pi u)) / 2``, which
-    clusters nodes at both ends: a square-root branch point at an end (where a wave turns
-    evanescent) becomes smooth in ``u``, so Gauss-Legendre converges fast again.
-
-    Returns
-    -------
-    tuple of np.ndarray
-        Nodes and weights, each of shape ``(n * (len(breaks) - 1),)``.
-    """
-    x, w = _legendre(n)
-    lo, hi = breaks[:-1, None], breaks[1:, None]
-    if graded:
-        u = 0.5 * (x + 1)
-        s = 0.5 * (1 - np.cos(np.pi * u))
-        jacobian = 0.25 * np.pi * np.sin(np.pi * u)
-        return (lo + (hi - lo) * s).ravel(), ((hi - lo) * w * jacobian).ravel()
-    nodes = 0.5 * (hi - lo) * x + 0.5 * (hi + lo)
-    return nodes.ravel(), (0.5 * (hi - lo) * w).ravel()
-
-
-def _node_count(bessel_span: float, phase: PhaseFn, z: np.ndarray, lo: float, hi: float) -> int:
-    """Nodes per interval to resolve every oscillation of the integrand on ``[lo, hi]``."""
-    probe = np.linspace(lo, hi, _PHASE_PROBES)
-    variation = np.abs(np.diff(np.real(phase(z, probe)), axis=-1)).sum(axis=-1).max()
-    return _MIN_NODES + math.ceil(bessel_span + variation)
-
-
-def _radially_symmetric(
-    shape: tuple[int, int, int], voxel_size: tuple[float, float, float], radial: RadialFn
-) -> np.ndarray:
-    """Evaluate ``radial(z, r)`` on one lateral quadrant and unfold it onto the grid.
-
-    Parameters
-    ----------
-    shape, voxel_size
-        ``(Z, Y, X)`` grid and its spacing in micrometres.
-    radial
-        Intensity at defocus ``z`` (``(Z,)``) and lateral radius ``r`` (``(R,)``),
-        returned as ``(Z, R)``.
-
-    Returns
-    -------
-    np.ndarray
-        Normalised float32 PSF of shape ``(Z, Y, X)``.
-    """
-    nz, ny, nx = shape
-    dz, dy, dx = voxel_size
-    ay = np.abs(np.arange(ny) - ny // 2)
-    ax = np.abs(np.arange(nx) - nx // 2)
-    radii = np.hypot(np.arange(ay.max() + 1)[:, None] * dy, np.arange(ax.max() + 1) * dx)
-    quadrant = radial(_centred_coords(nz, dz), radii.ravel()).reshape(nz, *radii.shape)
-    return _normalised(quadrant[:, ay[:, None], ax[None, :]])
-
-
-def _bessel_j2(x: np.ndarray, j0: np.ndarray, j1: np.ndarray) -> np.ndarray:
-    """``J2(x) = 2 J1(x) / x - J0(x)``, with the limit ``J2(0) = 0``."""
-    safe = np.where(x == 0, 1.0, x)
-    return np.where(x == 0, 0.0, 2.0 * j1 / safe - j0)
-
-
-# --------------------------------------------------------------------------------------
-# Scalar pupil integral shared by Born & Wolf and Gibson & Lanni
-# --------------------------------------------------------------------------------------
-
-
-def _scalar_radial(
-    z: np.ndarray,
-    r: np.ndarray,
-    k_na: float,
-    phase: PhaseFn,
-    breaks: tuple[float, ...] = (),
-) -> np.ndarray:
-    """Scalar diffraction integral over the normalised pupil radius ``rho``.
-
-    ``I(z, r) = |int_0^1 J0(k NA r rho) exp(i phase(z, rho)) rho drho|^2``.
-
-    Parameters
-    ----------
-    z, r
-        Defocus positions ``(Z,)`` and lateral radii ``(R,)`` in micrometres.
-    k_na
-        ``2 pi NA / wavelength`` in rad/µm.
-    phase
-        Pupil phase in radians, ``(Z,), (N,) -> (Z, N)``; may be complex where a
-        wave turns evanescent.
-    breaks
-        Interior points of ``(0, 1)`` where the integrand is not smooth.
-
-    Returns
-    -------
-    np.ndarray
-        Intensity of shape ``(Z, R)``.
-    """
-    edges = np.unique(np.concatenate([[0.0, 1.0], [b for b in breaks if 0.0 < b < 1.0]]))
-    n = _node_count(k_na * r.max(), phase, z, 0.0, 1.0)
-    rho, w = _quadrature(edges, n, graded=len(edges) > 2)
-    bessel = special.j0(k_na * r[:, None] * rho)  # (R, N)
-    pupil = w * rho * np.exp(1j * phase(z, rho))  # (Z, N)
-    return np.abs(pupil @ bessel.T) ** 2
 
 
 # --------------------------------------------------------------------------------------
@@ -246,8 +104,8 @@ def born_wolf(
     np.ndarray
         Float32 array of shape ``(Z, Y, X)`` summing to 1.
     """
-    _check_grid(shape, voxel_size, 3)
-    _check_optics(na, n_immersion, wavelength)
+    check_grid(shape, voxel_size, 3)
+    check_optics(na, n_immersion, wavelength)
     k = 2 * np.pi / wavelength
 
     def quadratic(z: np.ndarray, rho: np.ndarray) -> np.ndarray:
@@ -257,7 +115,7 @@ def born_wolf(
         return k * z[:, None] * np.sqrt(n_immersion**2 - (na * rho) ** 2)
 
     phase = quadratic if paraxial else exact
-    return _radially_symmetric(shape, voxel_size, lambda z, r: _scalar_radial(z, r, k * na, phase))
+    return radially_symmetric(shape, voxel_size, lambda z, r: scalar_radial(z, r, k * na, phase))
 
 
 def richards_wolf(
@@ -288,8 +146,8 @@ def richards_wolf(
     np.ndarray
         Float32 array of shape ``(Z, Y, X)`` summing to 1.
     """
-    _check_grid(shape, voxel_size, 3)
-    _check_optics(na, n_immersion, wavelength)
+    check_grid(shape, voxel_size, 3)
+    check_optics(na, n_immersion, wavelength)
     kn = 2 * np.pi / wavelength * n_immersion
     alpha = float(np.arcsin(na / n_immersion))
 
@@ -297,19 +155,19 @@ def richards_wolf(
         return kn * z[:, None] * np.cos(theta)
 
     def radial(z: np.ndarray, r: np.ndarray) -> np.ndarray:
-        n = _node_count(kn * np.sin(alpha) * r.max(), phase, z, 0.0, alpha)
-        theta, w = _quadrature(np.array([0.0, alpha]), n)
+        n = node_count(kn * np.sin(alpha) * r.max(), phase, z, 0.0, alpha)
+        theta, w = quadrature(np.array([0.0, alpha]), n)
         sin, cos = np.sin(theta), np.cos(theta)
         x = kn * r[:, None] * sin  # (R, N)
         j0, j1 = special.j0(x), special.j1(x)
-        j2 = _bessel_j2(x, j0, j1)
+        j2 = bessel_j2(x, j0, j1)
         pupil = w * np.sqrt(cos) * sin * np.exp(1j * phase(z, theta))  # (Z, N)
         i0 = (pupil * (1 + cos)) @ j0.T
         i1 = (pupil * sin) @ j1.T
         i2 = (pupil * (1 - cos)) @ j2.T
         return np.abs(i0) ** 2 + 2 * np.abs(i1) ** 2 + np.abs(i2) ** 2
 
-    return _radially_symmetric(shape, voxel_size, radial)
+    return radially_symmetric(shape, voxel_size, radial)
 
 
 def gibson_lanni(
@@ -362,8 +220,8 @@ def gibson_lanni(
     np.ndarray
         Float32 array of shape ``(Z, Y, X)`` summing to 1.
     """
-    _check_grid(shape, voxel_size, 3)
-    _check_optics(na, n_immersion, wavelength)
+    check_grid(shape, voxel_size, 3)
+    check_optics(na, n_immersion, wavelength)
     if particle_depth < 0:
         raise ConfigError(f"particle_depth={particle_depth} must be >= 0")
     k = 2 * np.pi / wavelength
@@ -389,29 +247,39 @@ def gibson_lanni(
     critical = tuple(
         n / na for n in (n_sample, n_coverslip, n_coverslip_design, n_immersion_design)
     )
-    return _radially_symmetric(
-        shape, voxel_size, lambda z, r: _scalar_radial(z, r, k * na, phase, critical)
+    return radially_symmetric(
+        shape, voxel_size, lambda z, r: scalar_radial(z, r, k * na, phase, critical)
     )
 
 
-def gaussian(shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
+def gaussian(shape: tuple[int, ...], sigma: float | tuple[float, ...]) -> np.ndarray:
     """Anisotropic Gaussian PSF, ``exp(-sum_a (i_a - n_a // 2)^2 / (2 sigma_a^2))``.
 
     One sigma per axis covers the one-width (G-1) and two-width (G-2) models of the
-    PSF-regression paper; FWHM = 2 sqrt(2 ln 2) sigma = 2.3548 sigma.
+    PSF-regression paper; FWHM = 2 sqrt(2 ln 2) sigma = 2.3548 sigma. This is the one
+    Gaussian PSF of the project: simulations and the Gaussian start of the learnable blur
+    layer use it.
 
     Parameters
     ----------
     shape
         ``(Y, X)`` or ``(Z, Y, X)`` voxels.
     sigma
-        Standard deviation per axis, in voxels.
+        Standard deviation in voxels: one per axis, or one for every axis.
 
     Returns
     -------
     np.ndarray
         Float32 array of ``shape`` summing to 1.
+
+    Raises
+    ------
+    ConfigError
+        Not 2 or 3 axes, a sigma count other than one or one per axis, or a size or sigma
+        that is not positive.
     """
+    if np.ndim(sigma) == 0:
+        sigma = (float(sigma),) * len(shape)  # type: ignore[arg-type]
     if len(shape) not in (2, 3) or len(sigma) != len(shape):
         raise ConfigError(
             f"a Gaussian PSF needs 2 or 3 axes and one sigma per axis, got "
@@ -420,165 +288,20 @@ def gaussian(shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
     if any(n < 1 for n in shape) or any(s <= 0 for s in sigma):
         raise ConfigError(f"shape {shape} and sigma {sigma} must be positive")
     axes = np.meshgrid(
-        *(_centred_coords(n, 1.0) / s for n, s in zip(shape, sigma, strict=True)),
+        *(centred_coords(n, 1.0) / s for n, s in zip(shape, sigma, strict=True)),
         indexing="ij",
         sparse=True,
     )
     log_g = sum(-0.5 * a**2 for a in axes)
-    return _normalised(np.exp(log_g))
+    return normalised(np.exp(log_g))
 
 
 # --------------------------------------------------------------------------------------
-# Zernike pupils
+# Configuration dispatch
 # --------------------------------------------------------------------------------------
 
-
-def noll_to_nm(j: int) -> tuple[int, int]:
-    """Radial order ``n`` and signed azimuthal frequency ``m`` of Noll index ``j``.
-
-    Within a radial order, ``|m|`` increases in pairs; even ``j`` carries ``cos(m theta)``
-    (``m > 0``) and odd ``j`` carries ``sin(|m| theta)`` (``m < 0``), as in Noll (1976).
-
-    Examples
-    --------
-    >>> [noll_to_nm(j) for j in (1, 2, 3, 4, 5, 6, 11)]
-    [(0, 0), (1, 1), (1, -1), (2, 0), (2, -2), (2, 2), (4, 0)]
-    """
-    if int(j) != j or j < 1:
-        raise ConfigError(f"Noll index must be an integer >= 1, got {j}")
-    j = int(j)
-    n = 0
-    while (n + 1) * (n + 2) // 2 < j:
-        n += 1
-    k = j - n * (n + 1) // 2 - 1  # position within the radial order
-    m_abs = 2 * ((k + 1) // 2) if n % 2 == 0 else 2 * (k // 2) + 1
-    if m_abs == 0:
-        return n, 0
-    return n, (m_abs if j % 2 == 0 else -m_abs)
-
-
-def _zernike_radial(n: int, m_abs: int, rho: np.ndarray) -> np.ndarray:
-    """``R_n^m(rho) = sum_s (-1)^s (n - s)! / (s! ((n+m)/2 - s)! ((n-m)/2 - s)!) rho^(n-2s)``."""
-    out = np.zeros_like(rho, dtype=np.float64)
-    for s in range((n - m_abs) // 2 + 1):
-        coef = (-1) ** s * math.factorial(n - s)
-        coef //= (
-            math.factorial(s)
-            * math.factorial((n + m_abs) // 2 - s)
-            * math.factorial((n - m_abs) // 2 - s)
-        )
-        out += coef * rho ** (n - 2 * s)
-    return out
-
-
-def zernike(noll: int, rho: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """RMS-normalised Zernike polynomial ``Z_j(rho, theta)`` in Noll's numbering.
-
-    ``Z_j = sqrt(n + 1) R_n^0`` for ``m = 0``, ``sqrt(2 (n + 1)) R_n^|m| cos(m theta)`` for
-    ``m > 0`` and ``... sin(|m| theta)`` for ``m < 0``, so every term has unit RMS over the
-    unit disk. The polynomial is evaluated for any ``rho``; callers mask the aperture.
-
-    Parameters
-    ----------
-    noll
-        Noll index ``j >= 1``.
-    rho, theta
-        Normalised pupil radius and azimuth (radians), broadcastable arrays.
-
-    Returns
-    -------
-    np.ndarray
-        Values of the broadcast shape of ``rho`` and ``theta``.
-    """
-    n, m = noll_to_nm(noll)
-    rho, theta = np.broadcast_arrays(np.asarray(rho, float), np.asarray(theta, float))
-    radial = _zernike_radial(n, abs(m), rho)
-    if m == 0:
-        return math.sqrt(n + 1) * radial
-    angular = np.cos(m * theta) if m > 0 else np.sin(-m * theta)
-    return math.sqrt(2 * (n + 1)) * radial * angular
-
-
-def astigmatism_coefficients(cylinder_power: float, axis_angle: float) -> dict[int, float]:
-    """Noll 5 (oblique) and 6 (vertical) coefficients of astigmatism along an axis.
-
-    ``P sqrt(6) rho^2 cos(2 (theta - phi)) = c5 Z5 + c6 Z6`` with ``c5 = P sin(2 phi)`` and
-    ``c6 = P cos(2 phi)``: the RMS amplitude stays ``P`` for every axis angle ``phi``.
-    With :func:`zernike_psf`, the PSF is elongated along ``phi`` for negative defocus and
-    perpendicular to it for positive defocus (depth from astigmatism).
-
-    Parameters
-    ----------
-    cylinder_power
-        RMS amplitude of the astigmatism, in waves.
-    axis_angle
-        Axis angle ``phi`` in degrees, counter-clockwise from the ``X`` axis towards ``Y``.
-
-    Returns
-    -------
-    dict
-        ``{5: c5, 6: c6}`` in waves.
-    """
-    phi = math.radians(axis_angle)
-    return {5: cylinder_power * math.sin(2 * phi), 6: cylinder_power * math.cos(2 * phi)}
-
-
-def zernike_psf(
-    shape: tuple[int, int],
-    pixel_size: float,
-    na: float,
-    n_immersion: float,
-    wavelength: float,
-    coefficients: Mapping[int, float],
-    defocus: float = 0.0,
-) -> np.ndarray:
-    """2D PSF of a Zernike-aberrated pupil at an axial offset ``defocus``.
-
-    The pupil lives on the discrete frequency grid of the image (``fftfreq``), inside the
-    aperture ``|k| <= NA / wavelength``; its phase is
-    ``2 pi (sum_j c_j Z_j(rho, theta) + defocus sqrt((n / wavelength)^2 - |k|^2))`` with
-    ``rho = |k| wavelength / NA``, ``theta = atan2(k_y, k_x)``. The PSF is
-    ``|IFFT(pupil)|^2`` shifted so its centre sits at ``n // 2``.
-
-    Parameters
-    ----------
-    shape
-        ``(Y, X)`` pixels.
-    pixel_size
-        Lateral sampling in micrometres.
-    na, n_immersion, wavelength
-        Numerical aperture, immersion index and vacuum wavelength (µm).
-    coefficients
-        Noll index -> amplitude in waves of RMS-normalised Zernikes.
-    defocus
-        Axial offset of the imaged plane from focus, micrometres.
-
-    Returns
-    -------
-    np.ndarray
-        Float32 array of shape ``(Y, X)`` summing to 1.
-    """
-    _check_grid(tuple(shape), (pixel_size, pixel_size), 2)
-    _check_optics(na, n_immersion, wavelength)
-    ky = np.fft.fftfreq(shape[0], pixel_size)[:, None]
-    kx = np.fft.fftfreq(shape[1], pixel_size)[None, :]
-    kr = np.hypot(ky, kx)
-    aperture = kr <= na / wavelength
-    rho = kr * wavelength / na
-    theta = np.arctan2(ky, kx)
-    waves = sum(
-        (c * zernike(j, rho, theta) for j, c in coefficients.items() if c != 0),
-        start=np.zeros(shape),
-    )
-    waves = waves + defocus * np.sqrt(np.maximum((n_immersion / wavelength) ** 2 - kr**2, 0.0))
-    pupil = np.where(aperture, np.exp(2j * np.pi * waves), 0.0)
-    field = np.fft.ifft2(pupil)
-    return _normalised(np.fft.fftshift(np.abs(field) ** 2))
-
-
-# --------------------------------------------------------------------------------------
-# Configuration dispatch and measurements
-# --------------------------------------------------------------------------------------
+# A widefield model: (Z, Y, X) shape and voxel size (µm) -> normalised (Z, Y, X) PSF.
+Widefield = Callable[[tuple[int, int, int], tuple[float, float, float]], np.ndarray]
 
 
 def make_psf(cfg: PSFConfig) -> PSF:
@@ -588,24 +311,37 @@ def make_psf(cfg: PSFConfig) -> PSF:
     ----------
     cfg
         One of :class:`BornWolfPSF`, :class:`RichardsWolfPSF`, :class:`GibsonLanniPSF`,
-        :class:`GaussianPSF`, :class:`ZernikePSF`. For Zernike PSFs the astigmatism given by
-        ``cylinder_power`` and ``axis_angle`` is added to ``coefficients``.
+        :class:`GaussianPSF`, :class:`ZernikePSF`. A widefield model given a 2-axis
+        ``shape`` (Y, X) yields its in-focus plane ``z = 0``. For Zernike PSFs the
+        astigmatism given by ``cylinder_power`` and ``axis_angle`` is added to
+        ``coefficients``.
 
     Returns
     -------
     PSF
-        Normalised data and its voxel size.
+        Normalised data and its voxel size, ``(Z, Y, X)`` or ``(Y, X)``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown configuration type.
     """
     if isinstance(cfg, BornWolfPSF):
-        data = born_wolf(
-            cfg.shape, cfg.voxel_size, cfg.na, cfg.n_immersion, cfg.wavelength, cfg.paraxial
+        return _widefield(
+            cfg,
+            lambda shape, voxel: born_wolf(
+                shape, voxel, cfg.na, cfg.n_immersion, cfg.wavelength, cfg.paraxial
+            ),
         )
-        return PSF(data, cfg.voxel_size)
     if isinstance(cfg, RichardsWolfPSF):
-        data = richards_wolf(cfg.shape, cfg.voxel_size, cfg.na, cfg.n_immersion, cfg.wavelength)
-        return PSF(data, cfg.voxel_size)
+        return _widefield(
+            cfg,
+            lambda shape, voxel: richards_wolf(
+                shape, voxel, cfg.na, cfg.n_immersion, cfg.wavelength
+            ),
+        )
     if isinstance(cfg, GibsonLanniPSF):
-        return PSF(_gibson_lanni_from(cfg), cfg.voxel_size)
+        return _widefield(cfg, lambda shape, voxel: _gibson_lanni_from(cfg, shape, voxel))
     if isinstance(cfg, GaussianPSF):
         return PSF(gaussian(cfg.shape, cfg.sigma), cfg.voxel_size)
     if isinstance(cfg, ZernikePSF):
@@ -613,10 +349,25 @@ def make_psf(cfg: PSFConfig) -> PSF:
     raise ConfigError(f"unknown PSF configuration {type(cfg).__name__}")
 
 
-def _gibson_lanni_from(cfg: GibsonLanniPSF) -> np.ndarray:
+def _widefield(cfg: BornWolfPSF | RichardsWolfPSF | GibsonLanniPSF, model: Widefield) -> PSF:
+    """Evaluate a 3D widefield model, or only its plane ``z = 0`` for a (Y, X) shape.
+
+    A single plane is centred at ``z = 0`` (index ``1 // 2``), so the model integrates only
+    the in-focus plane; its sum-one normalisation is then that of the 2D PSF.
+    """
+    if len(cfg.shape) == 3:
+        return PSF(model(cfg.shape, cfg.voxel_size), cfg.voxel_size)
+    # The axial step of a single plane never enters: its only position is z = 0.
+    plane = model((1, *cfg.shape), (1.0, *cfg.voxel_size))[0]
+    return PSF(plane, cfg.voxel_size)
+
+
+def _gibson_lanni_from(
+    cfg: GibsonLanniPSF, shape: tuple[int, int, int], voxel_size: tuple[float, float, float]
+) -> np.ndarray:
     return gibson_lanni(
-        cfg.shape,
-        cfg.voxel_size,
+        shape,
+        voxel_size,
         na=cfg.na,
         wavelength=cfg.wavelength,
         n_sample=cfg.n_sample,
@@ -644,37 +395,3 @@ def _zernike_from(cfg: ZernikePSF) -> np.ndarray:
         coefficients,
         cfg.defocus,
     )
-
-
-def fwhm(profile: np.ndarray, spacing: float) -> float:
-    """Full width at half maximum of a single-peaked 1D profile.
-
-    The half-maximum crossings on each side of the peak are located by linear
-    interpolation between the samples that bracket them.
-
-    Parameters
-    ----------
-    profile
-        Samples of shape ``(N,)``.
-    spacing
-        Distance between samples; the width is returned in the same unit.
-
-    Returns
-    -------
-    float
-        The width ``(right - left) * spacing``.
-    """
-    p = np.asarray(profile, dtype=np.float64)
-    if p.ndim != 1:
-        raise InputError(f"fwhm needs a 1D profile, got shape {p.shape}")
-    peak = int(np.argmax(p))
-    half = p[peak] / 2
-    below_left = np.flatnonzero(p[:peak] < half)
-    below_right = np.flatnonzero(p[peak:] < half)
-    if below_left.size == 0 or below_right.size == 0:
-        raise InputError("profile does not fall below half its maximum on both sides")
-    i = below_left[-1]  # p[i] < half <= p[i + 1]
-    left = i + (half - p[i]) / (p[i + 1] - p[i])
-    j = peak + below_right[0]  # p[j - 1] >= half > p[j]
-    right = j - 1 + (p[j - 1] - half) / (p[j - 1] - p[j])
-    return float((right - left) * spacing)

@@ -373,8 +373,8 @@ def test_psf_file_with_three_x_voxels_reads_back_as_a_volume(tmp_path: Path) -> 
 
 
 def test_learned_kernel_tiff_keeps_the_voxel_size(tmp_path: Path) -> None:
-    from hpcdeconv.methods.kernel import export_kernel
     from hpcdeconv.models.psf_layer import PSFLayer
+    from hpcdeconv.physics.psf_io import export_kernel
 
     layer = PSFLayer((5, 7, 7), init="gaussian", sigma=1.0)
     export_kernel(layer, tmp_path, (0.2, 0.1, 0.1), None)

@@ -88,7 +88,47 @@ def test_microtubules_reject_bad_arguments(rng) -> None:
     with pytest.raises(ConfigError):
         microtubules((8, 8, 8), rng, intensity_range=(0.8, 0.2))
     with pytest.raises(ConfigError):
-        microtubules((8, 8), rng)  # type: ignore[arg-type]
+        microtubules((8,), rng)
+    with pytest.raises(ConfigError):
+        microtubules((4, 8, 8, 8), rng)
+
+
+def test_microtubules_2d_range_dtype_determinism() -> None:
+    a = microtubules((64, 80), np.random.default_rng(7), filaments_per_mvoxel=2000.0)
+    b = microtubules((64, 80), np.random.default_rng(7), filaments_per_mvoxel=2000.0)
+    assert a.shape == (64, 80) and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert 0.02 < (a > 0.1).mean() < 0.8  # filaments, not an empty or saturated field
+    np.testing.assert_array_equal(a, b)
+
+
+def _line_profile_sigma(image: np.ndarray) -> float:
+    """Standard deviation perpendicular to the single straight line in a 2D image."""
+    weights = image.ravel().astype(np.float64)
+    coords = np.indices(image.shape).reshape(2, -1).astype(np.float64)
+    mean = (coords * weights).sum(axis=1) / weights.sum()
+    centred = coords - mean[:, None]
+    covariance = (centred * weights) @ centred.T / weights.sum()
+    return float(np.sqrt(np.linalg.eigvalsh(covariance)[0]))
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.0])
+def test_2d_filament_width_and_peak_match_settings(radius) -> None:
+    # One straight filament (stiffness 1) across the image: its cross-section is a 1D
+    # Gaussian of std `radius` peaking at the filament's intensity.
+    images = [
+        microtubules(
+            (64, 64),
+            np.random.default_rng(seed),
+            filaments_per_mvoxel=0.0,
+            radius=radius,
+            intensity_range=(0.5, 0.5),
+            stiffness=1.0,
+        )
+        for seed in range(5)
+    ]
+    assert np.median([_line_profile_sigma(im) for im in images]) == pytest.approx(radius, rel=0.1)
+    assert np.median([im.max() for im in images]) == pytest.approx(0.5, rel=0.1)
 
 
 @pytest.mark.parametrize("kind", ["cells", "points"])

@@ -9,7 +9,8 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.models.psf_layer import PSFLayer, delta_kernel, gaussian_kernel
+from hpcdeconv.models.psf_layer import PSFLayer, delta_kernel
+from hpcdeconv.physics.psf import gaussian
 
 
 def scipy_reference(x: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -36,6 +37,37 @@ def test_matches_scipy_linear_convolution(
     h_used = layer.kernel().detach().numpy()  # the float32-stored kernel
     y = layer(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(y, scipy_reference(x, h_used), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fft", [False, True])
+@pytest.mark.parametrize("shape", [(5, 5), (4, 7), (1, 3)])
+def test_2d_psf_matches_scipy_linear_convolution(
+    rng: np.random.Generator, shape: tuple[int, int], fft: bool
+) -> None:
+    h = rng.random(shape)
+    x = rng.random((2, 3, 13, 11))
+    layer = layer_with(h, fft)
+    h_used = layer.kernel().detach().numpy()
+    y = layer(torch.from_numpy(x)).detach().numpy()
+    assert y.shape == x.shape
+    np.testing.assert_allclose(y, scipy_reference(x, h_used), rtol=1e-10, atol=1e-12)
+
+
+def test_2d_psf_learns_under_the_simplex_constraint(rng: np.random.Generator) -> None:
+    layer = PSFLayer((5, 5), init="gaussian", sigma=1.0, constraint="simplex")
+    x = torch.from_numpy(rng.random((2, 1, 16, 16)).astype(np.float32))
+    layer(x).square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert float(layer.kernel().detach().sum()) == pytest.approx(1.0, abs=1e-6)
+    raw, smoothed = layer.export()
+    assert raw.shape == smoothed.shape == (5, 5)
+
+
+def test_input_rank_must_match_the_psf() -> None:
+    with pytest.raises(ValueError, match=r"\(B, C, Y, X\)"):
+        PSFLayer((3, 3))(torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, C, Z, Y, X\)"):
+        PSFLayer((3, 3, 3))(torch.zeros(1, 1, 4, 4))
 
 
 def test_matches_physics_forward_convolve(rng: np.random.Generator) -> None:
@@ -76,7 +108,7 @@ def test_fft_and_direct_paths_agree_in_value_and_gradient(rng: np.random.Generat
 
 
 def test_large_kernel_fft_path_matches_scipy(rng: np.random.Generator) -> None:
-    h = gaussian_kernel((31, 31, 31), (3.0, 1.5, 1.5))
+    h = gaussian((31, 31, 31), (3.0, 1.5, 1.5))
     x = rng.random((1, 1, 32, 32, 32))
     layer = PSFLayer((31, 31, 31), init=h)
     assert layer.uses_fft
@@ -121,9 +153,7 @@ def test_delta_layer_is_identity(rng: np.random.Generator) -> None:
 
 def test_simplex_constraint_stays_on_simplex_while_learning(rng: np.random.Generator) -> None:
     layer = PSFLayer((5, 5, 5), init="gaussian", constraint="simplex")
-    np.testing.assert_allclose(
-        layer.kernel().detach().numpy(), gaussian_kernel((5, 5, 5), 1.0), atol=1e-7
-    )
+    np.testing.assert_allclose(layer.kernel().detach().numpy(), gaussian((5, 5, 5), 1.0), atol=1e-7)
     opt = torch.optim.SGD(layer.parameters(), lr=50.0)
     x = torch.from_numpy(rng.random((1, 1, 8, 8, 8))).float()
     target = torch.from_numpy(rng.random((1, 1, 8, 8, 8))).float()
@@ -174,7 +204,9 @@ def test_load_kernel_rejects_wrong_size_and_non_finite() -> None:
 
 def test_bad_configuration() -> None:
     with pytest.raises(ConfigError):
-        PSFLayer((3, 3))  # type: ignore[arg-type]
+        PSFLayer((3,))
+    with pytest.raises(ConfigError):
+        PSFLayer((3, 3, 3, 3))
     with pytest.raises(ConfigError):
         PSFLayer((3, 3, 3), constraint="positive")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
