@@ -1,4 +1,4 @@
-"""Zarr v3 datasets: layout, volume I/O as OME-NGFF 0.5 images, and a text summary.
+"""Zarr v3 datasets: layout and volume I/O as OME-NGFF 0.5 images.
 
 A dataset is a zarr v3 group::
 
@@ -7,17 +7,19 @@ A dataset is a zarr v3 group::
     <root>/blurred/<id>/    OME-NGFF image, the microscope images
     <root>/psf/             OME-NGFF image, optional, the PSF used
 
-Each image holds its full-resolution ``(Z, Y, X)`` float32 array at ``0`` (plus
+Each image holds its full-resolution float32 array at ``0``: ``(*S)`` with ``S`` the
+spatial axes ``(Z, Y, X)`` or ``(Y, X)``, or ``(C, *S)`` with the channel axis ``"c"`` first
+(NGFF axis order; absent for one channel) (plus
 downsampled levels ``1``, ``2``, ... for large volumes) and ``multiscales`` metadata with
 axes, units and scale (:mod:`hpcdeconv.data.ngff`), so napari, Fiji and neuroglancer show
 it at its physical size. Readers also accept the arrays of datasets written before
 (``<root>/sharp/<id>`` with ``axes``/``voxel_size`` attributes). Arrays are never sharded,
-so any worker may write any whole chunk without coordinating with the others.
+so any worker may write any whole chunk without coordinating with the others. The text
+summary of a store (``hpcdeconv info``) is :mod:`hpcdeconv.data.summary`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,9 @@ from zarr.codecs import BloscCodec
 
 from hpcdeconv.config import CodecConfig
 from hpcdeconv.data.ngff import (
+    CHANNEL_AXIS,
     PYRAMID_MIN_SIZE,
+    SPACE_AXES,
     add_pyramid,
     create_image,
     is_image,
@@ -51,7 +55,6 @@ SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 ROOT_KEY = "hpcdeconv"
 UNIT = "micrometer"
-_AXIS_NAMES = ("z", "y", "x")
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,9 @@ class VolumeMeta:
     ----------
     voxel_size
         Sampling distance per axis in ``unit``, ordered like ``axes`` (e.g. ``(dz, dy, dx)``);
-        None for an axis whose size is not known.
+        None for an axis whose size is not known and for the channel axis.
     axes
-        Axis names, e.g. ``("z", "y", "x")``.
+        Axis names, e.g. ``("z", "y", "x")`` or ``("c", "y", "x")``.
     unit
         Length unit of ``voxel_size``.
     """
@@ -72,6 +75,16 @@ class VolumeMeta:
     voxel_size: tuple[float | None, ...]
     axes: tuple[str, ...]
     unit: str = UNIT
+
+    @property
+    def has_channels(self) -> bool:
+        """Whether the first axis is the channel axis ``"c"``."""
+        return self.axes[:1] == (CHANNEL_AXIS,)
+
+    @property
+    def spatial_voxel_size(self) -> tuple[float | None, ...]:
+        """``voxel_size`` of the spatial axes only (the channel axis dropped)."""
+        return self.voxel_size[int(self.has_channels) :]
 
 
 def create_dataset(path: str | Path, overwrite: bool = False) -> zarr.Group:
@@ -131,7 +144,7 @@ def write_volume(
     attrs: Mapping[str, Any] | None = None,
     pyramid_min_size: int = PYRAMID_MIN_SIZE,
 ) -> zarr.Array:
-    """Store one volume as an OME-NGFF 0.5 image of float32 arrays with Blosc compression.
+    """Store one image as an OME-NGFF 0.5 image of float32 arrays with Blosc compression.
 
     Parameters
     ----------
@@ -140,13 +153,17 @@ def write_volume(
     name
         Path of the image group inside ``group``, e.g. ``"sharp/v000"`` or ``"psf"``.
     data
-        ``(Z, Y, X)`` (or ``(Y, X)``) array. A dask array is rechunked to the storage chunks
-        and stored block by block, so it is never loaded whole.
+        ``(*S)`` array, ``S`` = ``(Z, Y, X)`` or ``(Y, X)``, or ``(C, *S)`` with channels
+        first (stored with an NGFF axis ``"c"`` of type ``"channel"``). A dask array is
+        rechunked to the storage chunks and stored block by block, so it is never loaded
+        whole.
     voxel_size
-        Sampling per axis in micrometres, same length as ``data.ndim``; None where unknown
-        (written as an axis without unit, see :mod:`hpcdeconv.data.ngff`).
+        Sampling per spatial axis in micrometres, one entry per axis of ``S``: ``data``
+        with one axis more has channels. None where unknown (written as an axis without
+        unit, see :mod:`hpcdeconv.data.ngff`).
     chunks
-        Storage chunk shape; its trailing ``data.ndim`` entries are used, clipped to the shape.
+        Spatial storage chunk shape; its trailing ``len(S)`` entries are used, clipped to the
+        shape. All channels of a place share one chunk (a patch reads every channel).
     codec
         Blosc settings.
     attrs
@@ -164,9 +181,11 @@ def write_volume(
     OutputExistsError
         ``name`` already exists in ``group``.
     """
-    if len(voxel_size) != data.ndim:
+    spatial = len(voxel_size)
+    if data.ndim not in (spatial, spatial + 1):
         raise ValueError(f"voxel_size {tuple(voxel_size)} does not match {data.ndim}D data")
-    chunk_shape = clip_chunks(tuple(chunks)[-data.ndim :], data.shape)
+    channel = (int(data.shape[0]),) if data.ndim > spatial else ()
+    chunk_shape = channel + clip_chunks(tuple(chunks)[-spatial:], data.shape[-spatial:])
     try:
         array = create_image(
             group, name, data.shape, chunk_shape, blosc_codec(codec), tuple(voxel_size), attrs
@@ -210,11 +229,11 @@ def open_dataset(path: str | Path, mode: str = "r") -> zarr.Group:
     except (ValueError, TypeError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None
-    _check_root_attrs(path, attrs)
+    check_root_attrs(path, attrs)
     return group
 
 
-def _check_root_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
+def check_root_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
     """Reject a malformed or newer ``hpcdeconv`` root attribute; its absence is allowed."""
     root = attrs.get(ROOT_KEY)
     if root is None:
@@ -250,9 +269,6 @@ def image_names(group: zarr.Group) -> list[str]:
         if isinstance(node, zarr.Array) and not inside:
             names.add(key)
     return sorted(names)
-
-
-#: Former name of :func:`image_names`.
 
 
 def _parent_group(array: zarr.Array) -> tuple[zarr.Group | None, str]:
@@ -312,6 +328,52 @@ def volume_meta(array: zarr.Array) -> VolumeMeta:
     return VolumeMeta(voxel_size=voxel, axes=meta.axes, unit=UNIT)
 
 
+def array_layout(array: zarr.Array) -> tuple[int, int]:
+    """``(spatial_dims, channels)`` of a stored image array, from its NGFF axes.
+
+    An array with OME-NGFF (or former ``axes`` attribute) metadata has as many spatial
+    dimensions as spatial axes, and its channels along a leading axis ``"c"`` (1 without
+    one). An array without any metadata (bare arrays of other tools) is read as ``ndim``
+    spatial axes and one channel.
+
+    Returns
+    -------
+    tuple[int, int]
+        ``(2 or 3, C)``.
+
+    Raises
+    ------
+    InputError
+        Neither 2 nor 3 spatial axes, or axes other than one leading channel axis and the
+        spatial ones (e.g. time).
+    """
+    if _has_metadata(array):
+        meta = volume_meta(array)
+        axes = meta.axes
+        channels = int(array.shape[0]) if meta.has_channels else 1
+        spatial = axes[int(meta.has_channels) :]
+        if any(a not in SPACE_AXES for a in spatial):
+            raise InputError(
+                f"array '{array.path}' has axes {''.join(axes)}; expected an optional "
+                "leading channel axis c and spatial axes (zyx or yx)"
+            )
+    else:
+        channels, spatial = 1, tuple(range(array.ndim))
+    if len(spatial) not in (2, 3):
+        raise InputError(
+            f"array '{array.path}' of shape {tuple(array.shape)} has {len(spatial)} spatial "
+            "axes; expected 2 (Y, X) or 3 (Z, Y, X)"
+        )
+    return len(spatial), channels
+
+
+def _has_metadata(array: zarr.Array) -> bool:
+    if "voxel_size" in array.attrs or "axes" in array.attrs:
+        return True
+    parent, _ = _parent_group(array)
+    return parent is not None and is_image(parent)
+
+
 def open_array(group: zarr.Group, name: str) -> zarr.Array:
     """The full-resolution array of volume ``name`` of ``group``.
 
@@ -339,7 +401,8 @@ def read_volume(group_or_path: zarr.Group | str | Path, name: str) -> tuple[da.A
     Returns
     -------
     volume
-        ``(Z, Y, X)`` dask array whose chunks are the storage chunks; nothing is read yet.
+        ``(*S)`` or ``(C, *S)`` dask array (see ``meta.axes``) whose chunks are the storage
+        chunks; nothing is read yet.
     meta
         Voxel size and axes.
     """
@@ -397,108 +460,3 @@ def volume_ids(group: zarr.Group, domain: str) -> list[str]:
     ids = [key for key, node in sub.arrays()]
     ids += [key for key, node in sub.groups() if is_image(node)]
     return sorted(ids)
-
-
-def _codec_config(codec: Any) -> tuple[str, dict[str, Any]]:
-    """Name and settings of a zarr v3 codec or a numcodecs (zarr v2) compressor."""
-    if hasattr(codec, "to_dict"):
-        spec = codec.to_dict()
-        return str(spec.get("name")), dict(spec.get("configuration", {}))
-    config = dict(codec.get_config())
-    return str(config.pop("id", type(codec).__name__)).lower(), config
-
-
-def _codec_names(array: zarr.Array) -> str:
-    parts = []
-    for codec in array.compressors:
-        name, config = _codec_config(codec)
-        if name == "blosc" and {"cname", "clevel", "shuffle"} <= set(config):
-            parts.append(f"blosc({config['cname']},{config['clevel']},{config['shuffle']})")
-        else:
-            parts.append(name)
-    return "+".join(parts) or "none"
-
-
-def _human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    exponent = min(int(np.log2(n) // 10), 4)
-    return f"{n / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
-
-
-def _voxel_text(array: zarr.Array) -> str:
-    try:
-        voxel = volume_meta(array).voxel_size
-    except InputError:
-        return "?"
-    return "x".join("?" if v is None else f"{v:g}" for v in voxel) + " um"
-
-
-def _describe_array(name: str, array: zarr.Array) -> str:
-    stored = array.nbytes_stored()
-    ratio = array.nbytes / stored if stored else float("inf")
-    return (
-        f"  {name}: shape={tuple(array.shape)} {array.dtype} chunks={tuple(array.chunks)} "
-        f"voxel={_voxel_text(array)} codec={_codec_names(array)} "
-        f"stored={_human_bytes(stored)} ({ratio:.1f}x)"
-    )
-
-
-def _describe_volume(group: zarr.Group, name: str) -> list[str]:
-    node = group[name] if name else group
-    if isinstance(node, zarr.Array):
-        return [_describe_array(name or "(array)", node)]
-    meta = read_image_meta(node)
-    first = node[meta.paths[0]]
-    line = _describe_array(name or "(image)", first)
-    levels = [tuple(node[p].shape) for p in meta.paths[1:]]
-    extra = f" OME-NGFF {meta.version} axes={''.join(meta.axes)}"
-    if levels:
-        extra += f" levels={1 + len(levels)} {' '.join(str(s) for s in levels)}"
-    return [line + extra]
-
-
-def describe(path: str | Path) -> str:
-    """Multi-line summary of a zarr store for ``hpcdeconv info``.
-
-    Lists every volume (OME-NGFF image or array) with shape, dtype, chunks, voxel size,
-    codec and stored size; for an hpcdeconv dataset also the split and the remaining root
-    attributes (as compact JSON). Any zarr v2 or v3 group, array or OME-Zarr image works.
-
-    Raises
-    ------
-    InputError
-        ``path`` is missing or not a readable zarr store.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    try:
-        node = zarr.open(store=str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.BaseZarrError):
-        raise InputError(f"{path}: not a readable zarr array or group") from None
-    except (ValueError, TypeError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None
-    version = node.metadata.zarr_format
-    if isinstance(node, zarr.Array):
-        return "\n".join([f"{path}: zarr v{version} array", _describe_array("(array)", node)])
-    _check_root_attrs(path, node.attrs.asdict())
-    if is_image(node):
-        lines = [f"{path}: zarr v{version} OME-NGFF image"]
-        return "\n".join(lines + _describe_volume(node, ""))
-    names = image_names(node)
-    lines = [f"{path}: zarr v{version} group, {len(names)} volumes"]
-    for name in names:
-        lines += _describe_volume(node, name)
-    root = node.attrs.asdict().get(ROOT_KEY)
-    if isinstance(root, Mapping):
-        split = get_split(node)
-        counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
-        lines.append(f"split: {counts}")
-        lines += [f"  {k}: {', '.join(v)}" for k, v in split.items() if v]
-        extra = {k: v for k, v in root.items() if k != "split"}
-        lines.append(f"attributes: {json.dumps(extra, separators=(',', ':'), sort_keys=True)}")
-    else:
-        lines.append(f"(no '{ROOT_KEY}' root attribute: not written by hpcdeconv)")
-    return "\n".join(lines)
