@@ -200,7 +200,7 @@ def _as_sample(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
     return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
 
 
-class _StepIndexed(Dataset, ABC):
+class StepIndexed(Dataset, ABC):
     """Map a flat index onto ``(step, index)``: ``batch_size`` samples per training step."""
 
     def __init__(self, batch_size: int, steps: int, start_step: int) -> None:
@@ -227,7 +227,7 @@ class _StepIndexed(Dataset, ABC):
         """Sample ``index`` of this rank's batch at ``step``."""
 
 
-class PairedPatches(_StepIndexed):
+class PairedPatches(StepIndexed):
     """Sharp and blurred patches from the same volume and location (supervised / paired).
 
     Parameters
@@ -276,7 +276,7 @@ class PairedPatches(_StepIndexed):
         return _as_sample(x, y)
 
 
-class UnpairedPatches(_StepIndexed):
+class UnpairedPatches(StepIndexed):
     """Sharp and blurred patches from different volumes (unpaired cycleGAN training).
 
     The blurred patch is drawn excluding the sharp patch's volume id, so even a simulated,

@@ -103,6 +103,26 @@ def axis_starts(length: int, patch: int, chunk: int | None) -> np.ndarray:
     return starts
 
 
+def centre_crop_slices(shape: Sequence[int], crop: Sequence[int] | None) -> tuple[slice, ...]:
+    """Slices of the centred ``crop`` of an array of spatial ``shape``, clamped to it.
+
+    ``shape`` and ``crop`` are ``(Z, Y, X)`` or ``(Y, X)``; ``crop=None`` selects the whole
+    array. An odd margin leaves the extra voxel after the crop (start ``(n - c) // 2``).
+
+    Raises
+    ------
+    ValueError
+        ``crop`` and ``shape`` differ in length.
+    """
+    if crop is None:
+        return (slice(None),) * len(shape)
+    if len(shape) != len(crop):
+        raise ValueError(f"crop {list(crop)} and shape {list(shape)} differ in axes")
+    sizes = [min(int(c), int(n)) for c, n in zip(crop, shape, strict=True)]
+    starts = [(int(n) - c) // 2 for c, n in zip(sizes, shape, strict=True)]
+    return tuple(slice(s, s + c) for s, c in zip(starts, sizes, strict=True))
+
+
 def sample_rng(seed: int, step: int, global_index: int, stream: int = 0) -> np.random.Generator:
     """Generator that depends only on its arguments (a fresh, independent stream each)."""
     if step < 0 or global_index < 0 or stream < 0:
