@@ -26,12 +26,12 @@ import zarr
 from torch.utils.data import Dataset
 
 from hpcdeconv.data.augment import random_rot_flip, random_rot_flip_many
+from hpcdeconv.data.axes import array_layout
 from hpcdeconv.data.sampling import PatchSampler, PatchSpec
 from hpcdeconv.data.zarr_io import (
     BLURRED,
     DOMAINS,
     SHARP,
-    array_layout,
     get_split,
     open_array,
     open_dataset,

@@ -15,14 +15,9 @@ import zarr
 import zarr.errors
 from dask.utils import format_bytes
 
+from hpcdeconv.data.axes import volume_meta
 from hpcdeconv.data.ngff import is_image, read_image_meta
-from hpcdeconv.data.zarr_io import (
-    ROOT_KEY,
-    check_root_attrs,
-    get_split,
-    image_names,
-    volume_meta,
-)
+from hpcdeconv.data.zarr_io import ROOT_KEY, check_root_attrs, get_split, image_names
 from hpcdeconv.errors import InputError
 
 

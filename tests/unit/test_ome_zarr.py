@@ -23,17 +23,11 @@ from pydantic_zarr.v3 import ArraySpec
 
 from hpcdeconv.cli import main
 from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.data.axes import array_layout, volume_meta
 from hpcdeconv.data.ngff import pyramid_factors
 from hpcdeconv.data.opener import load, open_image
 from hpcdeconv.data.summary import describe
-from hpcdeconv.data.zarr_io import (
-    array_layout,
-    create_dataset,
-    image_names,
-    read_volume,
-    volume_meta,
-    write_volume,
-)
+from hpcdeconv.data.zarr_io import create_dataset, image_names, read_volume, write_volume
 from hpcdeconv.errors import InputError
 from hpcdeconv.training.engine import train
 from tests.conftest import TINY_TRAINING

@@ -12,7 +12,8 @@ import torch
 import zarr
 
 from hpcdeconv.config import PSFSamplesData
-from hpcdeconv.data.samples import PSFSampleFeed, PSFSampleStore, write_psf_samples
+from hpcdeconv.data.sample_feed import PSFSampleFeed
+from hpcdeconv.data.samples import PSFSampleStore, write_psf_samples
 from hpcdeconv.errors import InputError, OutputExistsError
 
 N, C, P = 24, 2, 3

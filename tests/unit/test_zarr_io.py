@@ -12,12 +12,12 @@ import zarr
 from dask.callbacks import Callback
 
 from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.axes import VolumeMeta
 from hpcdeconv.data.summary import describe
 from hpcdeconv.data.zarr_io import (
     BLURRED,
     PSF_KEY,
     SHARP,
-    VolumeMeta,
     create_dataset,
     get_split,
     open_dataset,
