@@ -52,8 +52,9 @@ def _patch_of(data: Any) -> tuple[int, ...] | None:
 
 
 def _adapt_default(node: Any, model: type[BaseModel] | None, field: str) -> Any:
-    """``node`` (raw mapping or model) with ``field``'s 3D default cut to its last two axes,
-    unless the user set the field; None where ``node`` has no such field."""
+    """``node`` (raw mapping or validated model) with ``field``'s 3D default cut to its last
+    two axes; unchanged where the user set the field (a key of the mapping, or in the
+    model's ``model_fields_set``). ``model`` is the class a mapping will be validated as."""
     if isinstance(node, BaseModel):
         if field not in type(node).model_fields or field in node.model_fields_set:
             return node
