@@ -1,7 +1,9 @@
-"""Image-quality metrics for restored volumes: PSNR, SSIM (2D/3D), PCC, R², SNR.
+"""Image-quality and regression metrics: PSNR, SSIM (2D/3D, channels), PCC, R², SNR.
 
 Every function takes array-likes (numpy, or dask through ``np.asarray``) of equal shape
-and computes in float64; the result is a Python float.
+and computes in float64; the image metrics return a Python float, :func:`r2_score` one
+value per regressed parameter. :func:`pcc` is the project's one normalised
+cross-correlation (zero-mean NCC and Pearson's r are the same number).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from scipy import ndimage
 
 from hpcdeconv.errors import InputError
 
-__all__ = ["delta_snr", "pcc", "psnr", "r2", "snr", "ssim"]
+__all__ = ["delta_snr", "pcc", "psnr", "r2_score", "snr", "ssim"]
 
 _K1 = 0.01
 _K2 = 0.03
@@ -60,6 +62,7 @@ def ssim(
     data_range: float,
     sigma: float = 1.5,
     win_size: int | None = None,
+    channel_axis: int | None = None,
 ) -> float:
     """Mean structural similarity with a Gaussian window (Wang et al. 2004).
 
@@ -71,20 +74,35 @@ def ssim(
     ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``, is averaged after cropping
     ``(win_size - 1) // 2`` voxels at every border. This equals
     ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
-    use_sample_covariance=False)``, including its ``win_size`` semantics.
+    use_sample_covariance=False)``, including its ``win_size`` and ``channel_axis``
+    semantics: with channels, the mean over channels of each channel's SSIM.
 
     Parameters
     ----------
     x, ref
-        Images, same shape, 2D ``(Y, X)`` or 3D ``(Z, Y, X)``.
+        Images, same shape, 2D ``(Y, X)`` or 3D ``(Z, Y, X)``, or with a channel axis
+        (e.g. ``(C, Y, X)``, ``channel_axis=0``).
     data_range
         Peak-to-peak range ``L`` of valid intensities.
     sigma
         Standard deviation of the Gaussian window, in voxels.
     win_size
         Odd border-crop width; defaults to the kernel width ``2 int(3.5 sigma + 0.5) + 1``.
+    channel_axis
+        Axis of ``x`` holding channels (scored separately, then averaged); None: no channels.
+
+    Raises
+    ------
+    InputError
+        Shapes differ, the spatial axes are not 2 or 3, or ``win_size`` is even or larger
+        than the smallest side.
     """
     x, ref = _pair(x, ref)
+    if channel_axis is not None:
+        x, ref = np.moveaxis(x, channel_axis, 0), np.moveaxis(ref, channel_axis, 0)
+        return float(
+            np.mean([ssim(a, b, data_range, sigma, win_size) for a, b in zip(x, ref, strict=True)])
+        )
     if x.ndim not in (2, 3):
         raise InputError(f"ssim needs 2D or 3D images, got {x.ndim} dimensions")
     if win_size is None:
@@ -109,7 +127,11 @@ def ssim(
 
 
 def pcc(x: ArrayLike, y: ArrayLike) -> float:
-    """Pearson correlation coefficient of all voxels; ``nan`` if either input is constant."""
+    """Pearson correlation coefficient of all voxels; ``nan`` if either input is constant.
+
+    This is the zero-mean normalised cross-correlation (NCC) of the two arrays, e.g. of a
+    learned and a true PSF.
+    """
     x, y = _pair(x, y)
     dx = x - x.mean()
     dy = y - y.mean()
@@ -119,17 +141,46 @@ def pcc(x: ArrayLike, y: ArrayLike) -> float:
     return float(np.sum(dx * dy) / denominator)
 
 
-def r2(pred: ArrayLike, target: ArrayLike) -> float:
-    """Coefficient of determination ``1 - SS_res / SS_tot`` (PSF-regression paper, eq. 15).
+def r2_score(pred: ArrayLike, true: ArrayLike, valid: ArrayLike | None = None) -> np.ndarray:
+    """Coefficient of determination per regressed parameter (PSF-regression paper, eq. 15).
 
-    ``SS_res = sum((target - pred)^2)`` and ``SS_tot = sum((target - mean(target))^2)``;
-    ``nan`` when the target is constant.
+    ``R² = 1 - Σ (y - ŷ)² / Σ (y - ȳ)²`` over the samples of each parameter, ``y`` the true
+    and ``ŷ`` the predicted values, ``ȳ`` the mean of ``y``; with ``valid``, only the
+    entries marked valid enter the sums and the mean (parameters a sample does not define,
+    e.g. the astigmatism of an in-focus bead, are left out).
+
+    Parameters
+    ----------
+    pred, true
+        ``(N, P)`` predictions and true values of ``P`` parameters for ``N`` samples
+        (``(N,)`` for one parameter).
+    valid
+        ``(N, P)`` (or ``(N,)``) bool, which entries count; default all.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(P,)`` float64 (``()`` for ``(N,)`` inputs); ``nan`` for a parameter with no
+        valid entry or a constant true value.
+
+    Raises
+    ------
+    InputError
+        Shapes differ or are not ``(N,)`` / ``(N, P)``.
     """
-    pred, target = _pair(pred, target)
-    ss_tot = float(np.sum((target - target.mean()) ** 2))
-    if ss_tot == 0.0:
-        return float("nan")
-    return 1.0 - float(np.sum((target - pred) ** 2)) / ss_tot
+    pred, true = _pair(pred, true)
+    if true.ndim not in (1, 2):
+        raise InputError(f"r2_score needs (N,) or (N, P) values, got shape {true.shape}")
+    mask = np.ones(true.shape, bool) if valid is None else np.asarray(valid, dtype=bool)
+    if mask.shape != true.shape:
+        raise InputError(f"valid mask of shape {mask.shape} does not match values {true.shape}")
+    count = mask.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(mask, true, 0.0).sum(axis=0) / count
+        ss_tot = np.where(mask, (true - mean) ** 2, 0.0).sum(axis=0)
+        ss_res = np.where(mask, (true - pred) ** 2, 0.0).sum(axis=0)
+        score = 1.0 - ss_res / ss_tot
+    return np.where((count > 0) & (ss_tot > 0), score, np.nan)
 
 
 def snr(clean: ArrayLike, noisy: ArrayLike) -> float:

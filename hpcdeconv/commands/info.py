@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print what hpcdeconv reads from ``args.path``."""
     from hpcdeconv.data.opener import describe_image, open_image
-    from hpcdeconv.data.zarr_io import describe
+    from hpcdeconv.data.summary import describe
 
     if args.path.is_dir():
         print(describe(args.path))

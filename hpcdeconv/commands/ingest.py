@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert images into the hpcdeconv zarr dataset layout."""
     from hpcdeconv.config import CodecConfig, StorageConfig
     from hpcdeconv.data.ingest import ingest_images
-    from hpcdeconv.data.zarr_io import describe
+    from hpcdeconv.data.summary import describe
 
     inputs = [("input", path) for path in args.inputs]
     with locked_outputs(NAME, [("--output", args.output, "zarr")], inputs, args.overwrite):

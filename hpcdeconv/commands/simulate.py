@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     """Write a synthetic dataset (sharp, blurred, PSF, split) to zarr."""
     from hpcdeconv.config import SimulateConfig, load_config
     from hpcdeconv.data.simulate import simulate
-    from hpcdeconv.data.zarr_io import describe
+    from hpcdeconv.data.summary import describe
 
     cfg = load_config(SimulateConfig, args.config, args.set)
     outputs = [("output", args.output, "zarr"), ("--png", args.png, "file")]

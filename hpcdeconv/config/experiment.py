@@ -1,4 +1,10 @@
-"""Top level of ``hpcdeconv train``: sizes checked across data and networks."""
+"""Top level of ``hpcdeconv train``: sizes checked across data and networks.
+
+The training's ``spatial_dims`` is ``len(data.patch)`` (2: ``(Y, X)``, 3: ``(Z, Y, X)``).
+Every other shape of the experiment (``train.val_tile``, ``train.val_crop``,
+``method.kernel.size``) must have that many axes; a 3D default the user did not set is
+cut to its last two axes for 2D data, so a 2D configuration need not restate it.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,46 @@ from hpcdeconv.config.methods import (
 )
 from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
 from hpcdeconv.config.run import OptimConfig, StrategyConfig, TrainConfig
+
+#: Shapes that follow the data's spatial_dims: key -> (path of the owning model in the
+#: experiment, field name).
+_SPATIAL_SHAPES = {
+    "train.val_tile": (("train",), "val_tile"),
+    "train.val_crop": (("train",), "val_crop"),
+    "method.kernel.size": (("method", "kernel"), "size"),
+}
+
+
+def _patch_of(data: Any) -> tuple[int, ...] | None:
+    """``data.patch`` of raw or validated data settings; None where the kind has none."""
+    patch = data.get("patch") if isinstance(data, Mapping) else getattr(data, "patch", None)
+    if patch is None or isinstance(patch, str):
+        return None
+    try:
+        return tuple(patch)
+    except TypeError:
+        return None
+
+
+def _adapt_default(node: Any, model: type[BaseModel] | None, field: str) -> Any:
+    """``node`` (raw mapping or validated model) with ``field``'s 3D default cut to its last
+    two axes; unchanged where the user set the field (a key of the mapping, or in the
+    model's ``model_fields_set``). ``model`` is the class a mapping will be validated as."""
+    if isinstance(node, BaseModel):
+        if field not in type(node).model_fields or field in node.model_fields_set:
+            return node
+        value = getattr(node, field)
+        if value is None or len(value) != 3:
+            return node
+        return node.model_copy(update={field: tuple(value)[-2:]})
+    if not isinstance(node, Mapping) or field in node or model is None:
+        return node
+    if field not in model.model_fields:
+        return node
+    default = model.model_fields[field].get_default(call_default_factory=True)
+    if default is None or len(default) != 3:
+        return node
+    return {**node, field: tuple(default)[-2:]}
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -98,6 +144,50 @@ class ExperimentConfig(StrictModel):
         if model is None or not hasattr(model, "data_kind"):
             return value  # the method's own error is clearer
         return {**value, "data": {**data, "kind": model.data_kind}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _2d_defaults(cls, value: Any) -> Any:
+        """For 2D data, cut the 3D defaults of unset shapes (val_tile, kernel size) to 2D."""
+        if not isinstance(value, Mapping):
+            return value
+        patch = _patch_of(value.get("data", {}))
+        if patch is None or len(patch) != 2:
+            return value
+        value = dict(value)
+        train = value.get("train", {})
+        value["train"] = _adapt_default(train, TrainConfig, "val_tile")
+        method = value.get("method", {})
+        if isinstance(method, Mapping):
+            name = str(method.get("name", "blind_cyclegan"))
+            model = METHOD_CONFIGS.get(name)
+            kernel_field = None if model is None else model.model_fields.get("kernel")
+            if kernel_field is not None:
+                kernel_model = kernel_field.annotation
+                kernel = _adapt_default(method.get("kernel", {}), kernel_model, "size")
+                value["method"] = {**method, "kernel": kernel}
+        elif isinstance(getattr(method, "kernel", None), BaseModel):
+            kernel = _adapt_default(method.kernel, None, "size")
+            value["method"] = method.model_copy(update={"kernel": kernel})
+        return value
+
+    @model_validator(mode="after")
+    def _shapes_have_the_data_dims(self) -> ExperimentConfig:
+        patch = _patch_of(self.data)
+        if patch is None:
+            return self
+        for key, (owner, field) in _SPATIAL_SHAPES.items():
+            node: Any = self
+            for part in owner:
+                node = getattr(node, part, None)
+            shape = getattr(node, field, None)
+            if shape is not None and len(shape) != len(patch):
+                raise ValueError(
+                    f"{key} {list(shape)} has {len(shape)} axes but data.patch {list(patch)} "
+                    f"has {len(patch)}: every shape of a "
+                    f"{len(patch)}D training needs {len(patch)} axes"
+                )
+        return self
 
     @model_validator(mode="after")
     def _data_kind_fits_method(self) -> ExperimentConfig:

@@ -13,14 +13,14 @@ from pydantic import (
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveFloat, Shape3D, StrictModel
+from hpcdeconv.config.base import PositiveFloat, Shape, StrictModel
 from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
 
 
 class KernelConfig(StrictModel):
     """The learnable (blind) or fixed (non-blind) linear blur path ``h``."""
 
-    size: Shape3D = (31, 31, 31)
+    size: Shape = (31, 31, 31)
     init: Literal["delta", "gaussian", "file", "dataset"] = "gaussian"
     sigma: PositiveFloat = 2.0
     file: Path | None = None

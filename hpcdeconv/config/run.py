@@ -9,7 +9,7 @@ from pydantic import (
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape3D, StrictModel
+from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel
 
 
 class OptimConfig(StrictModel):
@@ -38,7 +38,7 @@ class TrainConfig(StrictModel):
     ckpt_every: PositiveInt = 100
     keep_checkpoints: PositiveInt = 2
     image_every: PositiveInt = 100
-    val_tile: Shape3D = (64, 64, 64)
+    val_tile: Shape = (64, 64, 64)
     val_overlap: Annotated[int, Field(ge=0)] = 16
     #: Validation metric that selects the ``best`` checkpoint (higher is better);
     #: ``"none"`` keeps no best checkpoint.
@@ -46,9 +46,9 @@ class TrainConfig(StrictModel):
     #: Decay of an exponential moving average of G_Θ's weights, kept, validated and saved
     #: beside the trained weights (e.g. 0.999); ``None`` keeps none.
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
-    #: Fixed centred (Z, Y, X) crop of every validation volume (clamped to the volume), so
-    #: each evaluation scores the same voxels at a fraction of the cost; ``None``: whole volumes.
-    val_crop: Shape3D | None = None
+    #: Fixed centred (Z, Y, X) or (Y, X) crop of every validation image (clamped to it), so
+    #: each evaluation scores the same voxels at a fraction of the cost; ``None``: whole images.
+    val_crop: Shape | None = None
 
     @model_validator(mode="after")
     def _val_crop_fits_ssim(self) -> TrainConfig:

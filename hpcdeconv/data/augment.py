@@ -2,8 +2,10 @@
 
 Only YX rotations are used because the axial sampling (and the PSF) of a widefield stack
 differs from the lateral one; flips are symmetries of every axis. For 3D patches the
-combinations form 16 distinct transforms (the 8 symmetries of the square times a Z flip).
-When Y and X differ, quarter turns would change the shape, so only half turns are drawn.
+combinations form 16 distinct transforms (the 8 symmetries of the square times a Z flip),
+for 2D images the 8 symmetries of the square. When Y and X differ, quarter turns would
+change the shape, so only half turns are drawn. A channel axis (``(C, *S)`` arrays, channels
+first) is never transformed: every channel gets the same transform.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class RotFlip:
         Number of 90° turns in the YX plane (0 to 3), in the sense of
         ``np.rot90(vol, k, axes=(-2, -1))``: ``out[..., i, j] = vol[..., j, X - 1 - i]``.
     flips
-        Whether to reverse each axis, one entry per axis; applied after the rotation.
+        Whether to reverse each spatial axis, one entry per axis of ``S`` (``(Z, Y, X)`` or
+        ``(Y, X)``); applied after the rotation.
     """
 
     quarter_turns: int
@@ -32,7 +35,10 @@ class RotFlip:
 
 
 def draw_rot_flip(rng: np.random.Generator, shape: Sequence[int]) -> RotFlip:
-    """Draw a transform uniformly among those that keep an array of ``shape`` its shape."""
+    """Draw a transform uniformly among those that keep an array of ``shape`` its shape.
+
+    ``shape`` is the spatial shape ``(Z, Y, X)`` or ``(Y, X)`` (no channel axis).
+    """
     if len(shape) < 2:
         raise ValueError(f"need at least 2 axes (Y, X), got shape {tuple(shape)}")
     square = shape[-1] == shape[-2]
@@ -47,14 +53,16 @@ def apply_rot_flip(vol: np.ndarray, transform: RotFlip) -> np.ndarray:
     Parameters
     ----------
     vol
-        ``(Z, Y, X)`` or ``(Y, X)`` array.
+        ``(*S)`` or ``(C, *S)`` array, ``S`` = ``(Z, Y, X)`` or ``(Y, X)``.
     transform
-        Rotation and flips, ``len(transform.flips) == vol.ndim``.
+        Rotation and flips; its flips apply to the last ``len(transform.flips)`` axes (the
+        spatial ones), leading axes (channels) are left as they are.
     """
-    if len(transform.flips) != vol.ndim:
+    lead = vol.ndim - len(transform.flips)
+    if lead not in (0, 1):
         raise ValueError(f"transform has {len(transform.flips)} flips for a {vol.ndim}D array")
     out = np.rot90(vol, k=transform.quarter_turns, axes=(-2, -1))
-    axes = tuple(i for i, flip in enumerate(transform.flips) if flip)
+    axes = tuple(lead + i for i, flip in enumerate(transform.flips) if flip)
     if axes:
         out = np.flip(out, axis=axes)
     # torch.from_numpy rejects the negative strides that rot90/flip views carry.
@@ -62,24 +70,29 @@ def apply_rot_flip(vol: np.ndarray, transform: RotFlip) -> np.ndarray:
 
 
 def random_rot_flip_many(
-    arrays: Sequence[np.ndarray], rng: np.random.Generator
+    arrays: Sequence[np.ndarray], rng: np.random.Generator, spatial_dims: int | None = None
 ) -> list[np.ndarray]:
-    """Apply one random rotation/flip identically to several arrays of the same shape.
+    """Apply one random rotation/flip identically to several arrays of one spatial shape.
 
     Parameters
     ----------
     arrays
-        E.g. a paired sharp and blurred patch, each ``(Z, Y, X)``.
+        E.g. a paired sharp and blurred patch, each ``(*S)`` or ``(C, *S)``; their channel
+        counts may differ.
     rng
         Source of the draw; seed it per sample for reproducible augmentation.
+    spatial_dims
+        Number of trailing spatial axes (2 or 3); ``None``: every axis is spatial.
     """
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"arrays must share one shape, got {sorted(shapes)}")
-    transform = draw_rot_flip(rng, arrays[0].shape)
+    spatial = {a.shape[-(spatial_dims or a.ndim) :] for a in arrays}
+    if len(spatial) != 1:
+        raise ValueError(f"arrays must share one shape (spatial), got {sorted(spatial)}")
+    transform = draw_rot_flip(rng, spatial.pop())
     return [apply_rot_flip(a, transform) for a in arrays]
 
 
-def random_rot_flip(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Apply one random rotation/flip to a single ``(Z, Y, X)`` or ``(Y, X)`` array."""
-    return random_rot_flip_many([vol], rng)[0]
+def random_rot_flip(
+    vol: np.ndarray, rng: np.random.Generator, spatial_dims: int | None = None
+) -> np.ndarray:
+    """Apply one random rotation/flip to a single ``(*S)`` or ``(C, *S)`` array."""
+    return random_rot_flip_many([vol], rng, spatial_dims)[0]

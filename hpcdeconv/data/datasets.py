@@ -6,6 +6,10 @@ never share open stores. The datasets are map-style over a flat index
 ``i = (step - start_step) * batch_size + index``; with ``DataLoader(batch_size=batch_size,
 shuffle=False)`` batch ``k`` is training step ``start_step + k`` on this rank, and every
 sample is a pure function of ``(seed, rank, step, index)`` whatever the number of workers.
+
+Stored images are ``(*S)`` or ``(C, *S)`` (``S`` = ``(Z, Y, X)`` or ``(Y, X)``, channels
+first, as their NGFF axes say, see :func:`~hpcdeconv.data.zarr_io.array_layout`); samples
+are always ``(C, *S)``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from hpcdeconv.data.augment import random_rot_flip_many
+from hpcdeconv.data.augment import random_rot_flip, random_rot_flip_many
+from hpcdeconv.data.layout import array_layout
 from hpcdeconv.data.sampling import PatchSampler, PatchSpec
 from hpcdeconv.data.zarr_io import (
     BLURRED,
@@ -41,16 +46,22 @@ _STREAM_SHARP, _STREAM_BLURRED, _STREAM_AUG_X, _STREAM_AUG_Y = 0, 1, 2, 3
 def read_patch(array: zarr.Array, spec: PatchSpec) -> np.ndarray:
     """Read one patch as float32; zarr fetches only the chunks the patch intersects.
 
+    ``array`` is ``(*S)`` or ``(C, *S)``; ``spec`` places the patch in ``S`` and every
+    channel is read.
+
     Returns
     -------
     numpy.ndarray
-        ``(Z, Y, X)`` float32.
+        ``spec.size`` (``(Z, Y, X)`` or ``(Y, X)``), or ``(C, *spec.size)`` for an array with
+        channels; float32.
     """
-    if len(spec.start) != array.ndim or any(
-        s < 0 or e > n for s, e, n in zip(spec.start, spec.stop, array.shape, strict=True)
+    lead = array.ndim - len(spec.start)
+    spatial = array.shape[lead:]
+    if lead not in (0, 1) or any(
+        s < 0 or e > n for s, e, n in zip(spec.start, spec.stop, spatial, strict=True)
     ):
         raise ValueError(f"patch {spec} is outside array '{array.path}' of {array.shape}")
-    return np.asarray(array[spec.slices], dtype=np.float32)
+    return np.asarray(array[(slice(None),) * lead + spec.slices], dtype=np.float32)
 
 
 class ZarrVolumes:
@@ -82,6 +93,7 @@ class ZarrVolumes:
     def _reset(self) -> None:
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._layouts: dict[str, tuple[int, int]] = {}
         self._pid: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,13 +128,41 @@ class ZarrVolumes:
             self._arrays[name] = open_array(group, name)
         return self._arrays[name]
 
-    def shapes(self, domain: str) -> dict[str, tuple[int, int, int]]:
-        """Shape of every allowed volume stored in ``domain``."""
-        ids = [i for i in volume_ids(self.group(), domain) if self._allowed(i)]
-        return {i: _shape3(self.array(domain, i)) for i in ids}
+    def array_layout(self, domain: str, volume: str) -> tuple[int, int]:
+        """``(spatial_dims, channels)`` of ``<domain>/<volume>`` from its NGFF axes."""
+        name = f"{domain}/{volume}"
+        if name not in self._layouts:
+            self._layouts[name] = array_layout(self.array(domain, volume))
+        return self._layouts[name]
 
-    def paired_shapes(self) -> dict[str, tuple[int, int, int]]:
-        """Shapes of the allowed ids stored in both domains; their shapes must agree."""
+    def shapes(self, domain: str) -> dict[str, tuple[int, ...]]:
+        """Spatial shape (``(Z, Y, X)`` or ``(Y, X)``) of every allowed volume in ``domain``."""
+        ids = [i for i in volume_ids(self.group(), domain) if self._allowed(i)]
+        shapes = {}
+        for i in ids:
+            spatial_dims, _ = self.array_layout(domain, i)
+            shapes[i] = tuple(int(n) for n in self.array(domain, i).shape[-spatial_dims:])
+        return shapes
+
+    def layout(self, domain: str) -> tuple[int, int] | None:
+        """``(spatial_dims, channels)`` shared by the allowed volumes of ``domain``.
+
+        None when the domain stores no allowed volume.
+
+        Raises
+        ------
+        InputError
+            The volumes differ in spatial dimensions or in channels.
+        """
+        found = {i: self.array_layout(domain, i) for i in self.shapes(domain)}
+        kinds = set(found.values())
+        if len(kinds) > 1:
+            described = ", ".join(f"{i}: {d}D x {c} channels" for i, (d, c) in found.items())
+            raise InputError(f"{self.path}: {domain}/ volumes differ in layout ({described})")
+        return kinds.pop() if kinds else None
+
+    def paired_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Spatial shapes of the allowed ids stored in both domains; their shapes must agree."""
         sharp, blurred = self.shapes(SHARP), self.shapes(BLURRED)
         common = sorted(set(sharp) & set(blurred))
         if not common:
@@ -134,27 +174,33 @@ class ZarrVolumes:
                 )
         return {i: sharp[i] for i in common}
 
-    def chunks(self, domain: str) -> tuple[int, int, int] | None:
-        """Storage chunk shape shared by all allowed volumes of ``domain``; None if they differ."""
-        found = {tuple(self.array(domain, i).chunks) for i in self.shapes(domain)}
-        return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
+    def chunks(self, domain: str) -> tuple[int, ...] | None:
+        """Spatial storage chunk shape shared by the allowed volumes of ``domain``; None if
+        they differ."""
+        found = set()
+        for i in self.shapes(domain):
+            spatial_dims, _ = self.array_layout(domain, i)
+            found.add(tuple(self.array(domain, i).chunks[-spatial_dims:]))
+        return found.pop() if len(found) == 1 else None
 
     def read(self, domain: str, spec: PatchSpec) -> np.ndarray:
-        """One ``(Z, Y, X)`` float32 patch of ``<domain>/<spec.volume>``."""
+        """One float32 patch of ``<domain>/<spec.volume>`` in its stored layout.
+
+        ``(*S)`` for an array without channel axis, ``(C, *S)`` with one.
+        """
         return read_patch(self.array(domain, spec.volume), spec)
 
-
-def _shape3(array: zarr.Array) -> tuple[int, int, int]:
-    if array.ndim != 3:
-        raise InputError(f"array '{array.path}' is {array.ndim}D, expected (Z, Y, X)")
-    return tuple(int(n) for n in array.shape)  # type: ignore[return-value]
+    def read_sample(self, domain: str, spec: PatchSpec) -> np.ndarray:
+        """One float32 patch of ``<domain>/<spec.volume>`` as ``(C, *S)``."""
+        patch = self.read(domain, spec)
+        return patch if patch.ndim > len(spec.size) else patch[None]
 
 
 def _as_sample(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
-    return {"x": torch.from_numpy(x[None]), "y": torch.from_numpy(y[None])}
+    return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
 
 
-class _StepIndexed(Dataset, ABC):
+class StepIndexed(Dataset, ABC):
     """Map a flat index onto ``(step, index)``: ``batch_size`` samples per training step."""
 
     def __init__(self, batch_size: int, steps: int, start_step: int) -> None:
@@ -181,7 +227,7 @@ class _StepIndexed(Dataset, ABC):
         """Sample ``index`` of this rank's batch at ``step``."""
 
 
-class PairedPatches(_StepIndexed):
+class PairedPatches(StepIndexed):
     """Sharp and blurred patches from the same volume and location (supervised / paired).
 
     Parameters
@@ -201,7 +247,8 @@ class PairedPatches(_StepIndexed):
 
     Notes
     -----
-    Each item is ``{"x": (1, Z, Y, X) sharp, "y": (1, Z, Y, X) blurred}``, float32 tensors.
+    Each item is ``{"x": (C, *S) sharp, "y": (C, *S) blurred}``, float32 tensors, ``S`` the
+    patch shape.
     """
 
     def __init__(
@@ -221,14 +268,15 @@ class PairedPatches(_StepIndexed):
     def sample_at(self, step: int, index: int) -> dict[str, torch.Tensor]:
         """Sample ``index`` of this rank's batch at ``step``."""
         spec = self.sampler.sample(step, index, stream=_STREAM_SHARP)
-        x = self.volumes.read(SHARP, spec)
-        y = self.volumes.read(BLURRED, spec)
+        x = self.volumes.read_sample(SHARP, spec)
+        y = self.volumes.read_sample(BLURRED, spec)
         if self.augment:
-            x, y = random_rot_flip_many([x, y], self.sampler.rng(step, index, _STREAM_AUG_X))
+            rng = self.sampler.rng(step, index, _STREAM_AUG_X)
+            x, y = random_rot_flip_many([x, y], rng, spatial_dims=len(spec.size))
         return _as_sample(x, y)
 
 
-class UnpairedPatches(_StepIndexed):
+class UnpairedPatches(StepIndexed):
     """Sharp and blurred patches from different volumes (unpaired cycleGAN training).
 
     The blurred patch is drawn excluding the sharp patch's volume id, so even a simulated,
@@ -267,9 +315,10 @@ class UnpairedPatches(_StepIndexed):
         """Sample ``index`` of this rank's batch at ``step``."""
         x_spec = self.sharp.sample(step, index, stream=_STREAM_SHARP)
         y_spec = self.blurred.sample(step, index, stream=_STREAM_BLURRED, exclude=x_spec.volume)
-        x = self.volumes.read(SHARP, x_spec)
-        y = self.volumes.read(BLURRED, y_spec)
+        x = self.volumes.read_sample(SHARP, x_spec)
+        y = self.volumes.read_sample(BLURRED, y_spec)
         if self.augment:
-            (x,) = random_rot_flip_many([x], self.sharp.rng(step, index, _STREAM_AUG_X))
-            (y,) = random_rot_flip_many([y], self.blurred.rng(step, index, _STREAM_AUG_Y))
+            dims = len(x_spec.size)
+            x = random_rot_flip(x, self.sharp.rng(step, index, _STREAM_AUG_X), dims)
+            y = random_rot_flip(y, self.blurred.rng(step, index, _STREAM_AUG_Y), dims)
         return _as_sample(x, y)

@@ -3,7 +3,7 @@
 An image is a zarr group whose ``multiscales`` metadata lists its resolution levels::
 
     <image>/zarr.json   attributes {"ome": {"version": "0.5", "multiscales": [...]}, ...}
-    <image>/0           (Z, Y, X) full resolution
+    <image>/0           (Z, Y, X), (Y, X), (C, Z, Y, X) or (C, Y, X) full resolution
     <image>/1, /2, ...  mean-downsampled levels for viewers (only for large volumes)
 
 The metadata is built and validated by the pydantic models of ``ome-zarr-models`` (the
@@ -37,6 +37,8 @@ LEVEL0 = "0"
 #: NGFF unit of every length hpcdeconv writes.
 UNIT = "micrometer"
 SPACE_AXES = ("z", "y", "x")
+#: Name of the channel axis; it comes before the spatial axes (NGFF axis order).
+CHANNEL_AXIS = "c"
 #: Levels are added while an axis is longer than this many voxels (halving those axes).
 PYRAMID_MIN_SIZE = 64
 _MAX_LEVELS = 8
@@ -71,13 +73,17 @@ class ImageMeta:
 
 
 def _multiscale(
-    voxel_size: VoxelSize, factors: Sequence[Sequence[int]], name: str | None
+    voxel_size: VoxelSize, factors: Sequence[Sequence[int]], name: str | None, channel: bool
 ) -> Multiscale:
     axes = [
         Axis(name=n, type="space", unit=None if v is None else UNIT)
         for n, v in zip(SPACE_AXES[-len(voxel_size) :], voxel_size, strict=True)
     ]
     base = [1.0 if v is None else float(v) for v in voxel_size]
+    if channel:
+        # A channel axis has no physical size: scale 1, never downsampled.
+        axes.insert(0, Axis(name=CHANNEL_AXIS, type="channel"))
+        base.insert(0, 1.0)
     datasets = []
     for level, factor in enumerate(factors):
         scale = [b * f for b, f in zip(base, factor, strict=True)]
@@ -98,6 +104,7 @@ def ome_attributes(
     voxel_size: VoxelSize,
     factors: Sequence[Sequence[int]] | None = None,
     name: str | None = None,
+    channel: bool = False,
 ) -> dict[str, Any]:
     """The validated ``ome`` attribute (NGFF 0.5) of an image with these levels.
 
@@ -105,14 +112,18 @@ def ome_attributes(
     ----------
     voxel_size
         ``(dz, dy, dx)`` (or ``(dy, dx)``) of the full-resolution level in µm; None = unknown.
+        One entry per spatial axis.
     factors
-        Per level, the downsampling factor of each axis relative to level 0;
-        default: the full-resolution level alone.
+        Per level, the downsampling factor of each stored axis relative to level 0 (the
+        channel axis included, always 1); default: the full-resolution level alone.
     name
         Name of the image, shown by viewers.
+    channel
+        The arrays have a leading channel axis ``"c"`` (type ``"channel"``).
     """
-    factors = factors or [(1,) * len(voxel_size)]
-    attrs = ImageAttrs(multiscales=[_multiscale(voxel_size, factors, name)], version="0.5")
+    factors = factors or [(1,) * (len(voxel_size) + int(channel))]
+    multiscale = _multiscale(voxel_size, factors, name, channel)
+    attrs = ImageAttrs(multiscales=[multiscale], version="0.5")
     return attrs.model_dump(mode="json", exclude_none=True)
 
 
@@ -127,6 +138,8 @@ def create_image(
 ) -> zarr.Array:
     """Create an empty OME-NGFF image group ``name`` and its full-resolution array.
 
+    A ``shape`` with one axis more than ``voxel_size`` has a leading channel axis.
+
     Parameters
     ----------
     group
@@ -134,11 +147,12 @@ def create_image(
     name
         Path of the image group inside ``group``, e.g. ``"deconvolved/v0"``.
     shape, chunks
-        ``(Z, Y, X)`` (or ``(Y, X)``) shape and storage chunks of level 0.
+        ``(*S)`` or ``(C, *S)`` shape and storage chunks of level 0, ``S`` = ``(Z, Y, X)``
+        or ``(Y, X)``.
     compressors
         zarr v3 compressors of the arrays.
     voxel_size
-        Per axis in µm, None where unknown.
+        Per spatial axis in µm, None where unknown.
     attrs
         hpcdeconv's attributes stored beside ``ome`` (provenance, source).
 
@@ -152,10 +166,12 @@ def create_image(
     zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError
         ``name`` already exists.
     """
-    if len(voxel_size) != len(shape):
+    channel = len(shape) == len(voxel_size) + 1
+    if not channel and len(voxel_size) != len(shape):
         raise ValueError(f"voxel_size {tuple(voxel_size)} does not match shape {tuple(shape)}")
     image_name = name.rsplit("/", 1)[-1]
-    attributes = {"ome": ome_attributes(voxel_size, name=image_name), **(attrs or {})}
+    ome = ome_attributes(voxel_size, name=image_name, channel=channel)
+    attributes = {"ome": ome, **(attrs or {})}
     image = group.create_group(name, attributes=attributes)
     return image.create_array(
         LEVEL0,
@@ -163,7 +179,7 @@ def create_image(
         dtype="float32",
         chunks=tuple(chunks),
         compressors=compressors,
-        dimension_names=SPACE_AXES[-len(shape) :],
+        dimension_names=(CHANNEL_AXIS,) * channel + SPACE_AXES[-len(voxel_size) :],
     )
 
 
@@ -199,7 +215,10 @@ def add_pyramid(image: zarr.Group, min_size: int = PYRAMID_MIN_SIZE) -> int:
     meta = read_image_meta(image)
     base = image[meta.paths[0]]
     assert isinstance(base, zarr.Array)
-    factors = pyramid_factors(base.shape, min_size)
+    channel = meta.axis_types[:1] == ("channel",)
+    # Only spatial axes are downsampled; the channel axis keeps factor 1.
+    spatial = pyramid_factors(base.shape[int(channel) :], min_size)
+    factors = [(1,) * channel + f for f in spatial]
     previous = da.from_zarr(base)
     for level in range(1, len(factors)):
         step = {
@@ -221,7 +240,8 @@ def add_pyramid(image: zarr.Group, min_size: int = PYRAMID_MIN_SIZE) -> int:
         da.store(lower.rechunk(chunks), array, lock=False, compute=True, scheduler="threads")
         previous = da.from_zarr(array)
     name = image.attrs.get("ome", {}).get("multiscales", [{}])[0].get("name")
-    image.attrs["ome"] = ome_attributes(meta.voxel_size, factors, name=name)
+    voxel = meta.voxel_size[int(channel) :]
+    image.attrs["ome"] = ome_attributes(voxel, factors, name=name, channel=channel)
     return len(factors)
 
 

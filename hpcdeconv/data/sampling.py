@@ -31,7 +31,8 @@ from hpcdeconv.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
-Shape3 = tuple[int, int, int]
+#: A spatial shape: ``(Z, Y, X)`` or ``(Y, X)``.
+SpatialShape = tuple[int, ...]
 # SeedSequence only takes non-negative entropy; negative seeds wrap like uint64.
 _SEED_MASK = (1 << 64) - 1
 
@@ -45,9 +46,9 @@ class PatchSpec:
     volume
         Volume id, e.g. ``"v003"``.
     start
-        First voxel ``(z, y, x)``.
+        First voxel ``(z, y, x)`` (or ``(y, x)``).
     size
-        Patch shape ``(Z, Y, X)``.
+        Patch shape ``(Z, Y, X)`` (or ``(Y, X)``); spatial axes only, every channel is read.
     """
 
     volume: str
@@ -61,7 +62,7 @@ class PatchSpec:
 
     @property
     def slices(self) -> tuple[slice, ...]:
-        """Index that cuts the patch out of its ``(Z, Y, X)`` volume."""
+        """Index that cuts the patch out of its ``(Z, Y, X)`` or ``(Y, X)`` image."""
         return tuple(slice(s, e) for s, e in zip(self.start, self.stop, strict=True))
 
 
@@ -102,6 +103,26 @@ def axis_starts(length: int, patch: int, chunk: int | None) -> np.ndarray:
     return starts
 
 
+def centre_crop_slices(shape: Sequence[int], crop: Sequence[int] | None) -> tuple[slice, ...]:
+    """Slices of the centred ``crop`` of an array of spatial ``shape``, clamped to it.
+
+    ``shape`` and ``crop`` are ``(Z, Y, X)`` or ``(Y, X)``; ``crop=None`` selects the whole
+    array. An odd margin leaves the extra voxel after the crop (start ``(n - c) // 2``).
+
+    Raises
+    ------
+    ValueError
+        ``crop`` and ``shape`` differ in length.
+    """
+    if crop is None:
+        return (slice(None),) * len(shape)
+    if len(shape) != len(crop):
+        raise ValueError(f"crop {list(crop)} and shape {list(shape)} differ in axes")
+    sizes = [min(int(c), int(n)) for c, n in zip(crop, shape, strict=True)]
+    starts = [(int(n) - c) // 2 for c, n in zip(sizes, shape, strict=True)]
+    return tuple(slice(s, s + c) for s, c in zip(starts, sizes, strict=True))
+
+
 def sample_rng(seed: int, step: int, global_index: int, stream: int = 0) -> np.random.Generator:
     """Generator that depends only on its arguments (a fresh, independent stream each)."""
     if step < 0 or global_index < 0 or stream < 0:
@@ -117,9 +138,9 @@ class PatchSampler:
     Parameters
     ----------
     volumes
-        Volume id -> shape ``(Z, Y, X)``.
+        Volume id -> spatial shape ``(Z, Y, X)`` or ``(Y, X)`` (no channel axis).
     patch
-        Patch shape ``(Z, Y, X)``; must fit in every volume.
+        Patch shape with as many axes as the volumes (2 or 3); must fit in every volume.
     seed
         Run seed.
     rank, world_size
@@ -141,11 +162,22 @@ class PatchSampler:
             raise InputError("no volumes to sample patches from")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.patch: Shape3 = _shape3(patch, "patch")
-        self.align: Shape3 | None = None if align is None else _shape3(align, "align")
-        self.volumes: dict[str, Shape3] = {
-            k: _shape3(v, f"volume '{k}'") for k, v in sorted(volumes.items())
+        self.patch: SpatialShape = _spatial_shape(patch, "patch")
+        self.volumes: dict[str, SpatialShape] = {
+            k: _spatial_shape(v, f"volume '{k}'") for k, v in sorted(volumes.items())
         }
+        for volume, shape in self.volumes.items():
+            if len(shape) != len(self.patch):
+                raise InputError(
+                    f"patch {list(self.patch)} has {len(self.patch)} spatial axes but volume "
+                    f"'{volume}' of {list(shape)} has {len(shape)}: the patch must be "
+                    f"{'(Z, Y, X)' if len(shape) == 3 else '(Y, X)'} for this data"
+                )
+        self.align: SpatialShape | None = None
+        if align is not None:
+            self.align = _spatial_shape(align, "align")
+            if len(self.align) != len(self.patch):
+                raise ValueError(f"align {list(align)} and patch {list(patch)} differ in axes")
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -153,11 +185,11 @@ class PatchSampler:
         counts = np.array([self._placements(v, s) for v, s in self.volumes.items()], float)
         self._weights = counts / counts.sum()
 
-    def _starts(self, shape: Shape3) -> list[np.ndarray]:
-        chunks = self.align or (None, None, None)
+    def _starts(self, shape: SpatialShape) -> list[np.ndarray]:
+        chunks = self.align or (None,) * len(shape)
         return [axis_starts(n, p, c) for n, p, c in zip(shape, self.patch, chunks, strict=True)]
 
-    def _placements(self, volume: str, shape: Shape3) -> int:
+    def _placements(self, volume: str, shape: SpatialShape) -> int:
         if any(p > n for p, n in zip(self.patch, shape, strict=True)):
             raise InputError(f"patch {self.patch} does not fit in volume '{volume}' of {shape}")
         return math.prod(len(s) for s in self._starts(shape))
@@ -226,8 +258,10 @@ class PatchSampler:
             )
 
 
-def _shape3(value: Sequence[int], what: str) -> Shape3:
+def _spatial_shape(value: Sequence[int], what: str) -> SpatialShape:
     shape = tuple(int(v) for v in value)
-    if len(shape) != 3 or any(n < 1 for n in shape):
-        raise InputError(f"{what} must be three positive sizes (Z, Y, X), got {tuple(value)}")
-    return shape  # type: ignore[return-value]
+    if len(shape) not in (2, 3) or any(n < 1 for n in shape):
+        raise InputError(
+            f"{what} must be two (Y, X) or three (Z, Y, X) positive sizes, got {tuple(value)}"
+        )
+    return shape

@@ -1,4 +1,4 @@
-"""Zarr v3 datasets: layout, volume I/O as OME-NGFF 0.5 images, and a text summary.
+"""Zarr v3 datasets: layout and volume I/O as OME-NGFF 0.5 images.
 
 A dataset is a zarr v3 group::
 
@@ -7,20 +7,21 @@ A dataset is a zarr v3 group::
     <root>/blurred/<id>/    OME-NGFF image, the microscope images
     <root>/psf/             OME-NGFF image, optional, the PSF used
 
-Each image holds its full-resolution ``(Z, Y, X)`` float32 array at ``0`` (plus
-downsampled levels ``1``, ``2``, ... for large volumes) and ``multiscales`` metadata with
-axes, units and scale (:mod:`hpcdeconv.data.ngff`), so napari, Fiji and neuroglancer show
-it at its physical size. Readers also accept the arrays of datasets written before
-(``<root>/sharp/<id>`` with ``axes``/``voxel_size`` attributes). Arrays are never sharded,
-so any worker may write any whole chunk without coordinating with the others.
+Each image holds its full-resolution float32 array at ``0`` (plus downsampled levels
+``1``, ``2``, ... for large volumes): ``(*S)`` with ``S`` the spatial axes ``(Z, Y, X)`` or
+``(Y, X)``, or ``(C, *S)`` with the channel axis ``"c"`` first (NGFF axis order; absent for
+one channel). Its ``multiscales`` metadata gives axes, units and scale
+(:mod:`hpcdeconv.data.ngff`), so napari, Fiji and neuroglancer show it at its physical
+size; :mod:`hpcdeconv.data.layout` reads it back. Readers also accept the arrays of datasets
+written before (``<root>/sharp/<id>`` with ``axes``/``voxel_size`` attributes). Arrays are
+never sharded, so any worker may write any whole chunk without coordinating with the
+others. The text summary of a store (``hpcdeconv info``) is :mod:`hpcdeconv.data.summary`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import zarr.errors
 from zarr.codecs import BloscCodec
 
 from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.layout import VolumeMeta, volume_meta
 from hpcdeconv.data.ngff import (
     PYRAMID_MIN_SIZE,
     add_pyramid,
@@ -50,28 +52,6 @@ DOMAINS = (SHARP, BLURRED)
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 ROOT_KEY = "hpcdeconv"
-UNIT = "micrometer"
-_AXIS_NAMES = ("z", "y", "x")
-
-
-@dataclass(frozen=True)
-class VolumeMeta:
-    """Physical description of a stored array.
-
-    Attributes
-    ----------
-    voxel_size
-        Sampling distance per axis in ``unit``, ordered like ``axes`` (e.g. ``(dz, dy, dx)``);
-        None for an axis whose size is not known.
-    axes
-        Axis names, e.g. ``("z", "y", "x")``.
-    unit
-        Length unit of ``voxel_size``.
-    """
-
-    voxel_size: tuple[float | None, ...]
-    axes: tuple[str, ...]
-    unit: str = UNIT
 
 
 def create_dataset(path: str | Path, overwrite: bool = False) -> zarr.Group:
@@ -131,7 +111,7 @@ def write_volume(
     attrs: Mapping[str, Any] | None = None,
     pyramid_min_size: int = PYRAMID_MIN_SIZE,
 ) -> zarr.Array:
-    """Store one volume as an OME-NGFF 0.5 image of float32 arrays with Blosc compression.
+    """Store one image as an OME-NGFF 0.5 image of float32 arrays with Blosc compression.
 
     Parameters
     ----------
@@ -140,13 +120,17 @@ def write_volume(
     name
         Path of the image group inside ``group``, e.g. ``"sharp/v000"`` or ``"psf"``.
     data
-        ``(Z, Y, X)`` (or ``(Y, X)``) array. A dask array is rechunked to the storage chunks
-        and stored block by block, so it is never loaded whole.
+        ``(*S)`` array, ``S`` = ``(Z, Y, X)`` or ``(Y, X)``, or ``(C, *S)`` with channels
+        first (stored with an NGFF axis ``"c"`` of type ``"channel"``). A dask array is
+        rechunked to the storage chunks and stored block by block, so it is never loaded
+        whole.
     voxel_size
-        Sampling per axis in micrometres, same length as ``data.ndim``; None where unknown
-        (written as an axis without unit, see :mod:`hpcdeconv.data.ngff`).
+        Sampling per spatial axis in micrometres, one entry per axis of ``S``: ``data``
+        with one axis more has channels. None where unknown (written as an axis without
+        unit, see :mod:`hpcdeconv.data.ngff`).
     chunks
-        Storage chunk shape; its trailing ``data.ndim`` entries are used, clipped to the shape.
+        Spatial storage chunk shape; its trailing ``len(S)`` entries are used, clipped to the
+        shape. All channels of a place share one chunk (a patch reads every channel).
     codec
         Blosc settings.
     attrs
@@ -164,9 +148,11 @@ def write_volume(
     OutputExistsError
         ``name`` already exists in ``group``.
     """
-    if len(voxel_size) != data.ndim:
+    spatial = len(voxel_size)
+    if data.ndim not in (spatial, spatial + 1):
         raise ValueError(f"voxel_size {tuple(voxel_size)} does not match {data.ndim}D data")
-    chunk_shape = clip_chunks(tuple(chunks)[-data.ndim :], data.shape)
+    channel = (int(data.shape[0]),) if data.ndim > spatial else ()
+    chunk_shape = channel + clip_chunks(tuple(chunks)[-spatial:], data.shape[-spatial:])
     try:
         array = create_image(
             group, name, data.shape, chunk_shape, blosc_codec(codec), tuple(voxel_size), attrs
@@ -210,11 +196,11 @@ def open_dataset(path: str | Path, mode: str = "r") -> zarr.Group:
     except (ValueError, TypeError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None
-    _check_root_attrs(path, attrs)
+    check_root_attrs(path, attrs)
     return group
 
 
-def _check_root_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
+def check_root_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
     """Reject a malformed or newer ``hpcdeconv`` root attribute; its absence is allowed."""
     root = attrs.get(ROOT_KEY)
     if root is None:
@@ -252,66 +238,6 @@ def image_names(group: zarr.Group) -> list[str]:
     return sorted(names)
 
 
-#: Former name of :func:`image_names`.
-
-
-def _parent_group(array: zarr.Array) -> tuple[zarr.Group | None, str]:
-    """The group holding ``array`` and the array's name in it (None if not reachable)."""
-    path = array.path.rstrip("/")
-    try:
-        if "/" in path:
-            parent, name = path.rsplit("/", 1)
-            return zarr.open_group(store=array.store, path=parent, mode="r"), name
-        root = getattr(array.store, "root", None)
-        if root is None:
-            return None, path
-        # The array was opened at its own directory: its parent is the directory above.
-        where = Path(root) / path if path else Path(root)
-        return zarr.open_group(str(where.parent), mode="r"), where.name
-    except (FileNotFoundError, ValueError, KeyError, TypeError, zarr.errors.ContainsArrayError):
-        return None, path
-
-
-def volume_meta(array: zarr.Array) -> VolumeMeta:
-    """Voxel size and axes of a stored volume.
-
-    Read from the OME-NGFF metadata of the image group holding ``array`` (a level), or
-    from the ``axes``/``voxel_size`` attributes of arrays written before OME-NGFF.
-
-    Raises
-    ------
-    InputError
-        Neither kind of metadata, or metadata that does not match the array.
-    """
-    attrs = array.attrs.asdict()
-    if "voxel_size" in attrs:
-        try:
-            voxel_size = tuple(None if v is None else float(v) for v in attrs["voxel_size"])
-            axes = tuple(str(a["name"]) for a in attrs["axes"])
-            units = {str(a.get("unit", UNIT)) for a in attrs["axes"]}
-        except (KeyError, TypeError, ValueError):
-            raise InputError(
-                f"array '{array.path}' lacks valid 'axes'/'voxel_size' attributes"
-            ) from None
-        if len(voxel_size) != array.ndim or len(axes) != array.ndim or len(units) != 1:
-            raise InputError(f"array '{array.path}': axes/voxel_size do not match its shape")
-        return VolumeMeta(voxel_size=voxel_size, axes=axes, unit=units.pop())
-    parent, level = _parent_group(array)
-    if parent is None or not is_image(parent):
-        raise InputError(f"array '{array.path}' has no OME-NGFF image metadata")
-    meta = read_image_meta(parent)
-    if level not in meta.paths or len(meta.axes) != array.ndim:
-        raise InputError(f"array '{array.path}' does not match its image's multiscales")
-    voxel = meta.voxel_size
-    if level != meta.paths[0]:
-        full = parent[meta.paths[0]]
-        voxel = tuple(
-            None if v is None else v * f / n
-            for v, f, n in zip(voxel, full.shape, array.shape, strict=True)
-        )
-    return VolumeMeta(voxel_size=voxel, axes=meta.axes, unit=UNIT)
-
-
 def open_array(group: zarr.Group, name: str) -> zarr.Array:
     """The full-resolution array of volume ``name`` of ``group``.
 
@@ -339,7 +265,8 @@ def read_volume(group_or_path: zarr.Group | str | Path, name: str) -> tuple[da.A
     Returns
     -------
     volume
-        ``(Z, Y, X)`` dask array whose chunks are the storage chunks; nothing is read yet.
+        ``(*S)`` or ``(C, *S)`` dask array (see ``meta.axes``) whose chunks are the storage
+        chunks; nothing is read yet.
     meta
         Voxel size and axes.
     """
@@ -397,108 +324,3 @@ def volume_ids(group: zarr.Group, domain: str) -> list[str]:
     ids = [key for key, node in sub.arrays()]
     ids += [key for key, node in sub.groups() if is_image(node)]
     return sorted(ids)
-
-
-def _codec_config(codec: Any) -> tuple[str, dict[str, Any]]:
-    """Name and settings of a zarr v3 codec or a numcodecs (zarr v2) compressor."""
-    if hasattr(codec, "to_dict"):
-        spec = codec.to_dict()
-        return str(spec.get("name")), dict(spec.get("configuration", {}))
-    config = dict(codec.get_config())
-    return str(config.pop("id", type(codec).__name__)).lower(), config
-
-
-def _codec_names(array: zarr.Array) -> str:
-    parts = []
-    for codec in array.compressors:
-        name, config = _codec_config(codec)
-        if name == "blosc" and {"cname", "clevel", "shuffle"} <= set(config):
-            parts.append(f"blosc({config['cname']},{config['clevel']},{config['shuffle']})")
-        else:
-            parts.append(name)
-    return "+".join(parts) or "none"
-
-
-def _human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    exponent = min(int(np.log2(n) // 10), 4)
-    return f"{n / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
-
-
-def _voxel_text(array: zarr.Array) -> str:
-    try:
-        voxel = volume_meta(array).voxel_size
-    except InputError:
-        return "?"
-    return "x".join("?" if v is None else f"{v:g}" for v in voxel) + " um"
-
-
-def _describe_array(name: str, array: zarr.Array) -> str:
-    stored = array.nbytes_stored()
-    ratio = array.nbytes / stored if stored else float("inf")
-    return (
-        f"  {name}: shape={tuple(array.shape)} {array.dtype} chunks={tuple(array.chunks)} "
-        f"voxel={_voxel_text(array)} codec={_codec_names(array)} "
-        f"stored={_human_bytes(stored)} ({ratio:.1f}x)"
-    )
-
-
-def _describe_volume(group: zarr.Group, name: str) -> list[str]:
-    node = group[name] if name else group
-    if isinstance(node, zarr.Array):
-        return [_describe_array(name or "(array)", node)]
-    meta = read_image_meta(node)
-    first = node[meta.paths[0]]
-    line = _describe_array(name or "(image)", first)
-    levels = [tuple(node[p].shape) for p in meta.paths[1:]]
-    extra = f" OME-NGFF {meta.version} axes={''.join(meta.axes)}"
-    if levels:
-        extra += f" levels={1 + len(levels)} {' '.join(str(s) for s in levels)}"
-    return [line + extra]
-
-
-def describe(path: str | Path) -> str:
-    """Multi-line summary of a zarr store for ``hpcdeconv info``.
-
-    Lists every volume (OME-NGFF image or array) with shape, dtype, chunks, voxel size,
-    codec and stored size; for an hpcdeconv dataset also the split and the remaining root
-    attributes (as compact JSON). Any zarr v2 or v3 group, array or OME-Zarr image works.
-
-    Raises
-    ------
-    InputError
-        ``path`` is missing or not a readable zarr store.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    try:
-        node = zarr.open(store=str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.BaseZarrError):
-        raise InputError(f"{path}: not a readable zarr array or group") from None
-    except (ValueError, TypeError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: corrupt zarr metadata ({reason})") from None
-    version = node.metadata.zarr_format
-    if isinstance(node, zarr.Array):
-        return "\n".join([f"{path}: zarr v{version} array", _describe_array("(array)", node)])
-    _check_root_attrs(path, node.attrs.asdict())
-    if is_image(node):
-        lines = [f"{path}: zarr v{version} OME-NGFF image"]
-        return "\n".join(lines + _describe_volume(node, ""))
-    names = image_names(node)
-    lines = [f"{path}: zarr v{version} group, {len(names)} volumes"]
-    for name in names:
-        lines += _describe_volume(node, name)
-    root = node.attrs.asdict().get(ROOT_KEY)
-    if isinstance(root, Mapping):
-        split = get_split(node)
-        counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
-        lines.append(f"split: {counts}")
-        lines += [f"  {k}: {', '.join(v)}" for k, v in split.items() if v]
-        extra = {k: v for k, v in root.items() if k != "split"}
-        lines.append(f"attributes: {json.dumps(extra, separators=(',', ':'), sort_keys=True)}")
-    else:
-        lines.append(f"(no '{ROOT_KEY}' root attribute: not written by hpcdeconv)")
-    return "\n".join(lines)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpcdeconv.config import ImageDomainsData
 from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches, ZarrVolumes
+from hpcdeconv.data.layout import volume_meta
 from hpcdeconv.data.sampling import PatchSampler
 from hpcdeconv.data.zarr_io import (
     BLURRED,
@@ -28,7 +29,6 @@ from hpcdeconv.data.zarr_io import (
     open_array,
     open_dataset,
     volume_ids,
-    volume_meta,
 )
 from hpcdeconv.errors import InputError
 from hpcdeconv.methods.base import DataInfo

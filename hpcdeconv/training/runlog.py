@@ -11,15 +11,48 @@ import numpy as np
 import torch
 
 
-def mip_strip(volumes: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """Side-by-side XY maximum-intensity projections, each min-max scaled, (H, W) in [0, 1]."""
+def _xy_view(image: torch.Tensor, spatial_dims: int) -> np.ndarray:
+    """(Y, X) or, for 3 channels, (Y, X, 3) view of a ``(*S)`` or ``(C, *S)`` image.
+
+    Volumes are shown as their XY maximum-intensity projection, 2D images as they are; of
+    other channel counts than 3 (RGB) the first channel is shown.
+    """
+    data = image.detach().float().cpu()
+    if data.ndim == spatial_dims + 1:
+        data = data.movedim(0, -1) if data.shape[0] == 3 else data[0]
+    if spatial_dims == 3:
+        data = data.amax(dim=0)
+    return data.numpy()
+
+
+def mip_strip(volumes: Mapping[str, torch.Tensor], spatial_dims: int | None = None) -> np.ndarray:
+    """Side-by-side XY views of images, each min-max scaled to [0, 1].
+
+    Parameters
+    ----------
+    volumes
+        Images by name, each ``(*S)`` or ``(C, *S)`` with ``S`` = ``(Z, Y, X)`` (shown as
+        the XY maximum-intensity projection) or ``(Y, X)`` (shown as it is).
+    spatial_dims
+        Number of spatial axes; ``None``: 3 for 3- and 4-axis images, 2 for 2-axis ones.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)``, or ``(H, W, 3)`` when an image has 3 channels (shown as RGB; the others
+        are then repeated as grey).
+    """
     tiles = []
     for vol in volumes.values():
-        mip = vol.detach().float().cpu().amax(dim=0).numpy()
-        lo, hi = float(mip.min()), float(mip.max())
-        tiles.append((mip - lo) / (hi - lo) if hi > lo else np.zeros_like(mip))
+        dims = spatial_dims or (2 if vol.ndim == 2 else 3)
+        view = _xy_view(vol, dims)
+        lo, hi = float(view.min()), float(view.max())
+        tiles.append((view - lo) / (hi - lo) if hi > lo else np.zeros_like(view))
+    if any(t.ndim == 3 for t in tiles):
+        tiles = [t if t.ndim == 3 else np.repeat(t[..., None], 3, axis=-1) for t in tiles]
     height = max(t.shape[0] for t in tiles)
-    padded = [np.pad(t, ((0, height - t.shape[0]), (0, 2))) for t in tiles]
+    pad = ((0, 0),) * (tiles[0].ndim - 2)
+    padded = [np.pad(t, ((0, height - t.shape[0]), (0, 2), *pad)) for t in tiles]
     return np.concatenate(padded, axis=1)
 
 
@@ -65,11 +98,15 @@ class RunLogger:
             tmp.replace(self.path)
         return len(lines) - len(kept)
 
-    def images(self, step: int, volumes: Mapping[str, torch.Tensor]) -> None:
-        """Maximum-intensity projections of input / output / target (and the PSF)."""
+    def images(
+        self, step: int, volumes: Mapping[str, torch.Tensor], spatial_dims: int | None = None
+    ) -> None:
+        """XY views of input / output / target (and the PSF), see :func:`mip_strip`."""
         if not self.enabled or self._tb is None or not volumes:
             return
-        self._tb.add_image("mip/" + "|".join(volumes), mip_strip(volumes), step, dataformats="HW")
+        strip = mip_strip(volumes, spatial_dims)
+        formats = "HWC" if strip.ndim == 3 else "HW"
+        self._tb.add_image("mip/" + "|".join(volumes), strip, step, dataformats=formats)
 
     def close(self) -> None:
         """Flush TensorBoard."""

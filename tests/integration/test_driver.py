@@ -22,7 +22,8 @@ from distributed import Client, LocalCluster
 
 from hpcdeconv.classical.rl import richardson_lucy, rl_halo
 from hpcdeconv.config import ClusterConfig, ExperimentConfig, load_config
-from hpcdeconv.data.zarr_io import create_dataset, volume_meta, write_volume
+from hpcdeconv.data.layout import volume_meta
+from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 from hpcdeconv.inference.cluster import open_client
 from hpcdeconv.inference.driver import (

@@ -78,3 +78,37 @@ def test_seeded_rng_reproduces() -> None:
 def test_mismatched_shapes_rejected() -> None:
     with pytest.raises(ValueError, match="share one shape"):
         random_rot_flip_many([np.zeros((2, 3, 3)), np.zeros((2, 4, 4))], np.random.default_rng())
+
+
+def test_2d_images_reach_the_eight_symmetries_of_the_square(rng: np.random.Generator) -> None:
+    image = rng.random((4, 4))
+    outputs = {random_rot_flip(image, rng).tobytes() for _ in range(400)}
+    assert len(outputs) == 8
+    for turns in range(4):
+        for flips in np.ndindex(2, 2):
+            t = RotFlip(turns, tuple(bool(f) for f in flips))
+            # The (Y, X) image as a one-plane volume: the 3D index formula is the reference.
+            want = _reference(image[None], RotFlip(turns, (False, *t.flips)))[0]
+            np.testing.assert_array_equal(apply_rot_flip(image, t), want)
+
+
+@pytest.mark.parametrize("spatial", [(4, 6, 6), (6, 6)])
+def test_channels_get_one_transform_and_keep_their_order(
+    spatial: tuple[int, ...], rng: np.random.Generator
+) -> None:
+    base = rng.random(spatial)
+    stack = np.stack([base + 10.0 * c for c in range(3)])  # (C, *S)
+    for seed in range(20):
+        out = random_rot_flip(stack, np.random.default_rng(seed), spatial_dims=len(spatial))
+        alone = random_rot_flip(base, np.random.default_rng(seed))
+        assert out.shape == stack.shape and out.flags.c_contiguous
+        for c in range(3):
+            np.testing.assert_array_equal(out[c], alone + 10.0 * c)
+
+
+def test_a_channel_patch_draws_like_its_single_channel_twin(rng: np.random.Generator) -> None:
+    vol = rng.random((4, 6, 6))
+    for seed in range(10):
+        one = random_rot_flip_many([vol], np.random.default_rng(seed))[0]
+        (with_axis,) = random_rot_flip_many([vol[None]], np.random.default_rng(seed), 3)
+        np.testing.assert_array_equal(with_axis[0], one)

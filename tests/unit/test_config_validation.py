@@ -169,3 +169,58 @@ def test_deconvolve_checks_the_tile_against_the_checkpoint_before_writing(
     assert main(argv) == 2
     assert "overlap 8 must lie in [0, 8)" in one_error_line(capsys, "deconvolve")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# spatial_dims: every shape of an experiment has len(data.patch) axes
+# --------------------------------------------------------------------------------------
+
+
+def test_3d_defaults_the_user_did_not_set_follow_2d_data() -> None:
+    cfg = load_config(ExperimentConfig, None, ["data.patch=[64, 64]"])
+    assert cfg.train.val_tile == (64, 64)
+    assert cfg.method.kernel.size == (31, 31)
+    assert cfg.train.val_crop is None
+    paired = load_config(ExperimentConfig, None, ["data.patch=[64, 64]", "method.name=supervised"])
+    assert paired.train.val_tile == (64, 64)
+    # Models built in code: only fields outside model_fields_set are adapted.
+    from hpcdeconv.config import BlindCycleGANConfig, TrainConfig
+
+    built = ExperimentConfig(
+        data={"patch": [64, 64]}, train=TrainConfig(steps=3), method=BlindCycleGANConfig()
+    )
+    assert built.train.val_tile == (64, 64) and built.train.steps == 3
+    assert built.method.kernel.size == (31, 31)
+    # 3D data keeps today's defaults.
+    default = ExperimentConfig()
+    assert default.train.val_tile == (64, 64, 64) and default.method.kernel.size == (31, 31, 31)
+    two = load_config(ExperimentConfig, None, ["data.patch=[64, 64]", "train.val_crop=[20, 24]"])
+    assert two.train.val_crop == (20, 24)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "shape", "patch"),
+    [
+        (["data.patch=[64, 64]", "train.val_tile=[16, 32, 32]"], "train.val_tile", 3, 2),
+        (["data.patch=[64, 64]", "train.val_crop=[16, 32, 32]"], "train.val_crop", 3, 2),
+        (["data.patch=[64, 64]", "method.kernel.size=[9, 9, 9]"], "method.kernel.size", 3, 2),
+        (["train.val_tile=[32, 32]"], "train.val_tile", 2, 3),
+        (["train.val_crop=[32, 32]"], "train.val_crop", 2, 3),
+        (["method.kernel.size=[9, 9]"], "method.kernel.size", 2, 3),
+    ],
+)
+def test_shapes_with_other_axes_than_the_patch_are_one_error_line(
+    overrides: list[str],
+    key: str,
+    shape: int,
+    patch: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(ConfigError, match=rf"{key} .* has {shape} axes but data.patch"):
+        load_config(ExperimentConfig, None, overrides)
+    run = tmp_path / "run"
+    assert main(["train", *as_flags(overrides), "--output", str(run)]) == 2
+    line = one_error_line(capsys, "train")
+    assert key in line and "data.patch" in line
+    assert not run.exists()

@@ -158,3 +158,75 @@ def test_spawned_workers_reopen_the_store(dataset: Path) -> None:
     reference = list(DataLoader(data, batch_size=2, num_workers=0))
     spawned = DataLoader(data, batch_size=2, num_workers=1, multiprocessing_context="spawn")
     assert all(torch.equal(a["y"], b["y"]) for a, b in zip(spawned, reference, strict=True))
+
+
+def test_single_channel_samples_are_todays_bit_for_bit(dataset: Path) -> None:
+    """(1, Z, Y, X) samples equal a read of the (Z, Y, X) patch augmented by the sample's rng."""
+    from hpcdeconv.data.augment import random_rot_flip_many
+
+    volumes = ZarrVolumes(dataset)
+    sampler = PatchSampler(volumes.paired_shapes(), PATCH, seed=5, rank=1, world_size=3)
+    data = PairedPatches(volumes, sampler, batch_size=2, steps=3, start_step=7)
+    for i in range(len(data)):
+        step, index = divmod(i, 2)
+        spec = sampler.sample(7 + step, index)
+        x = _sharp(int(spec.volume[1:]))[spec.slices]
+        (want,) = random_rot_flip_many([x], sampler.rng(7 + step, index, 2))
+        assert np.array_equal(data[i]["x"].numpy(), want[None])
+
+
+def _channel_image(i: int, spatial: tuple[int, ...], channels: int) -> np.ndarray:
+    plane = i * OFFSET + np.arange(np.prod(spatial), dtype=np.float32).reshape(spatial)
+    return np.stack([plane + 1000.0 * c for c in range(channels)])
+
+
+@pytest.mark.parametrize(("spatial", "patch"), [((20, 24), (8, 8)), ((6, 20, 20), (4, 8, 8))])
+def test_channel_images_give_c_first_samples(
+    tmp_path: Path, spatial: tuple[int, ...], patch: tuple[int, ...]
+) -> None:
+    group = create_dataset(tmp_path / "rgb.zarr")
+    voxel = (0.2, 0.1, 0.1)[-len(spatial) :]
+    for i in range(2):
+        image = _channel_image(i, spatial, 3)
+        write_volume(group, f"sharp/v{i}", image, voxel, chunks=(4, 8, 8))
+        write_volume(group, f"blurred/v{i}", 2 * image + 1, voxel, chunks=(4, 8, 8))
+    volumes = ZarrVolumes(tmp_path / "rgb.zarr")
+    assert volumes.shapes("sharp") == {"v0": spatial, "v1": spatial}
+    assert volumes.layout("sharp") == (len(spatial), 3)
+    assert volumes.chunks("blurred") == (4, 8, 8)[-len(spatial) :]
+    sampler = PatchSampler(volumes.paired_shapes(), patch, seed=3)
+    plain = PairedPatches(volumes, sampler, batch_size=2, steps=3, augment=False)
+    augmented = PairedPatches(volumes, sampler, batch_size=2, steps=3, augment=True)
+    for i in range(len(plain)):
+        spec = sampler.sample(*divmod(i, 2))
+        item, aug = plain[i], augmented[i]
+        assert item["x"].shape == (3, *patch) and item["x"].dtype == torch.float32
+        image = _channel_image(int(spec.volume[1:]), spatial, 3)
+        np.testing.assert_array_equal(item["x"].numpy(), image[(slice(None), *spec.slices)])
+        torch.testing.assert_close(aug["y"], 2 * aug["x"] + 1, rtol=0, atol=0)
+        # One transform for every channel: channel c stays channel 0 plus 1000 c.
+        for c in range(3):
+            assert torch.equal(aug["x"][c], aug["x"][0] + 1000.0 * c)
+    batch = next(iter(DataLoader(augmented, batch_size=2)))
+    assert batch["x"].shape == (2, 3, *patch)
+    unpaired = UnpairedPatches(volumes, sampler, sampler, batch_size=2, steps=1)
+    assert unpaired[0]["y"].shape == (3, *patch)
+
+
+def test_patch_of_other_dimensionality_is_one_input_error(tmp_path: Path) -> None:
+    group = create_dataset(tmp_path / "flat.zarr")
+    write_volume(group, "sharp/v0", np.zeros((16, 16), np.float32), (0.1, 0.1))
+    write_volume(group, "blurred/v0", np.zeros((16, 16), np.float32), (0.1, 0.1))
+    volumes = ZarrVolumes(tmp_path / "flat.zarr")
+    assert volumes.layout("sharp") == (2, 1)
+    with pytest.raises(InputError, match=r"has 3 spatial axes but volume 'v0'.*\(Y, X\)") as exc:
+        PatchSampler(volumes.paired_shapes(), (4, 8, 8), seed=0)
+    assert "\n" not in str(exc.value)
+
+
+def test_mixed_layouts_in_one_domain_are_refused(tmp_path: Path) -> None:
+    group = create_dataset(tmp_path / "mixed.zarr")
+    write_volume(group, "sharp/v0", np.zeros((3, 16, 16), np.float32), (0.1, 0.1))
+    write_volume(group, "sharp/v1", np.zeros((16, 16), np.float32), (0.1, 0.1))
+    with pytest.raises(InputError, match="differ in layout"):
+        ZarrVolumes(tmp_path / "mixed.zarr").layout("sharp")

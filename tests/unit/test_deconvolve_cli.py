@@ -23,7 +23,8 @@ from distributed import Client
 from hpcdeconv.classical.rl import richardson_lucy
 from hpcdeconv.cli import main
 from hpcdeconv.config import ClusterConfig, DeconvolveConfig, ExperimentConfig, load_config
-from hpcdeconv.data.zarr_io import create_dataset, volume_meta, write_volume
+from hpcdeconv.data.layout import volume_meta
+from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.inference.cluster import connect, local_worker_count, slurm_cluster_options
 from hpcdeconv.inference.manifest import decode_ranges, encode_ranges, read_record

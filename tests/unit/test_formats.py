@@ -17,9 +17,10 @@ import zarr
 
 from hpcdeconv.cli import main
 from hpcdeconv.data.ingest import ingest_images
+from hpcdeconv.data.layout import volume_meta
 from hpcdeconv.data.opener import load, open_image
 from hpcdeconv.data.units import micrometres_per
-from hpcdeconv.data.zarr_io import read_volume, volume_meta
+from hpcdeconv.data.zarr_io import read_volume
 from hpcdeconv.errors import InputError
 from hpcdeconv.inference.volume_io import write_output
 

@@ -6,10 +6,11 @@ import dask.array as da
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.stats import linregress
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from hpcdeconv.errors import InputError
-from hpcdeconv.metrics import delta_snr, pcc, psnr, r2, snr, ssim
+from hpcdeconv.metrics import delta_snr, pcc, psnr, r2_score, snr, ssim
 
 
 def _pair(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +54,23 @@ def test_ssim_matches_skimage_with_explicit_window(rng) -> None:
     assert ssim(x, ref, data_range=2.0, win_size=7) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 52), (2, 18, 24, 30)])
+def test_ssim_of_channels_matches_skimage(shape, rng) -> None:
+    x, ref = _pair(rng, shape)
+    x[1] = 0.5 * x[1]  # channels that differ: the mean over channels matters
+    expected = structural_similarity(
+        x.astype(np.float64),
+        ref.astype(np.float64),
+        data_range=1.0,
+        gaussian_weights=True,
+        use_sample_covariance=False,
+        channel_axis=0,
+    )
+    assert ssim(x, ref, data_range=1.0, channel_axis=0) == pytest.approx(expected, abs=1e-4)
+    moved = ssim(np.moveaxis(x, 0, -1), np.moveaxis(ref, 0, -1), 1.0, channel_axis=-1)
+    assert moved == pytest.approx(expected, abs=1e-4)
+
+
 def test_ssim_of_identical_images_is_one(rng) -> None:
     x = rng.random((16, 20, 20))
     assert ssim(x, x, data_range=1.0) == pytest.approx(1.0, abs=1e-12)
@@ -76,9 +94,49 @@ def test_r2_known_case() -> None:
     target = np.array([1.0, 2.0, 3.0, 4.0])
     pred = np.array([1.0, 2.0, 3.0, 5.0])
     # SS_res = 1, SS_tot = 5.
-    assert r2(pred, target) == pytest.approx(0.8)
-    assert r2(target, target) == 1.0
-    assert r2(np.full(4, target.mean()), target) == pytest.approx(0.0)
+    assert r2_score(pred, target) == pytest.approx(0.8)
+    assert r2_score(target, target) == 1.0
+    assert r2_score(np.full(4, target.mean()), target) == pytest.approx(0.0)
+
+
+def _least_squares_fit(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """True values and their least-squares linear prediction from a noisy regressor."""
+    regressor = rng.standard_normal(n)
+    true = 1.5 * regressor + 0.7 * rng.standard_normal(n) + 3.0
+    slope, intercept = np.polyfit(regressor, true, 1)
+    return slope * regressor + intercept, true
+
+
+def test_r2_score_per_parameter_matches_squared_correlation(rng) -> None:
+    """For a least-squares fit with intercept R² = r² (scipy.stats.linregress, corrcoef)."""
+    fits = [_least_squares_fit(rng, 200) for _ in range(3)]
+    pred = np.stack([p for p, _ in fits], axis=1)
+    true = np.stack([t for _, t in fits], axis=1)
+    scores = r2_score(pred, true)
+    assert scores.shape == (3,)
+    for k, (p, t) in enumerate(fits):
+        assert scores[k] == pytest.approx(np.corrcoef(p, t)[0, 1] ** 2, rel=1e-10)
+        assert scores[k] == pytest.approx(linregress(p, t).rvalue ** 2, rel=1e-10)
+
+
+def test_r2_score_counts_only_valid_entries(rng) -> None:
+    pred_a, true_a = _least_squares_fit(rng, 150)
+    pred_b, true_b = _least_squares_fit(rng, 150)
+    valid = np.ones((150, 2), bool)
+    valid[100:, 1] = False
+    # Invalid entries hold garbage that would ruin the score if they counted.
+    true = np.stack([true_a, np.where(valid[:, 1], true_b, 1e6)], axis=1)
+    pred = np.stack([pred_a, pred_b], axis=1)
+    scores = r2_score(pred, true, valid)
+    assert scores[0] == pytest.approx(np.corrcoef(pred_a, true_a)[0, 1] ** 2, rel=1e-10)
+    # On the valid subset the prediction is no longer the subset's own least-squares fit:
+    # the eq. 15 sums over those 100 entries, written out.
+    t, p = true_b[:100], pred_b[:100]
+    assert scores[1] == pytest.approx(1 - np.sum((t - p) ** 2) / (100 * np.var(t)), rel=1e-12)
+    assert np.isnan(r2_score(pred, true, np.zeros((150, 2), bool))).all()
+    assert np.isnan(r2_score(np.zeros((4, 1)), np.ones((4, 1))))[0]
+    with pytest.raises(InputError, match="valid mask"):
+        r2_score(pred, true, valid[:, :1])
 
 
 def test_snr_known_case() -> None:

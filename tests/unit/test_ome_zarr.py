@@ -23,16 +23,11 @@ from pydantic_zarr.v3 import ArraySpec
 
 from hpcdeconv.cli import main
 from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.data.layout import array_layout, volume_meta
 from hpcdeconv.data.ngff import pyramid_factors
 from hpcdeconv.data.opener import load, open_image
-from hpcdeconv.data.zarr_io import (
-    create_dataset,
-    describe,
-    image_names,
-    read_volume,
-    volume_meta,
-    write_volume,
-)
+from hpcdeconv.data.summary import describe
+from hpcdeconv.data.zarr_io import create_dataset, image_names, read_volume, write_volume
 from hpcdeconv.errors import InputError
 from hpcdeconv.training.engine import train
 from tests.conftest import TINY_TRAINING
@@ -277,3 +272,56 @@ def test_predict_reads_and_writes_ome_zarr(
     argv = ["predict", str(raw), "--checkpoint", str(run_dir), "--output", str(out3)]
     assert main([*argv, "--voxel-size", "0.3", "0.1", "0.1"]) == 0
     check_image(out3 / "deconvolved" / "raw", (0.3, 0.1, 0.1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "voxel", "axes"),
+    [
+        ((3, 8, 150, 140), VOXEL, ("c", "z", "y", "x")),
+        ((2, 150, 70), (0.2, 0.25), ("c", "y", "x")),
+        ((150, 70), (0.2, 0.25), ("y", "x")),
+    ],
+)
+def test_channel_axes_are_written_c_first_and_valid(
+    tmp_path: Path, shape: tuple[int, ...], voxel: tuple[float, ...], axes: tuple[str, ...]
+) -> None:
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    group = create_dataset(tmp_path / "ds.zarr")
+    write_volume(group, "sharp/img", data, voxel, chunks=(8, 32, 32))
+    path = tmp_path / "ds.zarr" / "sharp" / "img"
+    image = ImageV05.from_zarr(zarr.open_group(path, mode="r"))  # the community's validator
+    ngff_axes = image.ome_attributes.multiscales[0].axes
+    assert tuple(a.name for a in ngff_axes) == axes
+    channel = axes[0] == "c"
+    if channel:
+        assert ngff_axes[0].type == "channel" and ngff_axes[0].unit is None
+    level0 = zarr.open_array(path / "0", mode="r")
+    assert level0.metadata.dimension_names == axes
+    if channel:  # every channel of a place in one chunk; only space is downsampled
+        assert level0.chunks[0] == shape[0]
+        level1 = zarr.open_array(path / "1", mode="r")
+        assert level1.shape[0] == shape[0] and level1.shape[-1] == shape[-1] // 2
+    volume, meta = read_volume(tmp_path / "ds.zarr", "sharp/img")
+    np.testing.assert_array_equal(volume.compute(), data)
+    assert meta.axes == axes and meta.has_channels == channel
+    assert meta.spatial_voxel_size == pytest.approx(voxel)
+    assert meta.voxel_size == ((None,) if channel else ()) + voxel
+    assert array_layout(level0) == (len(voxel), shape[0] if channel else 1)
+    # The ome-zarr reader (napari's) sees the same axes.
+    node = next(iter(Reader(parse_url(str(path)))()))
+    assert [a["name"] for a in node.metadata["axes"]] == list(axes)
+
+
+def test_layout_of_legacy_and_foreign_arrays(tmp_path: Path) -> None:
+    root = zarr.open_group(tmp_path / "bare.zarr", mode="w")
+    assert array_layout(root.create_array("flat", shape=(4, 5), dtype="f4")) == (2, 1)
+    assert array_layout(root.create_array("vol", shape=(4, 5, 6), dtype="f4")) == (3, 1)
+    with pytest.raises(InputError, match="4 spatial axes"):
+        array_layout(root.create_array("hyper", shape=(2, 4, 5, 6), dtype="f4"))
+    data = _volume()
+    inputs = _inputs(tmp_path, data)
+    timed = zarr.open_array(inputs["0.4 on zarr v2, tczyx"] / "s0", mode="r")
+    with pytest.raises(InputError, match="has axes tczyx"):
+        array_layout(timed)
+    rgb = _ome_zarr_py(tmp_path / "rgb.ome.zarr", data[:3], "cyx", FormatV05(), 3)
+    assert array_layout(zarr.open_array(rgb / "s0", mode="r")) == (2, 3)

@@ -127,3 +127,34 @@ def test_state_dict_checks_resume() -> None:
         PatchSampler(VOLUMES, PATCH, seed=8, align=(16, 32, 32)).load_state_dict(state)
     with pytest.raises(ConfigError, match="volumes"):
         PatchSampler({"v0": (40, 64, 64)}, PATCH, seed=9, align=(16, 32, 32)).load_state_dict(state)
+
+
+def test_2d_patches_are_uniform_and_rank_disjoint() -> None:
+    images = {"a": (3, 4), "b": (2, 3)}  # 6 and 2 placements of a (2, 2) patch
+    sampler = PatchSampler(images, (2, 2), seed=5, align=(2, 2))
+    spec = sampler.sample(0, 0)
+    assert len(spec.start) == 2 and spec.size == (2, 2)
+    plain = PatchSampler(images, (2, 2), seed=5)
+    counts = Counter((s.volume, s.start) for s in (plain.sample(k, 0) for k in range(3000)))
+    assert len(counts) == 8
+    assert chisquare(list(counts.values())).pvalue > 1e-3
+    ranks = [PatchSampler(images, (2, 2), seed=1, rank=r, world_size=2) for r in range(2)]
+    draws = [[r.rng(s, i).random() for s in range(3) for i in range(2)] for r in ranks]
+    assert not set(draws[0]) & set(draws[1])
+
+
+@pytest.mark.parametrize(
+    ("volumes", "patch", "message"),
+    [
+        ({"v0": (32, 32)}, (8, 8, 8), r"has 3 spatial axes but volume 'v0'.*\(Y, X\)"),
+        ({"v0": (8, 32, 32)}, (8, 8), r"has 2 spatial axes but volume 'v0'.*\(Z, Y, X\)"),
+        ({"v0": (8, 8, 8, 8)}, (8, 8, 8), "two .* or three"),
+        ({"v0": (8, 8)}, (8,), "two .* or three"),
+    ],
+)
+def test_patch_axes_must_match_the_data(
+    volumes: dict[str, tuple[int, ...]], patch: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(InputError, match=message) as exc:
+        PatchSampler(volumes, patch, seed=0)
+    assert "\n" not in str(exc.value)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from hpcdeconv.config import ExperimentConfig, ImageDomainsData, UNetConfig, load_config
+from hpcdeconv.data.sampling import centre_crop_slices
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.methods.cycle import build_unet
 from hpcdeconv.metrics import psnr, ssim
 from hpcdeconv.training.feed import TrainingFeed
-from hpcdeconv.training.validate import ValidationSet, centre_crop_slices, validate
+from hpcdeconv.training.validate import ValidationSet, validate
 
 CPU = torch.device("cpu")
 
@@ -99,3 +100,61 @@ def test_val_crop_configuration() -> None:
         load_config(ExperimentConfig, None, ["train.val_crop=[8, 64, 64]"])
     with pytest.raises(ConfigError, match=r"'train\.val_crop\.0': Input should be greater"):
         load_config(ExperimentConfig, None, ["train.val_crop=[0, 64, 64]"])
+
+
+def _image_dataset(path: Path, channels: int) -> Path:
+    """A 2D dataset: one training and one validation image of ``channels`` channels."""
+    from scipy import ndimage
+
+    from hpcdeconv.data.zarr_io import create_dataset, set_split, write_volume
+
+    group = create_dataset(path)
+    rng = np.random.default_rng(4)
+    shape = (channels, 24, 28) if channels > 1 else (24, 28)
+    for vid in ("v0", "val0"):
+        sharp = ndimage.gaussian_filter(rng.random(shape), (0, 1.0, 1.0)[-len(shape) :])
+        blurred = ndimage.gaussian_filter(sharp, (0, 2.0, 2.0)[-len(shape) :])
+        write_volume(group, f"sharp/{vid}", sharp.astype(np.float32), (0.1, 0.1))
+        write_volume(group, f"blurred/{vid}", blurred.astype(np.float32), (0.1, 0.1))
+    set_split(group, {"train": ["v0"], "val": ["val0"]})
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_2d_images_with_and_without_channels(tmp_path: Path, channels: int) -> None:
+    from skimage.metrics import structural_similarity
+
+    from hpcdeconv.models.factory import build_generator
+
+    path = _image_dataset(tmp_path / "flat.zarr", channels)
+    feed = TrainingFeed(ImageDomainsData(path=path, patch=(16, 16)), seed=0)
+    data = ValidationSet.from_feed(feed, (16, 20))
+    vol = data.volumes[0]
+    blurred, sharp = feed.read_pair("val0")
+    lead = (slice(None),) * (channels > 1)
+    cut = (*lead, slice(4, 20), slice(4, 24))
+    assert vol.sharp.shape == sharp[cut].shape == ((channels,) if channels > 1 else ()) + (16, 20)
+    np.testing.assert_array_equal(vol.blurred, blurred[cut])
+    torch.manual_seed(0)
+    net = build_generator(
+        UNetConfig(channels=4, depth=2), spatial_dims=2, in_channels=channels, out_channels=channels
+    )
+    net.eval()
+    # One tile covers the crop, so the prediction is the network applied to it once.
+    scores = validate(net, data, tile=(16, 20), overlap=4, device=CPU, autocast_dtype=None)
+    x = torch.from_numpy(vol.blurred).reshape(1, channels, 16, 20)
+    with torch.no_grad():
+        pred = net(x).reshape(vol.sharp.shape).numpy()
+    rng = vol.data_range
+    assert scores["psnr"] == pytest.approx(psnr(pred, vol.sharp, data_range=rng), abs=1e-4)
+    axis = 0 if channels > 1 else None
+    reference = structural_similarity(
+        vol.blurred.astype(np.float64),
+        vol.sharp.astype(np.float64),
+        data_range=rng,
+        gaussian_weights=True,
+        use_sample_covariance=False,
+        channel_axis=axis,
+    )
+    assert scores["ssim_input"] == pytest.approx(reference, abs=1e-4)
+    assert scores["ssim"] == pytest.approx(ssim(pred, vol.sharp, rng, channel_axis=axis), abs=1e-4)

@@ -12,13 +12,13 @@ import zarr
 from dask.callbacks import Callback
 
 from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.layout import VolumeMeta
+from hpcdeconv.data.summary import describe
 from hpcdeconv.data.zarr_io import (
     BLURRED,
     PSF_KEY,
     SHARP,
-    VolumeMeta,
     create_dataset,
-    describe,
     get_split,
     open_dataset,
     read_volume,
