@@ -170,12 +170,14 @@ class ResNetGenerator(nn.Module):
         U-Net's does (:meth:`hpcdeconv.models.unet.UNet.start_at`: centred, scaled head
         weights and ``b = final⁻¹(mean)``).
 
-        With a global residual the output is ``x + final(head)``: the head starts at
-        ``final⁻¹(0)`` instead, so the untrained network is (close to) the identity. For
+        With a global residual the output is ``x + final(head(f))``: the head's weights are
+        zeroed and its bias set to ``final⁻¹(0)``, so the untrained network is the identity
+        (the zero-initialised residual branch of Goyal et al. 2017 and Fixup). For
         deblurring that is the best start available without training: the input is the
         closest estimate of its own sharp image, and it already has the right mean
-        intensity (a PSF is normalised to sum one, so blurring keeps the mean), whereas
-        adding ``mean`` would double it. ``mean`` is then only checked to be finite.
+        intensity (a PSF sums to one, so blurring keeps the mean), whereas adding ``mean``
+        would double it. The first step then trains the head, and through it the rest.
+        ``mean`` is only checked to be finite, and ``weight_scale`` is not used.
 
         Parameters
         ----------
@@ -194,7 +196,9 @@ class ResNetGenerator(nn.Module):
         if self.global_residual:
             if not math.isfinite(mean):
                 raise ValueError(f"the head's start mean must be finite, got {mean}")
-            mean = 0.0
+            self.head.weight.zero_()
+            start_head_at(self.head, self.final_activation, 0.0, 1.0)
+            return
         start_head_at(self.head, self.final_activation, mean, weight_scale)
 
     @property
