@@ -21,9 +21,9 @@ each run, and reports per output
 
 It writes a side-by-side XZ figure to ``docs/figures/upsampling.png`` and the table to
 ``docs/benchmarks.md``. Run from the repository root:
-``.venv/bin/python benchmarks/upsampling.py`` (200 steps per run; about 15 min on
-2 otherwise idle cores). ``--steps 2 --no-report`` is a quick smoke run that writes
-nothing into ``docs/``.
+``.venv/bin/python benchmarks/upsampling.py`` (two 200-step trainings of the CPU demo
+plus one simulation and two predictions). ``--steps 2 --no-report`` is a quick smoke run
+that writes nothing into ``docs/``.
 """
 
 from __future__ import annotations
