@@ -27,7 +27,12 @@ from hpcdeconv.config.methods import (
     NonBlindCycleGANConfig,
     SupervisedConfig,
 )
-from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
+from hpcdeconv.config.networks import (
+    DiscriminatorConfig,
+    GeneratorConfig,
+    ResNetConfig,
+    UNetConfig,
+)
 from hpcdeconv.config.physics import (
     BornWolfPSF,
     CodecConfig,
@@ -59,6 +64,7 @@ __all__ = [
     "ExperimentConfig",
     "GANLossConfig",
     "GaussianPSF",
+    "GeneratorConfig",
     "GibsonLanniPSF",
     "ImageDomainsData",
     "KernelConfig",
@@ -76,6 +82,7 @@ __all__ = [
     "PositiveInt",
     "PredictConfig",
     "RLConfig",
+    "ResNetConfig",
     "RichardsWolfPSF",
     "Shape",
     "Shape3D",

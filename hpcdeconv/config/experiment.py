@@ -8,7 +8,6 @@ cut to its last two axes for 2D data, so a 2D configuration need not restate it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from hpcdeconv.config.methods import (
     MethodConfig,
     SupervisedConfig,
 )
-from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
+from hpcdeconv.config.networks import GeneratorConfig
 from hpcdeconv.config.run import OptimConfig, StrategyConfig, TrainConfig
 
 #: Shapes that follow the data's spatial_dims: key -> (path of the owning model in the
@@ -76,44 +75,12 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _unets(method: BaseModel) -> list[tuple[str, UNetConfig]]:
-    """``(key, config)`` of every U-Net a method trains on ``data.patch``."""
+def _generators(method: BaseModel) -> list[tuple[str, GeneratorConfig]]:
+    """``(key, config)`` of every generator a method trains on ``data.patch``."""
     nets = [("method.generator", method.generator)]  # type: ignore[attr-defined]
     if isinstance(method, CycleGANConfig):
         nets.append(("method.blur_generator", method.blur_generator))
     return nets
-
-
-def _check_patch_for_unet(patch: tuple[int, ...], key: str, net: UNetConfig) -> None:
-    """A U-Net of depth ``d`` halves a patch ``d`` times: every side a multiple of ``2**d``,
-    and instance normalisation needs more than one voxel at the bottleneck."""
-    multiple = 2**net.depth
-    if any(p % multiple for p in patch):
-        nearest = [_round_up(p, multiple) for p in patch]
-        raise ValueError(
-            f"data.patch {list(patch)} must be a multiple of {multiple} along every axis "
-            f"({key}.depth={net.depth} halves it {net.depth} times), e.g. {nearest}"
-        )
-    bottleneck = [p // multiple for p in patch]
-    if net.norm == "instance" and bottleneck.count(1) == len(patch):
-        raise ValueError(
-            f"data.patch {list(patch)} leaves one voxel at the bottleneck of {key} "
-            f"(depth {net.depth}), too few for instance normalisation; use a patch with "
-            f"one side >= {2 * multiple}"
-        )
-
-
-def _check_patch_for_discriminator(patch: tuple[int, ...], disc: DiscriminatorConfig) -> None:
-    """Same rule as :func:`hpcdeconv.models.discriminators.check_patch_input` at the
-    coarsest scale: at least one score per axis and two in all."""
-    reduction = 2**disc.n_layers * 2 ** (disc.n_scales - 1)
-    scores = [p // reduction for p in patch]
-    if min(scores) < 1 or math.prod(scores) < 2:
-        raise ValueError(
-            f"data.patch {list(patch)} is too small for method.discriminator "
-            f"(n_layers={disc.n_layers}, n_scales={disc.n_scales} reduce it {reduction}x): "
-            f"every side must be >= {reduction} and one >= {2 * reduction}"
-        )
 
 
 class ExperimentConfig(StrictModel):
@@ -203,13 +170,13 @@ class ExperimentConfig(StrictModel):
         if not isinstance(self.data, ImageDomainsData):
             return self
         patch = self.data.patch
-        for key, net in _unets(self.method):
-            _check_patch_for_unet(patch, key, net)
+        for key, net in _generators(self.method):
+            net.check_patch(patch, key)
         uses_discriminator = not isinstance(self.method, SupervisedConfig) or (
             self.method.adversarial_weight > 0
         )
         if uses_discriminator:
-            _check_patch_for_discriminator(patch, self.method.discriminator)
+            self.method.discriminator.check_patch(patch, "method.discriminator")
         if (
             self.train.ema_decay is not None
             and self.strategy.name == "deepspeed"
@@ -219,9 +186,9 @@ class ExperimentConfig(StrictModel):
                 "train.ema_decay needs whole weights on every rank; ZeRO stage 3 partitions "
                 "them: use strategy.deepspeed.zero_stage 0-2 or no EMA"
             )
-        # Validation tiles are rounded up to the deblurring U-Net's multiple (inference
+        # Validation tiles are rounded up to the deblurring generator's multiple (inference
         # pads them), so only the overlap can make validation fail.
-        multiple = 2**self.method.generator.depth
+        multiple = self.method.generator.size_multiple()
         tile = [_round_up(t, multiple) for t in self.train.val_tile]
         if self.train.val_overlap >= min(tile):
             raise ValueError(

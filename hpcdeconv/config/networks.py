@@ -1,18 +1,46 @@
-"""Network configurations: generators and discriminators."""
+"""Network configurations: generators (a tagged union on ``kind``) and discriminators.
+
+Each generator configuration knows the patch sizes its network accepts
+(:meth:`size_multiple`, :meth:`check_patch`), so the experiment checks a patch against
+any generator without knowing which one it is.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag
 
 from hpcdeconv.config.base import PositiveInt, StrictModel
 
+FinalActivation = Literal["sigmoid", "tanh", "none"]
+Upsample = Literal["transpose", "resize"]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _check_multiple(
+    patch: tuple[int, ...], key: str, multiple: int, field: str, halvings: int
+) -> None:
+    if any(p % multiple for p in patch):
+        nearest = [_round_up(p, multiple) for p in patch]
+        raise ValueError(
+            f"data.patch {list(patch)} must be a multiple of {multiple} along every axis "
+            f"({key}.{field}={halvings} halves it {halvings} times), e.g. {nearest}"
+        )
+
 
 class UNetConfig(StrictModel):
-    """3D U-Net of the seed paper (two 3x3x3 conv-IN-ReLU per level, skip per level)."""
+    """U-Net of the seed paper (two 3x3x3 conv-IN-ReLU per level, skip per level)."""
 
+    kind: Literal["unet"] = "unet"
     channels: PositiveInt = 16
     depth: PositiveInt = 3
-    final_activation: Literal["sigmoid", "none"] = "sigmoid"
+    final_activation: FinalActivation = "sigmoid"
     # "data": the untrained output starts at the training data's mean of the domain it
     # maps into (UNet.start_at); "default": PyTorch's initialisation, where a sigmoid head
     # starts at 0.5 whatever the data. Only a fresh run's start changes; resuming loads
@@ -21,11 +49,130 @@ class UNetConfig(StrictModel):
     # Instance norm (the paper's choice) makes outputs depend on the whole tile;
     # "none" gives a strictly local network whose tiled inference is exact.
     norm: Literal["instance", "none"] = "instance"
+    # "transpose": the paper's 2x2x2 stride-2 transposed convolution; "resize":
+    # nearest-neighbour doubling then a 3x3x3 convolution (no checkerboard grid).
+    upsample: Upsample = "transpose"
+
+    def size_multiple(self) -> int:
+        """Every side of an input must be a multiple of this (``2**depth``)."""
+        return 2**self.depth
+
+    def check_patch(self, patch: tuple[int, ...], key: str) -> None:
+        """Raise ValueError unless the U-Net can train on ``patch``.
+
+        A U-Net of depth ``d`` halves a patch ``d`` times: every side a multiple of
+        ``2**d``, and instance normalisation needs more than one voxel at the bottleneck.
+
+        Parameters
+        ----------
+        patch
+            (Y, X) or (Z, Y, X) in voxels.
+        key
+            Where this configuration sits (``"method.generator"``), for the message.
+        """
+        multiple = self.size_multiple()
+        _check_multiple(patch, key, multiple, "depth", self.depth)
+        bottleneck = [p // multiple for p in patch]
+        if self.norm == "instance" and bottleneck.count(1) == len(patch):
+            raise ValueError(
+                f"data.patch {list(patch)} leaves one voxel at the bottleneck of {key} "
+                f"(depth {self.depth}), too few for instance normalisation; use a patch with "
+                f"one side >= {2 * multiple}"
+            )
+
+
+class ResNetConfig(StrictModel):
+    """ResNet generator of Johnson et al. 2016 as cycleGAN and COMI use it: c7s1-k stem,
+    stride-2 down-sampling, residual blocks (reflection padding, instance norm), ×2
+    up-sampling and a c7s1 head."""
+
+    kind: Literal["resnet"] = "resnet"
+    channels: PositiveInt = 64
+    n_downsampling: Annotated[int, Field(ge=0)] = 2
+    n_blocks: PositiveInt = 9
+    # tanh for data in (-1, 1), as in cycleGAN and COMI.
+    final_activation: FinalActivation = "tanh"
+    # COMI adds the input to the output: the network learns the correction.
+    global_residual: bool = False
+    upsample: Upsample = "transpose"
+    norm: Literal["instance", "none"] = "instance"
+    # "data": without a global residual the untrained output starts at the training
+    # data's mean; with one, the correction starts at zero (ResNetGenerator.start_at).
+    head_init: Literal["data", "default"] = "data"
+
+    def size_multiple(self) -> int:
+        """Every side of an input must be a multiple of this (``2**n_downsampling``)."""
+        return 2**self.n_downsampling
+
+    def min_size(self) -> int:
+        """Smallest side: reflection padding needs more voxels than it pads (3 at the
+        stem, 1 in the residual blocks at the coarsest level)."""
+        return max(4, 2 * self.size_multiple())
+
+    def check_patch(self, patch: tuple[int, ...], key: str) -> None:
+        """Raise ValueError unless the ResNet generator can train on ``patch``.
+
+        Every side must be a multiple of ``2**n_downsampling`` and at least
+        :meth:`min_size` (which also leaves instance normalisation more than one voxel).
+
+        Parameters
+        ----------
+        patch
+            (Y, X) or (Z, Y, X) in voxels.
+        key
+            Where this configuration sits (``"method.generator"``), for the message.
+        """
+        _check_multiple(patch, key, self.size_multiple(), "n_downsampling", self.n_downsampling)
+        if min(patch) < self.min_size():
+            raise ValueError(
+                f"data.patch {list(patch)} is too small for {key} (n_downsampling="
+                f"{self.n_downsampling}): reflection padding needs every side >= "
+                f"{self.min_size()}"
+            )
+
+
+def _generator_tag(value: Any) -> str:
+    """``kind`` of a generator block; a block without one is a U-Net (all older YAML)."""
+    if isinstance(value, Mapping):
+        return str(value.get("kind", "unet"))
+    return str(getattr(value, "kind", "unet"))
+
+
+#: Any generator: ``kind: unet`` (the default when ``kind`` is absent) or ``kind: resnet``.
+GeneratorConfig = Annotated[
+    Annotated[UNetConfig, Tag("unet")] | Annotated[ResNetConfig, Tag("resnet")],
+    Discriminator(_generator_tag),
+]
 
 
 class DiscriminatorConfig(StrictModel):
-    """Multi-scale 3D PatchGAN: independent discriminators at 1, 1/2, 1/4 resolution."""
+    """Multi-scale PatchGAN: independent discriminators at 1, 1/2, 1/4 resolution."""
 
     channels: PositiveInt = 16
     n_layers: PositiveInt = 3
     n_scales: PositiveInt = 3
+
+    def reduction(self) -> int:
+        """Factor by which the coarsest patch map is smaller than the input per axis."""
+        return 2**self.n_layers * 2 ** (self.n_scales - 1)
+
+    def check_patch(self, patch: tuple[int, ...], key: str) -> None:
+        """Raise ValueError unless every scale gives at least one score per axis and the
+        coarsest two in all (the rule of
+        :func:`hpcdeconv.models.discriminators.check_patch_input`).
+
+        Parameters
+        ----------
+        patch
+            (Y, X) or (Z, Y, X) in voxels.
+        key
+            Where this configuration sits (``"method.discriminator"``), for the message.
+        """
+        reduction = self.reduction()
+        scores = [p // reduction for p in patch]
+        if min(scores) < 1 or math.prod(scores) < 2:
+            raise ValueError(
+                f"data.patch {list(patch)} is too small for {key} "
+                f"(n_layers={self.n_layers}, n_scales={self.n_scales} reduce it "
+                f"{reduction}x): every side must be >= {reduction} and one >= {2 * reduction}"
+            )

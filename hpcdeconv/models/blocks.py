@@ -6,6 +6,8 @@ network definition serves both the 2D (COMI) and 3D (cycleGAN) methods.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Literal
 
 import torch
@@ -13,7 +15,25 @@ from torch import nn
 
 from hpcdeconv.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 Activation = Literal["relu", "leaky_relu"]
+FinalActivation = Literal["sigmoid", "tanh", "none"]
+PaddingMode = Literal["zeros", "reflect"]
+
+#: Factor on a head's centred weights, by final activation, when the head starts at a
+#: target value (:func:`start_head_at`). The larger, the faster the head learns; the
+#: smaller, the closer the start. A sigmoid at a dark mean already damps the features'
+#: spread by its slope (≈ the mean), so its weights keep their size: its start is within
+#: 10 % of the mean for the demo's 16-channel U-Net (within 34 % for 4 channels), and the
+#: blind CPU demo passes the input's PSNR within 25 steps (scale 0.5: 50 steps; 0.1: not in
+#: 100). A linear head passes the spread on: 0.1 keeps its start within 15 % (0.5: 75 %).
+#: A tanh near 0 has slope ≈ 1, so it passes the spread on like a linear head.
+HEAD_WEIGHT_SCALE: dict[str, float] = {"sigmoid": 1.0, "tanh": 0.1, "none": 0.1}
+#: A bounded head's start is clamped this far inside its range ([ε, 1 − ε] for a sigmoid,
+#: [−1 + ε, 1 − ε] for a tanh): within 1e-3 of any target in the range, while the slope
+#: there (≈ ε) still lets the bias learn.
+SIGMOID_START_EPS = 1e-3
 
 _CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T: dict[int, type[nn.Module]] = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -45,6 +65,121 @@ def instance_norm_nd(spatial_dims: int) -> type[nn.Module]:
 def max_pool_nd(spatial_dims: int) -> type[nn.Module]:
     """``nn.MaxPool2d`` or ``nn.MaxPool3d``."""
     return _pick(_MAX_POOL, spatial_dims)
+
+
+def final_activation_module(name: FinalActivation) -> nn.Module:
+    """The output nonlinearity of a generator: sigmoid (0, 1), tanh (−1, 1) or none.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is none of the three.
+    """
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "none":
+        return nn.Identity()
+    raise ConfigError(f"final_activation must be 'sigmoid', 'tanh' or 'none', got {name!r}")
+
+
+@torch.no_grad()
+def start_head_at(
+    head: nn.Module, final_activation: FinalActivation, target: float, weight_scale: float | None
+) -> None:
+    """Make ``final(head(f))`` start near ``target`` whatever the features ``f``.
+
+    Three deterministic changes to the head convolution ``w · f + b``, no random numbers
+    drawn: ``w`` is centred over its input channels (``Σ_c w_c = 0``, removing the
+    common-mode term ``mean(f) · Σ_c w_c`` of features that all have about the same
+    positive mean), scaled by ``weight_scale`` so the remaining spatial variation of
+    ``w · f`` is small, and ``b = final⁻¹(target)`` (clamped :data:`SIGMOID_START_EPS`
+    inside a bounded activation's range).
+
+    Parameters
+    ----------
+    head
+        A convolution with a bias.
+    final_activation
+        The activation applied to the head's output.
+    target
+        The value the output should start at, in the data's units.
+    weight_scale
+        Factor on the centred weights, in (0, 1]; ``None``: :data:`HEAD_WEIGHT_SCALE`.
+
+    Raises
+    ------
+    ValueError
+        If ``target`` is not finite or ``weight_scale`` is not in (0, 1].
+    """
+    if not math.isfinite(target):
+        raise ValueError(f"the head's start mean must be finite, got {target}")
+    if weight_scale is None:
+        weight_scale = HEAD_WEIGHT_SCALE[final_activation]
+    if not 0 < weight_scale <= 1:
+        raise ValueError(f"weight_scale must be in (0, 1], got {weight_scale}")
+    weight, bias = head.weight, head.bias
+    assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+    weight.sub_(weight.mean(dim=1, keepdim=True)).mul_(weight_scale)
+    eps = SIGMOID_START_EPS
+    if final_activation == "none":
+        bias.fill_(target)
+        return
+    low, high = (eps, 1 - eps) if final_activation == "sigmoid" else (eps - 1, 1 - eps)
+    start = min(max(target, low), high)
+    if not low <= target <= high:
+        # Data outside the activation's range cannot be matched by it at all.
+        log.warning(
+            "the start value %.3g is outside the %s head's range; the head starts at %.3g",
+            target,
+            final_activation,
+            start,
+        )
+    inverse = math.log(start / (1 - start)) if final_activation == "sigmoid" else math.atanh(start)
+    bias.fill_(inverse)
+
+
+class DoubleByRepeat(nn.Module):
+    """Double every spatial axis by repeating each voxel 2×2(×2) times.
+
+    The same values as ``nn.Upsample(scale_factor=2, mode="nearest")``, computed as a
+    broadcast and a reshape: its backward is a plain sum, deterministic on every device,
+    whatever ``torch.use_deterministic_algorithms`` demands of the interpolation kernels.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) → (B, C, *(2 S))."""
+        spatial = x.shape[2:]
+        index = (..., *(s for _ in spatial for s in (slice(None), None)))
+        doubled = [d for n in spatial for d in (n, 2)]
+        return (
+            x[index].expand(*x.shape[:2], *doubled).reshape(*x.shape[:2], *(2 * n for n in spatial))
+        )
+
+
+class ResizeConv(nn.Sequential):
+    """Resize-convolution ×2 up-sampling: nearest-neighbour doubling, then a 3-wide
+    convolution (Odena, Dumoulin & Olah, "Deconvolution and checkerboard artifacts",
+    Distill 2016).
+
+    Every output voxel gets its value from the same number of kernel taps, so unlike a
+    transposed convolution whose kernel size is not a multiple of its stride (or whose
+    taps learn unequal sums) it cannot leave a period-2 grid in the output.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    in_ch, out_ch
+        Channels of input and output.
+    bias
+        Bias of the convolution (``False`` before a normalisation, which removes it).
+    """
+
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, bias: bool) -> None:
+        conv = conv_nd(spatial_dims)(in_ch, out_ch, kernel_size=3, padding=1, bias=bias)
+        super().__init__(DoubleByRepeat(), conv)
 
 
 class HalveByMean(nn.Module):
@@ -86,7 +221,7 @@ def activation(name: Activation) -> nn.Module:
 
 
 class ConvNormAct(nn.Sequential):
-    """Convolution → instance normalisation (optional) → activation.
+    """Convolution → instance normalisation (optional) → activation (optional).
 
     Padding is ``(kernel_size - 1) // 2``: a stride-1 convolution keeps the size for odd
     kernels, and a kernel-4 stride-2 convolution halves an even size exactly. The
@@ -104,9 +239,11 @@ class ConvNormAct(nn.Sequential):
     norm
         Whether to apply instance normalisation.
     act
-        ``"relu"`` or ``"leaky_relu"`` (slope 0.2).
+        ``"relu"``, ``"leaky_relu"`` (slope 0.2) or ``None`` (no activation).
     stride
         Stride of the convolution.
+    padding_mode
+        ``"zeros"`` or ``"reflect"`` (mirror the border, as the ResNet generator does).
     """
 
     def __init__(
@@ -116,8 +253,9 @@ class ConvNormAct(nn.Sequential):
         out_ch: int,
         kernel_size: int = 3,
         norm: bool = True,
-        act: Activation = "relu",
+        act: Activation | None = "relu",
         stride: int = 1,
+        padding_mode: PaddingMode = "zeros",
     ) -> None:
         conv = conv_nd(spatial_dims)(
             in_ch,
@@ -126,9 +264,11 @@ class ConvNormAct(nn.Sequential):
             stride=stride,
             padding=(kernel_size - 1) // 2,
             bias=not norm,
+            padding_mode=padding_mode,
         )
         layers: list[nn.Module] = [conv]
         if norm:
             layers.append(instance_norm_nd(spatial_dims)(out_ch, affine=True))
-        layers.append(activation(act))
+        if act is not None:
+            layers.append(activation(act))
         super().__init__(*layers)

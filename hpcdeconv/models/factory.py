@@ -10,15 +10,48 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import TypeAdapter
 from torch import nn
 
-from hpcdeconv.config import DiscriminatorConfig, UNetConfig
+from hpcdeconv.config import DiscriminatorConfig, GeneratorConfig, ResNetConfig
+from hpcdeconv.models.checkpointing import apply_checkpointing
 from hpcdeconv.models.discriminators import MultiScalePatchGAN
+from hpcdeconv.models.resnet import ResNetGenerator
 from hpcdeconv.models.unet import UNet
+
+_GENERATOR_CONFIG: TypeAdapter[GeneratorConfig] = TypeAdapter(GeneratorConfig)
+
+
+def _network(
+    cfg: GeneratorConfig, spatial_dims: int, in_channels: int, out_channels: int
+) -> UNet | ResNetGenerator:
+    if isinstance(cfg, ResNetConfig):
+        return ResNetGenerator(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=cfg.channels,
+            n_downsampling=cfg.n_downsampling,
+            n_blocks=cfg.n_blocks,
+            final_activation=cfg.final_activation,
+            global_residual=cfg.global_residual,
+            upsample=cfg.upsample,
+            norm=cfg.norm == "instance",
+        )
+    return UNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=cfg.channels,
+        depth=cfg.depth,
+        final_activation=cfg.final_activation,
+        norm=cfg.norm == "instance",
+        upsample=cfg.upsample,
+    )
 
 
 def build_generator(
-    cfg: UNetConfig,
+    cfg: GeneratorConfig,
     *,
     spatial_dims: int,
     in_channels: int,
@@ -31,30 +64,26 @@ def build_generator(
     Parameters
     ----------
     cfg
-        Generator configuration.
+        Generator configuration: a U-Net or a ResNet generator.
     spatial_dims
         2 or 3.
     in_channels, out_channels
         Channels of input and output images.
     checkpointing
-        Activation checkpointing of the network's stages while training.
+        Activation checkpointing of the network's stages while training
+        (:func:`~hpcdeconv.models.checkpointing.apply_checkpointing`); the weights' names
+        are the same either way.
     start_mean
         Training data's mean of the domain the generator maps into. With
-        ``cfg.head_init == "data"`` the untrained output starts there; ``None``
-        (inference, where the weights are loaded anyway) keeps PyTorch's initialisation.
+        ``cfg.head_init == "data"`` the untrained output starts there (each network's
+        ``start_at``); ``None`` (inference, where the weights are loaded anyway) keeps
+        PyTorch's initialisation.
     """
-    net = UNet(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        channels=cfg.channels,
-        depth=cfg.depth,
-        final_activation=cfg.final_activation,
-        checkpointing=checkpointing,
-        norm=cfg.norm == "instance",
-    )
+    net = _network(cfg, spatial_dims, in_channels, out_channels)
     if cfg.head_init == "data" and start_mean is not None:
         net.start_at(start_mean)
+    if checkpointing:
+        apply_checkpointing(net)
     return net
 
 
@@ -72,9 +101,10 @@ def build_discriminator(
 
 
 def generator_record(
-    cfg: UNetConfig, *, spatial_dims: int, in_channels: int, out_channels: int
+    cfg: GeneratorConfig, *, spatial_dims: int, in_channels: int, out_channels: int
 ) -> dict[str, Any]:
-    """JSON-able description a checkpoint stores to rebuild the generator."""
+    """JSON-able description a checkpoint stores to rebuild the generator (its ``kind``
+    included)."""
     return {
         "generator": cfg.model_dump(mode="json"),
         "spatial_dims": spatial_dims,
@@ -84,9 +114,17 @@ def generator_record(
 
 
 def rebuild_generator(record: Mapping[str, Any]) -> nn.Module:
-    """The (untrained) generator a :func:`generator_record` describes; load weights next."""
+    """The (untrained) generator a :func:`generator_record` describes; load weights next.
+
+    A record's generator without ``kind`` is a U-Net (records written before the ResNet).
+
+    Raises
+    ------
+    pydantic.ValidationError
+        If the record's generator is not a valid generator configuration.
+    """
     return build_generator(
-        UNetConfig.model_validate(record["generator"]),
+        _GENERATOR_CONFIG.validate_python(record["generator"]),
         spatial_dims=int(record["spatial_dims"]),
         in_channels=int(record["in_channels"]),
         out_channels=int(record["out_channels"]),

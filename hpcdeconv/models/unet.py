@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from hpcdeconv.errors import ConfigError
-from hpcdeconv.models.blocks import ConvNormAct, conv_nd, conv_transpose_nd, max_pool_nd
+from hpcdeconv.models.blocks import (
+    ConvNormAct,
+    FinalActivation,
+    ResizeConv,
+    conv_nd,
+    conv_transpose_nd,
+    final_activation_module,
+    max_pool_nd,
+    start_head_at,
+)
 
-log = logging.getLogger(__name__)
-
-#: Factor on the head's centred weights, by final activation, when the head starts at the
-#: data's mean (:meth:`UNet.start_at`). The larger, the faster the head learns; the smaller,
-#: the closer the start. A sigmoid at a dark mean already damps the features' spread by its
-#: slope (≈ the mean), so its weights keep their size: its start is within 10 % of the mean
-#: for the demo's 16-channel U-Net (within 34 % for 4 channels), and the blind CPU demo
-#: passes the input's PSNR within 25 steps (scale 0.5: 50 steps; 0.1: not in 100). A linear
-#: head passes the spread on: 0.1 keeps its start within 15 % (0.5: 75 %).
-HEAD_WEIGHT_SCALE: dict[str, float] = {"sigmoid": 1.0, "none": 0.1}
-#: A sigmoid head's start is clamped into [ε, 1 − ε]: within 1e-3 of any mean in [0, 1],
-#: while the sigmoid's slope there (≈ ε) still lets the bias learn.
-SIGMOID_START_EPS = 1e-3
+Upsample = Literal["transpose", "resize"]
 
 
 class _DoubleConv(nn.Sequential):
@@ -40,14 +33,20 @@ class _DoubleConv(nn.Sequential):
 
 
 class _UpStage(nn.Module):
-    """Transposed-conv ×2 upsampling, concatenation with the skip, then two convolutions."""
+    """×2 upsampling, concatenation with the skip, then two convolutions."""
 
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, norm: bool) -> None:
+    def __init__(
+        self, spatial_dims: int, in_ch: int, out_ch: int, norm: bool, upsample: Upsample
+    ) -> None:
         super().__init__()
         # No bias before normalisation: a per-channel constant is removed by the next norm.
-        self.up = conv_transpose_nd(spatial_dims)(
-            in_ch, out_ch, kernel_size=2, stride=2, bias=not norm
-        )
+        self.up: nn.Module
+        if upsample == "transpose":
+            self.up = conv_transpose_nd(spatial_dims)(
+                in_ch, out_ch, kernel_size=2, stride=2, bias=not norm
+            )
+        else:
+            self.up = ResizeConv(spatial_dims, in_ch, out_ch, bias=not norm)
         self.convs = _DoubleConv(spatial_dims, 2 * out_ch, out_ch, norm)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -63,9 +62,12 @@ class UNet(nn.Module):
     with a pooling step (2× max pooling) and a skip connection after every other
     convolution, i.e. two convolutions per level. Channels double at each level
     (``channels · 2**level``) down to a bottleneck of ``channels · 2**depth``; the expanding
-    path upsamples with a 2×2×2 stride-2 transposed convolution (non-overlapping, so it adds
-    no checkerboard overlap and keeps the receptive field analysis exact), concatenates the
-    skip and applies two convolutions. A 1×1×1 convolution maps to ``out_channels``.
+    path upsamples 2×, concatenates the skip and applies two convolutions. A 1×1×1
+    convolution maps to ``out_channels``. Upsampling is the paper's 2×2×2 stride-2
+    transposed convolution (non-overlapping, but each of the 8 output phases has its own
+    taps, which can leave a period-2 grid when they learn unequal sums), or resize-convolution
+    (nearest-neighbour doubling then a 3×3×3 convolution, :class:`ResizeConv`), which
+    cannot.
 
     Parameter counts in 3D with one input and output channel (``norm=True``):
 
@@ -99,12 +101,15 @@ class UNet(nn.Module):
         Number of pooling steps (≥ 1); spatial input sizes must be multiples of
         ``2**depth`` (see :attr:`size_multiple`).
     final_activation
-        ``"sigmoid"`` for intensities in (0, 1), or ``"none"``.
-    checkpointing
-        Recompute each stage in the backward pass (activation checkpointing) while training.
+        ``"sigmoid"`` for intensities in (0, 1), ``"tanh"`` for (−1, 1), or ``"none"``.
     norm
         Instance normalisation after each convolution; ``False`` gives a strictly local
         network whose output depends only on the receptive field.
+    upsample
+        ``"transpose"`` (the paper's) or ``"resize"`` (resize-convolution).
+
+    Activation checkpointing is applied from outside to the stages
+    :meth:`checkpoint_stages` names (:mod:`hpcdeconv.models.checkpointing`).
     """
 
     def __init__(
@@ -114,20 +119,19 @@ class UNet(nn.Module):
         out_channels: int = 1,
         channels: int = 32,
         depth: int = 3,
-        final_activation: Literal["sigmoid", "none"] = "sigmoid",
-        checkpointing: bool = False,
+        final_activation: FinalActivation = "sigmoid",
         norm: bool = True,
+        upsample: Upsample = "transpose",
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ConfigError(f"UNet depth must be at least 1, got {depth}")
-        if final_activation not in ("sigmoid", "none"):
-            raise ConfigError(
-                f"final_activation must be 'sigmoid' or 'none', got {final_activation!r}"
-            )
+        if upsample not in ("transpose", "resize"):
+            raise ConfigError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
+        self.final = final_activation_module(final_activation)
         self.spatial_dims = spatial_dims
         self.depth = depth
-        self.checkpointing = checkpointing
+        self.upsample = upsample
         widths = [channels * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList(
             _DoubleConv(spatial_dims, c_in, c_out, norm)
@@ -136,12 +140,11 @@ class UNet(nn.Module):
         self.pool = max_pool_nd(spatial_dims)(kernel_size=2, stride=2)
         self.bottleneck = _DoubleConv(spatial_dims, widths[-2], widths[-1], norm)
         self.decoders = nn.ModuleList(
-            _UpStage(spatial_dims, widths[level + 1], widths[level], norm)
+            _UpStage(spatial_dims, widths[level + 1], widths[level], norm, upsample)
             for level in reversed(range(depth))
         )
         self.head = conv_nd(spatial_dims)(widths[0], out_channels, kernel_size=1)
         self.final_activation = final_activation
-        self.final = nn.Sigmoid() if final_activation == "sigmoid" else nn.Identity()
 
     @torch.no_grad()
     def start_at(self, mean: float, weight_scale: float | None = None) -> None:
@@ -155,11 +158,14 @@ class UNet(nn.Module):
         1. ``w`` is centred over the input channels (``Σ_c w_c = 0``), removing the
            common-mode term ``mean(f) · Σ_c w_c``, a per-initialisation offset of about
            ±0.3 in logits that would move a sigmoid's start by ±40 %;
-        2. ``w`` is scaled by ``weight_scale`` (:data:`HEAD_WEIGHT_SCALE`: 1 for a
-           sigmoid, 0.1 for a linear head) so the remaining spatial variation of
-           ``w · f`` is small and ``mean(final(w · f + b)) ≈ final(b)``;
-        3. ``b = final⁻¹(mean)``: ``logit(mean)`` (clamped into [ε, 1 − ε],
-           ε = :data:`SIGMOID_START_EPS`) for a sigmoid head, ``mean`` for a linear one.
+        2. ``w`` is scaled by ``weight_scale``
+           (:data:`~hpcdeconv.models.blocks.HEAD_WEIGHT_SCALE`: 1 for a sigmoid, 0.1 for a
+           tanh or linear head) so the remaining spatial variation of ``w · f`` is small
+           and ``mean(final(w · f + b)) ≈ final(b)``;
+        3. ``b = final⁻¹(mean)``: ``logit(mean)`` for a sigmoid head and ``atanh(mean)``
+           for a tanh head, clamped ε = :data:`~hpcdeconv.models.blocks.SIGMOID_START_EPS`
+           inside the range, ``mean`` for a linear one
+           (:func:`~hpcdeconv.models.blocks.start_head_at`).
 
         Measured over 8 initialisations of a 4-channel depth-2 sigmoid U-Net on sparse
         data (mean 0.0067): the output's mean is 0.91-1.89 × ``mean`` with step 3 alone,
@@ -174,36 +180,14 @@ class UNet(nn.Module):
             domain the network maps into), in the data's units.
         weight_scale
             Factor on the centred head weights, in (0, 1]; ``None``:
-            :data:`HEAD_WEIGHT_SCALE` of the head's activation.
+            :data:`~hpcdeconv.models.blocks.HEAD_WEIGHT_SCALE` of the head's activation.
 
         Raises
         ------
         ValueError
             If ``mean`` is not finite or ``weight_scale`` is not in (0, 1].
         """
-        if not math.isfinite(mean):
-            raise ValueError(f"the head's start mean must be finite, got {mean}")
-        if weight_scale is None:
-            weight_scale = HEAD_WEIGHT_SCALE[self.final_activation]
-        if not 0 < weight_scale <= 1:
-            raise ValueError(f"weight_scale must be in (0, 1], got {weight_scale}")
-        weight = self.head.weight
-        weight.sub_(weight.mean(dim=1, keepdim=True)).mul_(weight_scale)
-        if self.final_activation == "sigmoid":
-            start = min(max(mean, SIGMOID_START_EPS), 1 - SIGMOID_START_EPS)
-            if not 0 < mean < 1:
-                # Data outside (0, 1) cannot be matched by a sigmoid at all.
-                log.warning(
-                    "the data's mean %.3g is outside the sigmoid head's range (0, 1); "
-                    "the head starts at %.3g",
-                    mean,
-                    start,
-                )
-            bias = math.log(start / (1 - start))
-        else:
-            bias = mean
-        assert self.head.bias is not None
-        self.head.bias.fill_(bias)
+        start_head_at(self.head, self.final_activation, mean, weight_scale)
 
     @property
     def size_multiple(self) -> int:
@@ -220,23 +204,31 @@ class UNet(nn.Module):
         inputs lie within ``R_{l+1}`` coarse voxels, i.e. ``2 R_{l+1}`` fine voxels plus up
         to one more from the pooling alignment (which side depends on the parity of the
         output position), and the encoder convolutions add 2. Hence
-        ``R_l = 2 R_{l+1} + 5``. The returned width ``2 R_0 + 1`` is symmetric, so a halo of
-        ``receptive_field() // 2`` voxels suffices for every output position.
+        ``R_l = 2 R_{l+1} + 5``. Resize-convolution upsampling adds its 3-wide convolution
+        at the fine level, one more voxel: ``R_l = 2 R_{l+1} + 6``. The returned width
+        ``2 R_0 + 1`` is symmetric, so a halo of ``receptive_field() // 2`` voxels suffices
+        for every output position.
 
         Returns
         -------
         int
-            ``2 R_0 + 1``: 19, 47, 103, 215 for depth 1, 2, 3, 4.
+            ``2 R_0 + 1``: 19, 47, 103, 215 for depth 1, 2, 3, 4 (transpose); 21, 53, 117,
+            245 (resize).
         """
+        step = 5 if self.upsample == "transpose" else 6
         reach = 2
         for _ in range(self.depth):
-            reach = 2 * reach + 5
+            reach = 2 * reach + step
         return 2 * reach + 1
 
-    def _stage(self, module: Callable[..., Tensor], *args: Tensor) -> Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+    def checkpoint_stages(self) -> list[str]:
+        """Names of the submodules activation checkpointing may recompute: every encoder
+        level, the bottleneck and every decoder level (upsampling and its convolutions)."""
+        return [
+            *(f"encoders.{i}" for i in range(len(self.encoders))),
+            "bottleneck",
+            *(f"decoders.{i}" for i in range(len(self.decoders))),
+        ]
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
@@ -270,10 +262,10 @@ class UNet(nn.Module):
         self._check_input(x)
         skips: list[Tensor] = []
         for encoder in self.encoders:
-            x = self._stage(encoder, x)
+            x = encoder(x)
             skips.append(x)
             x = self.pool(x)
-        x = self._stage(self.bottleneck, x)
+        x = self.bottleneck(x)
         for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
-            x = self._stage(decoder, x, skip)
+            x = decoder(x, skip)
         return self.final(self.head(x))

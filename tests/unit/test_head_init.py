@@ -20,7 +20,8 @@ from hpcdeconv.errors import InputError
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Method
 from hpcdeconv.metrics import psnr
-from hpcdeconv.models.unet import SIGMOID_START_EPS, UNet
+from hpcdeconv.models.blocks import SIGMOID_START_EPS
+from hpcdeconv.models.unet import UNet
 from hpcdeconv.training.feed import TrainingFeed, sampled_mean
 from tests.conftest import TINY_TRAINING
 

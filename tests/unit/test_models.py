@@ -1,4 +1,4 @@
-"""Shapes, parameter counts, receptive field and checkpointing of the networks."""
+"""Shapes, parameter counts and receptive fields of the networks."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from torch import nn
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.models.blocks import (
     ConvNormAct,
+    DoubleByRepeat,
     HalveByMean,
+    ResizeConv,
     conv_nd,
+    final_activation_module,
     instance_norm_nd,
     max_pool_nd,
 )
 from hpcdeconv.models.discriminators import MultiScalePatchGAN, PatchGAN
+from hpcdeconv.models.resnet import ResNetGenerator
 from hpcdeconv.models.unet import UNet
 
 
@@ -55,6 +59,36 @@ def test_halve_by_mean_equals_average_pooling(shape: tuple[int, ...]) -> None:
         HalveByMean(1)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 2, 3, 4, 2)])
+def test_double_by_repeat_equals_nearest_upsampling(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ours = DoubleByRepeat()(x)
+    ref = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    weight = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad((ours * weight).sum(), x)
+    (grad_ref,) = torch.autograd.grad((ref * weight).sum(), x)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_resize_conv_doubles_and_repeats_before_convolving() -> None:
+    up = ResizeConv(2, 3, 5, bias=True)
+    x = torch.randn(2, 3, 4, 6)
+    y = up(x)
+    assert y.shape == (2, 5, 8, 12)
+    torch.testing.assert_close(y, up[1](nn.functional.interpolate(x, scale_factor=2)))
+    assert n_params(up) == 9 * 3 * 5 + 5
+
+
+def test_final_activations() -> None:
+    x = torch.linspace(-5, 5, 11)
+    assert torch.equal(final_activation_module("none")(x), x)
+    torch.testing.assert_close(final_activation_module("tanh")(x), torch.tanh(x))
+    torch.testing.assert_close(final_activation_module("sigmoid")(x), torch.sigmoid(x))
+    with pytest.raises(ConfigError, match="final_activation"):
+        final_activation_module("relu")  # type: ignore[arg-type]
+
+
 def test_conv_norm_act_keeps_size_and_normalises() -> None:
     torch.manual_seed(0)
     block = ConvNormAct(3, 2, 5, act="leaky_relu")
@@ -76,9 +110,16 @@ def test_conv_norm_act_stride_two_halves() -> None:
 
 
 def unet_param_formula(
-    d: int, c_in: int, c_out: int, channels: int, depth: int, norm: bool = True
+    d: int,
+    c_in: int,
+    c_out: int,
+    channels: int,
+    depth: int,
+    norm: bool = True,
+    upsample: str = "transpose",
 ) -> int:
-    """Independent count: k=3 convs (bias only without norm), affine norms, k=2 up-convs."""
+    """Independent count: k=3 convs (bias only without norm), affine norms, k=2 transposed
+    up-convs or k=3 resize up-convs."""
     k = 3**d
     widths = [channels * 2**i for i in range(depth + 1)]
 
@@ -91,29 +132,41 @@ def unet_param_formula(
         total += conv(prev, w) + conv(w, w)
         prev = w
     for i in range(depth):  # decoder levels
-        up = 2**d * widths[i + 1] * widths[i] + (0 if norm else widths[i])
+        taps = 2**d if upsample == "transpose" else 3**d
+        up = taps * widths[i + 1] * widths[i] + (0 if norm else widths[i])
         total += up + conv(2 * widths[i], widths[i]) + conv(widths[i], widths[i])
     return total + widths[0] * c_out + c_out
 
 
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
 @pytest.mark.parametrize(
     ("dims", "channels", "depth", "norm"), [(3, 32, 3, True), (2, 8, 2, True), (3, 4, 2, False)]
 )
-def test_unet_parameter_count(dims: int, channels: int, depth: int, norm: bool) -> None:
-    net = UNet(dims, 1, 2, channels=channels, depth=depth, norm=norm)
-    assert n_params(net) == unet_param_formula(dims, 1, 2, channels, depth, norm)
+def test_unet_parameter_count(
+    dims: int, channels: int, depth: int, norm: bool, upsample: str
+) -> None:
+    net = UNet(dims, 1, 2, channels=channels, depth=depth, norm=norm, upsample=upsample)  # type: ignore[arg-type]
+    assert n_params(net) == unet_param_formula(dims, 1, 2, channels, depth, norm, upsample)
 
 
 def test_unet_default_is_about_5_6_million_parameters() -> None:
     assert n_params(UNet()) == 5_600_897
 
 
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
 @pytest.mark.parametrize(("dims", "shape"), [(3, (2, 1, 16, 24, 32)), (2, (3, 1, 32, 48))])
-def test_unet_shapes_and_sigmoid_range(dims: int, shape: tuple[int, ...]) -> None:
-    net = UNet(dims, 1, 1, channels=4, depth=3)
+def test_unet_shapes_and_sigmoid_range(dims: int, shape: tuple[int, ...], upsample: str) -> None:
+    net = UNet(dims, 1, 1, channels=4, depth=3, upsample=upsample)  # type: ignore[arg-type]
     y = net(torch.randn(shape) * 5)
     assert y.shape == shape
     assert torch.all((y > 0) & (y < 1))
+
+
+def test_unet_tanh_head_and_three_channels_2d() -> None:
+    net = UNet(2, 3, 3, channels=4, depth=2, final_activation="tanh")
+    y = net(torch.randn(2, 3, 16, 12) * 5)
+    assert y.shape == (2, 3, 16, 12)
+    assert torch.all(y.abs() < 1) and (y < 0).any() and (y > 0).any()
 
 
 def test_unet_linear_output_and_channels() -> None:
@@ -135,71 +188,81 @@ def test_unet_rejects_sizes_not_multiple_of_size_multiple() -> None:
 def test_unet_rejects_bad_configuration() -> None:
     with pytest.raises(ConfigError):
         UNet(depth=0)
-    with pytest.raises(ConfigError):
-        UNet(final_activation="tanh")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="final_activation"):
+        UNet(final_activation="relu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="upsample"):
+        UNet(upsample="bilinear")  # type: ignore[arg-type]
 
 
-def _reach(net: UNet, length: int, positions: range) -> tuple[int, int]:
-    """Largest distance below/above an input voxel z at which the output changes."""
-    side = max(net.size_multiple, 4)
-    x = torch.rand(1, 1, length, side, side, generator=torch.Generator().manual_seed(3))
-    x = x.double()
-    bumped = x.repeat(len(positions), 1, 1, 1, 1)
+def _reach(net: nn.Module, length: int, side: int, positions: range) -> tuple[int, int]:
+    """Largest distance below/above an input voxel at which the output changes, probed
+    along the first spatial axis by a bump at each of ``positions``."""
+    dims = net.spatial_dims
+    shape = (1, 1, length, *([side] * (dims - 1)))
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3)).double()
+    bumped = x.repeat(len(positions), *([1] * (dims + 1)))
     for b, z in enumerate(positions):
-        bumped[b, 0, z, 1, 2] += 1e3
+        bumped[(b, 0, z, *([side // 2] * (dims - 1)))] += 1e3
     with torch.no_grad():
-        changed = (net(bumped) - net(x)).abs().amax(dim=(1, 3, 4)) > 1e-12  # (B, Z)
+        other = (1, *range(3, dims + 2))
+        changed = (net(bumped) - net(x)).abs().amax(dim=other) > 1e-12  # (B, length)
     pairs = list(zip(positions, changed, strict=True))
     below = max(z - int(torch.nonzero(row).min()) for z, row in pairs)
     above = max(int(torch.nonzero(row).max()) - z for z, row in pairs)
     return below, above
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_unet_receptive_field_matches_perturbation(depth: int) -> None:
-    # Without instance norm the network is local. Positive weights on a positive input
-    # keep every ReLU open and let a large bump win every max-pool window, so each
-    # structural path shows up as a change.
-    net = UNet(3, channels=2, depth=depth, norm=False, final_activation="none").double().eval()
+def _positive(net: nn.Module) -> nn.Module:
+    """Positive weights on a positive input keep every ReLU open and let a large bump win
+    every max-pool window, so each structural path shows up as a change."""
+    net = net.double().eval()
     with torch.no_grad():
         for p in net.parameters():
             p.uniform_(0.1, 1.0, generator=torch.Generator().manual_seed(p.numel()))
-    radius = net.receptive_field() // 2
+    return net
+
+
+def _probe(net: nn.Module, radius: int) -> tuple[int, int]:
     m = net.size_multiple
-    length = -(-(2 * radius + 2 * m + 8) // m) * m
-    # The reach depends on the output position modulo 2**depth: probe a full period.
-    positions = range(length // 2, length // 2 + m)
-    assert _reach(net, length, positions) == (radius, radius)
+    length = -(-(2 * radius + 4 * m + 16) // m) * m
+    side = max(m, getattr(net, "min_size", 8))
+    # The reach depends on the output position modulo size_multiple: probe a full period.
+    return _reach(net, length, side, range(length // 2, length // 2 + m))
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_unet_receptive_field_matches_perturbation(depth: int, upsample: str) -> None:
+    # Without instance norm the network is local.
+    net = UNet(3, channels=2, depth=depth, norm=False, final_activation="none", upsample=upsample)  # type: ignore[arg-type]
+    radius = _positive(net).receptive_field() // 2
+    assert _probe(net, radius) == (radius, radius)
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+@pytest.mark.parametrize(("n_downsampling", "n_blocks"), [(0, 1), (1, 2), (2, 1), (3, 1)])
+def test_resnet_receptive_field_matches_perturbation(
+    n_downsampling: int, n_blocks: int, upsample: str
+) -> None:
+    net = ResNetGenerator(
+        2,
+        channels=2,
+        n_downsampling=n_downsampling,
+        n_blocks=n_blocks,
+        final_activation="none",
+        upsample=upsample,  # type: ignore[arg-type]
+        norm=False,
+    )
+    below, above = _positive(net).reaches()
+    # A bump at input z changes outputs from z - above to z + below.
+    assert _probe(net, max(below, above)) == (above, below)
+    assert net.receptive_field() == 2 * max(below, above) + 1
 
 
 def test_unet_receptive_field_values() -> None:
     assert [UNet(depth=d).receptive_field() for d in (1, 2, 3, 4)] == [19, 47, 103, 215]
-
-
-def test_checkpointing_gives_identical_outputs_and_gradients() -> None:
-    torch.manual_seed(0)
-    plain = UNet(3, channels=2, depth=2)
-    ckpt = UNet(3, channels=2, depth=2, checkpointing=True)
-    ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 1, 8, 8, 8)
-    outs, grads, calls = [], [], []
-    for net in (plain, ckpt):
-        net.train()
-        count = [0]
-        conv = net.bottleneck[0][0]
-        conv.register_forward_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
-        y = net(x)
-        (y**2).sum().backward()
-        outs.append(y.detach())
-        grads.append([p.grad.clone() for p in net.parameters()])
-        calls.append(count[0])
-    assert calls == [1, 2]  # the checkpointed stage is recomputed during backward
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    for g0, g1 in zip(*grads, strict=True):
-        torch.testing.assert_close(g0, g1, rtol=1e-6, atol=1e-7)
-    ckpt.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ckpt(x), plain.eval()(x))
+    resize = [UNet(depth=d, upsample="resize").receptive_field() for d in (1, 2, 3, 4)]
+    assert resize == [21, 53, 117, 245]
 
 
 # ----------------------------------------------------------------------------- discriminators
