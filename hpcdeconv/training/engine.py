@@ -171,10 +171,11 @@ class Trainer:
     def _build(self, resume: bool | str, overwrite: bool) -> None:
         cfg, strategy = self.cfg, self.strategy
         # The run directory is made (or emptied) only once the data and the method are
-        # known to fit, so a bad setting leaves no folder behind. Rank 0 does it; a refusal
-        # (another run holds it, it is not empty) ends every rank with the same line.
-        strategy.agree(lambda: self.run.claim(bool(resume), overwrite), True)
+        # known to fit (loss networks outside the groups included), so a bad setting
+        # leaves no folder behind. Rank 0 does it; a refusal (another run holds it, it is
+        # not empty) ends every rank with the same line.
         self._place_loss_networks()
+        strategy.agree(lambda: self.run.claim(bool(resume), overwrite), True)
         rates = self.method.learning_rates()
         self.trainables = {
             name: strategy.wrap(module, cfg.optim, cfg.train.steps, lr=rates.get(name), name=name)
