@@ -24,11 +24,7 @@ from hpcdeconv.config import ExperimentConfig, dump_config
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Artefact, Method
-from hpcdeconv.training.agreement import (
-    TrainingDivergedError,
-    agree_on_step,
-    check_weights_finite,
-)
+from hpcdeconv.training.agreement import agree_on_step, check_weights_finite
 from hpcdeconv.training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -39,18 +35,13 @@ from hpcdeconv.training.ema import GeneratorEMA
 from hpcdeconv.training.evaluation import Evaluator
 from hpcdeconv.training.feed import make_feed
 from hpcdeconv.training.launch import build_strategy
+from hpcdeconv.training.loss_networks import place_loss_networks
 from hpcdeconv.training.preemption import StopRequest, requeue_slurm_job
 from hpcdeconv.training.rank_state import load_rank_state, prune_rank_states, save_rank_state
 from hpcdeconv.training.reporting import RunReporter
 from hpcdeconv.training.resume import check_checkpoint
 from hpcdeconv.training.rng import capture_rng_state, restore_rng_state
-from hpcdeconv.training.rundir import (
-    RunDirectory,
-    RunWriteError,
-    check_precision,
-    prepare_run_dir,
-    seed_everything,
-)
+from hpcdeconv.training.rundir import RunDirectory, check_precision, seed_everything
 from hpcdeconv.training.selection import best_tracker
 from hpcdeconv.training.strategy import Strategy
 
@@ -65,17 +56,6 @@ _ENGINE_KEYS = frozenset(
     {"format", "version", "method", "config", "step", "world_size", "groups", "artefact"}
     | {"ema", "best", "feed", "method_state", "rng"}
 )
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "RunSummary",
-    "RunWriteError",
-    "Trainer",
-    "TrainingDivergedError",
-    "default_strategy",
-    "prepare_run_dir",
-    "train",
-]
 
 
 @dataclass
@@ -174,7 +154,7 @@ class Trainer:
         # known to fit (loss networks outside the groups included), so a bad setting
         # leaves no folder behind. Rank 0 does it; a refusal (another run holds it, it is
         # not empty) ends every rank with the same line.
-        self._place_loss_networks()
+        place_loss_networks(self.method, strategy.device)
         strategy.agree(lambda: self.run.claim(bool(resume), overwrite), True)
         rates = self.method.learning_rates()
         self.trainables = {
@@ -198,21 +178,6 @@ class Trainer:
             self._restore(latest_checkpoint(self.run.path))
         # config.yaml always says what runs: on resume it records the applied changes.
         strategy.agree(lambda: dump_config(cfg, self.run.path / "config.yaml"), True)
-
-    def _place_loss_networks(self) -> None:
-        """Frozen loss networks on the device, in eval mode, outside every group.
-
-        Raises
-        ------
-        ValueError
-            A loss network shares a parameter with an optimised group (it would be
-            optimised, broadcast and checkpointed).
-        """
-        grouped = {id(p) for m in self.method.groups().values() for p in m.parameters()}
-        for name, net in self.method.loss_networks().items():
-            if any(id(p) in grouped for p in net.parameters()):
-                raise ValueError(f"loss network {name!r} shares parameters with a trained group")
-            net.to(self.strategy.device).eval().requires_grad_(False)
 
     # ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -14,7 +14,8 @@ step), where the run lives and runs (``output``, ``train.device``, ``data.num_wo
 (``train.grad_checkpointing``, ``train.deterministic``). Refused: everything that shaped
 the saved weights, optimiser and per-rank state: the method and its networks, the data and
 its sampling (``data.path``, ``data.patch``, ``data.batch_size``, augmentation), the seed,
-``optim.betas``, the precision and the strategy.
+the optimiser (``optim.name``, ``optim.betas``, ``optim.weight_decay``: a restored optimiser
+state carries them), the precision and the strategy.
 """
 
 from __future__ import annotations

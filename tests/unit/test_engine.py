@@ -14,8 +14,9 @@ from hpcdeconv.data.zarr_io import create_dataset, set_split, write_volume
 from hpcdeconv.errors import ConfigError, InputError, OutputExistsError
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.inference.predict import predict_volume
+from hpcdeconv.training.agreement import TrainingDivergedError
 from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint
-from hpcdeconv.training.engine import Trainer, TrainingDivergedError, default_strategy, train
+from hpcdeconv.training.engine import Trainer, default_strategy, train
 from hpcdeconv.training.runlog import read_metrics
 from tests.conftest import TINY_TRAINING
 
