@@ -26,6 +26,7 @@ from hpcdeconv.data.zarr_io import (
     BLURRED,
     PSF_KEY,
     SHARP,
+    VolumeMeta,
     get_split,
     open_array,
     open_dataset,
@@ -132,8 +133,9 @@ class TrainingFeed:
         if not first:
             raise InputError(f"{cfg.path}: no training volume is stored in sharp/ or blurred/")
         stored = open_array(group, _any_array(group, first))
-        self.voxel_size = volume_meta(stored).voxel_size
-        self.channels = _channels(stored.shape, len(cfg.patch), cfg.path)
+        self.channels, self.voxel_size = _layout(
+            volume_meta(stored), stored.shape, len(cfg.patch), cfg.path
+        )
         self._data_means: dict[str, float] | None = None
         self._check_volumes()
 
@@ -339,21 +341,28 @@ def sampled_mean(
     return float(acc / count)
 
 
-def _channels(shape: tuple[int, ...], spatial_dims: int, path: Any) -> int:
-    """Channels of a stored image of ``shape``: ``(C, *S)`` has ``C``, ``S`` alone has 1.
+def _layout(
+    meta: VolumeMeta, shape: tuple[int, ...], spatial_dims: int, path: Any
+) -> tuple[int, tuple[float | None, ...]]:
+    """Channels and spatial voxel size (µm) of a stored image with ``meta``'s axes.
+
+    An image with channels has a ``"c"`` axis (OME-NGFF); without one it has one channel.
 
     Raises
     ------
     InputError
-        The image has fewer axes than ``data.patch``, or more than one besides them.
+        The image's spatial axes are not as many as ``data.patch``'s.
     """
-    extra = len(shape) - spatial_dims
-    if extra not in (0, 1):
+    spatial = [i for i, name in enumerate(meta.axes) if name != "c"]
+    if len(spatial) != spatial_dims:
+        axes = ", ".join(meta.axes)
         raise InputError(
-            f"{path}: data.patch has {spatial_dims} axes but the stored images are "
-            f"{tuple(shape)}; give (Y, X) for images and (Z, Y, X) for volumes"
+            f"{path}: data.patch has {spatial_dims} axes but the stored images have "
+            f"{len(spatial)} spatial axes ({axes}); give (Y, X) for images and (Z, Y, X) "
+            "for volumes"
         )
-    return int(shape[0]) if extra else 1
+    channels = int(shape[meta.axes.index("c")]) if "c" in meta.axes else 1
+    return channels, tuple(meta.voxel_size[i] for i in spatial)
 
 
 def _any_array(group: Any, ids: set[str]) -> str:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.config import ExperimentConfig, ImageDomainsData, PairedImagesData, load_config
+from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches
 from hpcdeconv.data.zarr_io import create_dataset, set_split, write_volume
 from hpcdeconv.errors import ConfigError, InputError, OutputExistsError
 from hpcdeconv.inference.model import load_model
@@ -17,6 +18,7 @@ from hpcdeconv.inference.predict import predict_volume
 from hpcdeconv.training.agreement import TrainingDivergedError
 from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint
 from hpcdeconv.training.engine import Trainer, default_strategy, train
+from hpcdeconv.training.feed import TrainingFeed, make_feed
 from hpcdeconv.training.runlog import read_metrics
 from tests.conftest import TINY_TRAINING
 
@@ -131,6 +133,26 @@ def test_checkpoint_records_the_artefact_and_older_checkpoints_resume(
     torch.save(state, path)
     with pytest.raises(InputError, match="holds a psf_parameters artefact under 'regressor'"):
         train(config(tiny_dataset, run, "train.steps=4", *extra), resume=True, progress=False)
+
+
+def test_the_feed_follows_the_data_kind(tiny_dataset: Path) -> None:
+    patch = (16, 16, 16)
+    unpaired = make_feed(ImageDomainsData(path=tiny_dataset, patch=patch), seed=0)
+    paired = make_feed(PairedImagesData(path=tiny_dataset, patch=patch), seed=0)
+    assert isinstance(unpaired, TrainingFeed) and isinstance(paired, TrainingFeed)
+    assert isinstance(unpaired.dataset(0, 1), UnpairedPatches)
+    assert isinstance(paired.dataset(0, 1), PairedPatches)
+    info = paired.info()
+    assert (info.spatial_dims, info.channels, len(info.voxel_size)) == (3, 1, 3)
+    batch = next(paired.loader(start_step=0))
+    assert batch["x"].shape == batch["y"].shape == (1, 1, *patch)
+    validation = paired.validation((11, 16, 16))
+    assert validation is not None and [v.vid for v in validation.volumes] == ["val000"]
+    assert validation.volumes[0].sharp.shape == (11, 16, 16)
+    none = make_feed(ImageDomainsData(path=tiny_dataset, patch=patch, val_volumes=0), seed=0)
+    assert none.validation() is None
+    with pytest.raises(InputError, match=r"data\.patch has 2 axes but the stored images have 3"):
+        make_feed(ImageDomainsData(path=tiny_dataset, patch=(16, 16)), seed=0)
 
 
 def test_fp16_on_cpu_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
