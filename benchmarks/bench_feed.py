@@ -149,7 +149,7 @@ def data_config(path: Path, patch: int, workers: int) -> ImageDomainsData:
 def feed_rate(label: str, path: Path, patch: int, workers: int, samples: int) -> FeedRate:
     """Time the first batch (worker start-up included), then ``samples`` more."""
     feed = TrainingFeed(data_config(path, patch, workers), seed=0)
-    batches = feed.loader(start_step=0, paired=False, steps=samples + 1)
+    batches = feed.loader(start_step=0, steps=samples + 1)
     t0 = time.perf_counter()
     next(batches)
     t1 = time.perf_counter()
@@ -238,7 +238,7 @@ def memory_child(path: Path, patch: int, samples: int) -> None:
 
     baseline = kib("VmRSS")
     feed = TrainingFeed(data_config(path, patch, 0), seed=0)
-    for _ in feed.loader(start_step=0, paired=False, steps=samples):
+    for _ in feed.loader(start_step=0, steps=samples):
         pass
     print(json.dumps({"baseline": baseline / 1024, "peak": kib("VmHWM") / 1024}))
 
@@ -428,7 +428,7 @@ def run(args: argparse.Namespace, workdir: Path) -> str:
     print(f"step: {step}", file=sys.stderr)
 
     def unaligned(path: Path) -> UnpairedPatches:
-        dataset = TrainingFeed(data_config(path, patch, 0), seed=0).dataset(0, 1 << 20, False)
+        dataset = TrainingFeed(data_config(path, patch, 0), seed=0).dataset(0, 1 << 20)
         assert isinstance(dataset, UnpairedPatches)
         return dataset
 

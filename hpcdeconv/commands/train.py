@@ -96,12 +96,15 @@ def _report(method: str, summary: RunSummary, ema: bool) -> None:
     print(f"trained {method} for {summary.steps} steps -> {summary.run_dir}")
     if losses:
         print(f"final losses: {losses}")
-    if summary.validation:
-        val = {k: summary.validation.get(k, float("nan")) for k in VAL_KEYS}
-        which = " (EMA of G)" if ema else ""
+    which = " (EMA weights)" if ema else ""
+    if set(VAL_KEYS) <= set(summary.validation):
+        val = summary.validation
         print(
             f"validation{which}: PSNR {val['psnr_input']:.2f} -> {val['psnr']:.2f} dB, "
             f"SSIM {val['ssim_input']:.3f} -> {val['ssim']:.3f}"
         )
+    elif summary.validation:
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in summary.validation.items())
+        print(f"validation{which}: {scores}")
     for name, path in summary.exports.items():
         print(f"exported {name}: {path}")

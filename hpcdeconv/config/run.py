@@ -13,7 +13,13 @@ from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel
 
 
 class OptimConfig(StrictModel):
-    """Adam per network; linear decay to zero from ``decay_start`` (a step) if set."""
+    """One optimiser per group (Adam or AdamW); linear decay to zero from ``decay_start``.
+
+    ``weight_decay`` is Adam's L2 term added to the gradient (``adam``) or AdamW's
+    decoupled decay of the weights (``adamw``); 0 (the default) adds none.
+    """
+
+    name: Literal["adam", "adamw"] = "adam"
 
     #: Finite and below float32's largest value: optimiser states are float32 tensors.
     lr: Annotated[float, Field(gt=0, lt=3.4e38, allow_inf_nan=False)] = 1e-4
@@ -21,6 +27,7 @@ class OptimConfig(StrictModel):
         0.5,
         0.999,
     )
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     decay_start: Annotated[int, Field(ge=0)] | None = None
 
 
@@ -40,9 +47,9 @@ class TrainConfig(StrictModel):
     image_every: PositiveInt = 100
     val_tile: Shape = (64, 64, 64)
     val_overlap: Annotated[int, Field(ge=0)] = 16
-    #: Validation metric that selects the ``best`` checkpoint (higher is better);
-    #: ``"none"`` keeps no best checkpoint.
-    best_metric: Literal["psnr", "ssim", "none"] = "psnr"
+    #: Validation metric that selects the ``best`` checkpoint: one the method reports
+    #: (its direction is the method's); ``"none"`` keeps no best checkpoint.
+    best_metric: Annotated[str, Field(min_length=1)] = "psnr"
     #: Decay of an exponential moving average of G_Θ's weights, kept, validated and saved
     #: beside the trained weights (e.g. 0.999); ``None`` keeps none.
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None

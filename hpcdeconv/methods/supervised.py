@@ -21,6 +21,7 @@ class Supervised(Method):
     """MSE (or MSE + LSGAN) training of G_Θ on pairs."""
 
     paired = True
+    data_kind = "paired"
 
     def __init__(
         self,

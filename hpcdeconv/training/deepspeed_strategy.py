@@ -1,10 +1,11 @@
 """DeepSpeed strategy: one engine per group, ZeRO stage and precision from the YAML.
 
-Each group becomes a ``deepspeed.initialize`` engine around a client ``torch.optim.Adam``
-(DeepSpeed then compiles no fused optimiser) with the linear-decay schedule of
-``optim:``, so the optimisation is the one the other strategies run, with the optimiser
-states (ZeRO-1) and gradients (ZeRO-2) partitioned over the ranks. The DeepSpeed JSON is
-built from the YAML; ``strategy.deepspeed.extra`` may add keys but not contradict it.
+Each group becomes a ``deepspeed.initialize`` engine around a client optimiser of
+:func:`~hpcdeconv.training.optim.build_optimizer` (DeepSpeed then compiles no fused one)
+with the linear-decay schedule of ``optim:``, so the optimisation is the one the other
+strategies run, with the optimiser states (ZeRO-1) and gradients (ZeRO-2) partitioned over
+the ranks. The DeepSpeed JSON is built from the YAML; ``strategy.deepspeed.extra`` may add
+keys but not contradict it.
 
 Checkpoints. DeepSpeed state is partitioned, so every rank writes its part::
 
@@ -30,7 +31,9 @@ from torch import nn
 
 from hpcdeconv.config import DeepSpeedConfig, OptimConfig, deep_merge
 from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.precision import autocast_dtype
 from hpcdeconv.training.checkpoint import CKPT_DIR, prune_unreferenced, step_tag
+from hpcdeconv.training.optim import build_optimizer
 from hpcdeconv.training.strategy import (
     DistributedStrategy,
     Trainable,
@@ -46,7 +49,7 @@ SHARD_DIR = "deepspeed"
 _QUIET_STEPS = 2**31 - 1
 # Sections whose content the YAML decides entirely.
 _OWNED_SECTIONS = {
-    "optimizer": "optim (a client Adam)",
+    "optimizer": "optim (a client optimiser)",
     "scheduler": "optim.decay_start (linear decay)",
 }
 # Mixed precision runs through DeepSpeed's torch-autocast mode, never its bf16/fp16 modes.
@@ -58,7 +61,6 @@ _OWNED_SECTIONS = {
 # why CPU runs never saw it. In torch-autocast mode the weights stay fp32 and the engine
 # runs its forward under autocast of the same dtype as the trainer: every strategy then
 # computes the same mixed-precision step, and fp16 gets DeepSpeed's gradient scaler.
-_DS_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 _OFF_LEAVES = ("bf16.enabled", "bfloat16.enabled", "fp16.enabled", "amp.enabled")
 
 
@@ -106,10 +108,11 @@ def deepspeed_config(
         "steps_per_print": _QUIET_STEPS,
         "wall_clock_breakdown": False,
     }
-    if precision in _DS_DTYPES:
+    dtype = _deepspeed_dtype(precision)
+    if dtype is not None:
         base["torch_autocast"] = {
             "enabled": True,
-            "dtype": _DS_DTYPES[precision],
+            "dtype": dtype,
             # Gradients are reduced in fp32, as DDP does: the networks are small, and a bf16
             # all-reduce would make ZeRO's step differ from the other strategies'.
             "lower_precision_safe_modules": [],
@@ -129,12 +132,19 @@ def _owned_values(
         "gradient_accumulation_steps": (1, "one optimiser step per training step"),
         "zero_optimization.stage": (ds.zero_stage, "strategy.deepspeed.zero_stage"),
     }
-    owned["torch_autocast.enabled"] = (precision in _DS_DTYPES, f"train.precision={precision}")
-    if precision in _DS_DTYPES:
-        owned["torch_autocast.dtype"] = (_DS_DTYPES[precision], f"train.precision={precision}")
+    dtype = _deepspeed_dtype(precision)
+    owned["torch_autocast.enabled"] = (dtype is not None, f"train.precision={precision}")
+    if dtype is not None:
+        owned["torch_autocast.dtype"] = (dtype, f"train.precision={precision}")
     for leaf in _OFF_LEAVES:
         owned[leaf] = (False, f"train.precision={precision} (fp32 weights under autocast)")
     return owned
+
+
+def _deepspeed_dtype(precision: str) -> str | None:
+    """DeepSpeed's name of the autocast dtype of ``precision`` (``"bfloat16"``), or ``None``."""
+    dtype = autocast_dtype(precision)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _nested(extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,7 +321,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         if name in self.trainables:
             raise ValueError(f"group {name!r} is already wrapped")
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr or optim.lr, betas=optim.betas)
+        optimizer = build_optimizer(params, optim, lr or optim.lr)
         factor = linear_decay(total_steps, optim.decay_start)
         engine, *_ = deepspeed.initialize(
             model=module,

@@ -1,23 +1,25 @@
 """The training feed: lazily read, rank-sharded patches from a zarr dataset.
 
-Every rank (and every DataLoader worker) opens the store itself and reads only the
-chunks its patches touch; no rank loads whole training volumes. Batch ``k`` of the loader
-is training step ``start_step + k``, and each sample is a pure function of
-``(seed, rank, step, index)``, so a resumed run sees exactly the batches it would have.
+:func:`make_feed` chooses the feed of the data's ``kind``; every feed has the same
+interface (``info``, ``loader``, ``validation``, ``state_dict``/``load_state_dict``), so
+the engine knows none of them. Every rank (and every DataLoader worker) opens the store
+itself and reads only the chunks its patches touch; no rank loads whole training volumes.
+Batch ``k`` of the loader is training step ``start_step + k``, and each sample is a pure
+function of ``(seed, rank, step, index)``, so a resumed run sees exactly the batches it would have.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from hpcdeconv.config import ImageDomainsData
+from hpcdeconv.config import DataConfig, ImageDomainsData, PSFSamplesData
 from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches, ZarrVolumes
 from hpcdeconv.data.layout import volume_meta
 from hpcdeconv.data.sampling import PatchSampler
@@ -25,6 +27,7 @@ from hpcdeconv.data.zarr_io import (
     BLURRED,
     PSF_KEY,
     SHARP,
+    VolumeMeta,
     get_split,
     open_array,
     open_dataset,
@@ -32,6 +35,9 @@ from hpcdeconv.data.zarr_io import (
 )
 from hpcdeconv.errors import InputError
 from hpcdeconv.methods.base import DataInfo
+
+if TYPE_CHECKING:
+    from hpcdeconv.training.validate import ValidationSet
 
 #: Voxels read per domain for :meth:`TrainingFeed.data_means` (64 MiB of float32, read one
 #: storage chunk at a time): the exact mean for datasets up to this size, beyond it the
@@ -41,13 +47,63 @@ MEAN_SAMPLE_VOXELS = 1 << 24
 _MEAN_SAMPLE_SEED = 0
 
 
+class Feed(Protocol):
+    """What the engine asks of the training data of one rank, whatever its kind."""
+
+    def info(self) -> DataInfo:
+        """What the method needs to know of the data to build its networks."""
+        ...
+
+    def loader(
+        self, start_step: int, pin_memory: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of the data's kind; batch ``k`` is training step ``start_step + k``."""
+        ...
+
+    def validation(self, crop: tuple[int, ...] | None = None) -> Any:
+        """The fixed validation data of the run (read once), or ``None`` if it has none."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run must find unchanged."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse to resume onto other data."""
+        ...
+
+
+def make_feed(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> Feed:
+    """The feed of ``cfg.kind`` for one rank.
+
+    ``domains``: unpaired sharp and blurred patches; ``paired``: patches at the same place
+    of both; ``psf_samples``: (patch, PSF parameters, validity) samples.
+
+    Raises
+    ------
+    InputError
+        The dataset does not hold what its kind needs.
+    """
+    match cfg:
+        case ImageDomainsData():
+            return TrainingFeed(cfg, seed, rank, world_size)
+        case PSFSamplesData():
+            from hpcdeconv.data.samples import PSFSampleFeed
+
+            return PSFSampleFeed(cfg, seed, rank, world_size)
+    raise TypeError(f"unknown data configuration {type(cfg).__name__}")
+
+
 class TrainingFeed:
-    """Training patches and validation volumes of one dataset, for one rank.
+    """Training patches and validation volumes of one image dataset, for one rank.
+
+    ``cfg.kind`` decides the batches: ``domains`` draws the sharp and the blurred patch of
+    a sample independently, ``paired`` at the same place of one volume pair.
 
     Parameters
     ----------
     cfg
-        Data configuration (dataset path, patch shape, batch size, workers).
+        Data configuration (kind, dataset path, patch shape, batch size, workers).
     seed
         Run seed (shared by all ranks; the rank decorrelates the draws).
     rank, world_size
@@ -76,8 +132,17 @@ class TrainingFeed:
         first = blurred & set(self.train_ids) or sharp & set(self.train_ids)
         if not first:
             raise InputError(f"{cfg.path}: no training volume is stored in sharp/ or blurred/")
-        self.voxel_size = volume_meta(open_array(group, _any_array(group, first))).voxel_size
+        stored = open_array(group, _any_array(group, first))
+        self.channels, self.voxel_size = _layout(
+            volume_meta(stored), stored.shape, len(cfg.patch), cfg.path
+        )
         self._data_means: dict[str, float] | None = None
+        self._check_volumes()
+
+    @property
+    def paired(self) -> bool:
+        """Whether a sample's two patches come from the same place of one volume pair."""
+        return self.cfg.kind == "paired"
 
     def data_means(self) -> dict[str, float]:
         """Mean intensity of the training volumes of each stored domain, by batch key.
@@ -113,16 +178,16 @@ class TrainingFeed:
         """What the methods need to know of this data (dims, channels, voxel size, PSF, means)."""
         return DataInfo(
             spatial_dims=len(self.cfg.patch),
-            channels=1,
+            channels=self.channels,
             voxel_size=tuple(float(v) for v in self.voxel_size),
             psf=self.psf,
             means=self.data_means(),
         )
 
-    def require(self, paired: bool) -> None:
-        """Check the dataset holds the domains a method needs and the patch fits."""
-        shapes = self.volumes.paired_shapes() if paired else None
-        if not paired:
+    def _check_volumes(self) -> None:
+        """Check the dataset holds the domains its kind needs and the patch fits."""
+        shapes = self.volumes.paired_shapes() if self.paired else None
+        if not self.paired:
             sharp, blurred = self.volumes.shapes(SHARP), self.volumes.shapes(BLURRED)
             for domain, found in ((SHARP, sharp), (BLURRED, blurred)):
                 if not found:
@@ -138,7 +203,7 @@ class TrainingFeed:
                     f"data.patch {self.cfg.patch} is larger than volume '{vid}' {shape}"
                 )
 
-    def dataset(self, start_step: int, steps: int, paired: bool) -> Dataset:
+    def dataset(self, start_step: int, steps: int) -> Dataset:
         """The map-style dataset whose batch ``k`` is step ``start_step + k``."""
         common = {
             "batch_size": self.cfg.batch_size,
@@ -147,7 +212,7 @@ class TrainingFeed:
             "augment": self.cfg.augment,
         }
         sampler = _sampler_factory(self.cfg, self.seed, self.rank, self.world_size)
-        if paired:
+        if self.paired:
             return PairedPatches(self.volumes, sampler(self.volumes.paired_shapes()), **common)
         return UnpairedPatches(
             self.volumes,
@@ -157,11 +222,19 @@ class TrainingFeed:
         )
 
     def loader(
-        self, start_step: int, paired: bool, pin_memory: bool = False, steps: int = 1 << 30
+        self, start_step: int, pin_memory: bool = False, steps: int = 1 << 30
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches ``{"x": (B,1,Z,Y,X) sharp, "y": (B,1,Z,Y,X) blurred}`` from ``start_step``."""
+        """Batches ``{"x": (B, C, *S) sharp, "y": (B, C, *S) blurred}`` from ``start_step``.
+
+        ``steps`` bounds the number of batches (benchmarks); training reads on.
+
+        Raises
+        ------
+        InputError
+            A patch holds NaN or Inf voxels (named with its step).
+        """
         loader = DataLoader(
-            self.dataset(start_step, steps, paired),
+            self.dataset(start_step, steps),
             batch_size=self.cfg.batch_size,
             shuffle=False,
             num_workers=self.cfg.num_workers,
@@ -176,6 +249,15 @@ class TrainingFeed:
                         f"{self.cfg.path}: NaN or Inf voxels in a {name} patch at step {step + 1}"
                     )
             yield batch
+
+    def validation(self, crop: tuple[int, ...] | None = None) -> ValidationSet | None:
+        """The validation volumes cut once to the centred ``crop``, ``None`` without any."""
+        if not self.val_ids:
+            return None
+        # Imported here: validation reads through this feed (it imports this module).
+        from hpcdeconv.training.validate import ValidationSet
+
+        return ValidationSet.from_feed(self, crop)
 
     def read_pair(self, vid: str) -> tuple[np.ndarray, np.ndarray]:
         """Whole validation volume: (blurred, sharp), each (Z, Y, X) float32."""
@@ -259,13 +341,37 @@ def sampled_mean(
     return float(acc / count)
 
 
+def _layout(
+    meta: VolumeMeta, shape: tuple[int, ...], spatial_dims: int, path: Any
+) -> tuple[int, tuple[float | None, ...]]:
+    """Channels and spatial voxel size (µm) of a stored image with ``meta``'s axes.
+
+    An image with channels has a ``"c"`` axis (OME-NGFF); without one it has one channel.
+
+    Raises
+    ------
+    InputError
+        The image's spatial axes are not as many as ``data.patch``'s.
+    """
+    spatial = [i for i, name in enumerate(meta.axes) if name != "c"]
+    if len(spatial) != spatial_dims:
+        axes = ", ".join(meta.axes)
+        raise InputError(
+            f"{path}: data.patch has {spatial_dims} axes but the stored images have "
+            f"{len(spatial)} spatial axes ({axes}); give (Y, X) for images and (Z, Y, X) "
+            "for volumes"
+        )
+    channels = int(shape[meta.axes.index("c")]) if "c" in meta.axes else 1
+    return channels, tuple(meta.voxel_size[i] for i in spatial)
+
+
 def _any_array(group: Any, ids: set[str]) -> str:
     vid = sorted(ids)[0]
     return f"{BLURRED}/{vid}" if f"{BLURRED}/{vid}" in group else f"{SHARP}/{vid}"
 
 
 def _sampler_factory(cfg: ImageDomainsData, seed: int, rank: int, world_size: int) -> Any:
-    def make(shapes: Mapping[str, tuple[int, int, int]]) -> PatchSampler:
+    def make(shapes: Mapping[str, tuple[int, ...]]) -> PatchSampler:
         return PatchSampler(shapes, cfg.patch, seed, rank=rank, world_size=world_size)
 
     return make

@@ -14,16 +14,20 @@ step), where the run lives and runs (``output``, ``train.device``, ``data.num_wo
 (``train.grad_checkpointing``, ``train.deterministic``). Refused: everything that shaped
 the saved weights, optimiser and per-rank state: the method and its networks, the data and
 its sampling (``data.path``, ``data.patch``, ``data.batch_size``, augmentation), the seed,
-``optim.betas``, the precision and the strategy.
+the optimiser (``optim.name``, ``optim.betas``, ``optim.weight_decay``: a restored optimiser
+state carries them), the precision and the strategy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from hpcdeconv.errors import ConfigError
+from hpcdeconv.config import ExperimentConfig
+from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.training.checkpoint import LATEST, count_nonfinite, list_checkpoints
 
 #: Keys (or key prefixes, ending in ".") a resumed run may change.
 APPLIED = (
@@ -146,3 +150,70 @@ def check_world_size(saved: int, given: int, checkpoint: str) -> None:
             f"{given}: the global batch and every rank's patch stream and history pool would "
             f"change; relaunch with {saved} process(es), or start a new run"
         )
+
+
+def check_checkpoint(
+    state: Mapping[str, Any],
+    path: Path,
+    given: ExperimentConfig,
+    world_size: int,
+    artefact: tuple[str, str],
+) -> list[Change]:
+    """Whether a loaded checkpoint can continue under this launch; the applied changes.
+
+    Parameters
+    ----------
+    state
+        The loaded checkpoint.
+    path
+        Its file (``RUN/checkpoints/step_*.pt``), for messages.
+    given
+        This launch's configuration.
+    world_size
+        This launch's number of processes.
+    artefact
+        ``(kind, key)`` of the artefact the method makes. A checkpoint without an
+        ``artefact`` record (written before it existed) holds an image-to-image one
+        under ``"deblur"``.
+
+    Returns
+    -------
+    list of Change
+        Keys the resumed run takes from ``given`` (see :func:`check_resume_config`).
+
+    Raises
+    ------
+    InputError
+        The checkpoint is of another method or artefact, or holds non-finite weights
+        (the line names the earlier checkpoints to resume from instead).
+    ConfigError
+        Another world size, or a changed key that shaped the saved state.
+    """
+    if state.get("method") != given.method.name:
+        raise InputError(
+            f"checkpoint {path} is from method '{state.get('method')}', "
+            f"the configuration asks for '{given.method.name}'"
+        )
+    check_world_size(int(state.get("world_size", 1)), world_size, str(path))
+    applied = check_resume_config(state["config"], given.model_dump(mode="json"), str(path))
+    saved = dict(state.get("artefact", {"kind": "image_to_image", "key": "deblur"}))
+    kind, key = artefact
+    if (saved.get("kind"), saved.get("key")) != (kind, key):
+        raise InputError(
+            f"checkpoint {path} holds a {saved.get('kind')} artefact under "
+            f"'{saved.get('key')}', the method makes a {kind} one under '{key}'"
+        )
+    bad = count_nonfinite({k: state[k] for k in (key, f"{key}_ema", "groups") if k in state})
+    if bad:
+        earlier = [p.name for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+        how = (
+            f"to resume from an earlier one ({', '.join(earlier)}), write its name into "
+            f"{path.parent / LATEST}"
+            if earlier
+            else "start a new run"
+        )
+        raise InputError(
+            f"checkpoint {path} holds {bad} non-finite weight(s): it was written after "
+            f"training diverged; {how}"
+        )
+    return applied

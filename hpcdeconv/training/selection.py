@@ -7,20 +7,22 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-log = logging.getLogger(__name__)
+from hpcdeconv.errors import ConfigError
 
-#: Metrics that may select the best checkpoint; all are better when higher.
-SELECTABLE = ("psnr", "ssim")
+log = logging.getLogger(__name__)
 
 
 class BestTracker:
-    """The best validation score of a run so far, by one metric (higher is better).
+    """The best validation score of a run so far, by one metric.
 
     Parameters
     ----------
     metric
-        ``"psnr"``, ``"ssim"`` (keys of :func:`hpcdeconv.training.validate.validate`'s
-        result) or ``"none"``, which never improves (no best checkpoint is kept).
+        A key of the method's validation result (e.g. ``"psnr"``, ``"r2"``) or
+        ``"none"``, which never improves (no best checkpoint is kept).
+    higher_is_better
+        The metric's direction (PSNR, SSIM and R² are better when higher, a loss when
+        lower).
 
     Attributes
     ----------
@@ -30,10 +32,9 @@ class BestTracker:
         Its score (PSNR in dB, SSIM unitless), or ``None``.
     """
 
-    def __init__(self, metric: str) -> None:
-        if metric != "none" and metric not in SELECTABLE:
-            raise ValueError(f"best metric {metric!r} is not one of {[*SELECTABLE, 'none']}")
+    def __init__(self, metric: str, higher_is_better: bool = True) -> None:
         self.metric = metric
+        self.higher_is_better = higher_is_better
         self.step: int | None = None
         self.value: float | None = None
 
@@ -58,10 +59,14 @@ class BestTracker:
         if self.metric not in metrics:
             raise KeyError(f"validation gave {sorted(metrics)}, not {self.metric!r}")
         value = float(metrics[self.metric])
-        if not math.isfinite(value) or (self.value is not None and value <= self.value):
+        if not math.isfinite(value) or (self.value is not None and not self._beats(value)):
             return False
         self.step, self.value = int(step), value
         return True
+
+    def _beats(self, value: float) -> bool:
+        assert self.value is not None
+        return value > self.value if self.higher_is_better else value < self.value
 
     def state_dict(self) -> dict[str, Any]:
         """The tracker as numbers and strings (checkpoint-safe)."""
@@ -85,3 +90,31 @@ class BestTracker:
             return
         self.step = None if state.get("step") is None else int(state["step"])
         self.value = None if state.get("value") is None else float(state["value"])
+
+
+def best_tracker(metric: str, metrics: Mapping[str, bool], method: str) -> BestTracker:
+    """The tracker of ``train.best_metric`` for a method reporting ``metrics``.
+
+    Parameters
+    ----------
+    metric
+        ``train.best_metric``.
+    metrics
+        The method's selectable metrics, each with whether higher is better.
+    method
+        The method's name, for the message.
+
+    Raises
+    ------
+    ConfigError
+        The method does not report ``metric``.
+    """
+    if metric == "none":
+        return BestTracker(metric)
+    if metric not in metrics:
+        known = ", ".join([*metrics, "none"])
+        raise ConfigError(
+            f"train.best_metric {metric!r} is not a validation metric of method {method} "
+            f"(one of {known})"
+        )
+    return BestTracker(metric, higher_is_better=bool(metrics[metric]))

@@ -23,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpcdeconv.config import OptimConfig
 from hpcdeconv.errors import HpcdeconvError
+from hpcdeconv.precision import autocast_dtype
+from hpcdeconv.training.optim import build_optimizer
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -123,7 +123,7 @@ class Trainable(ABC):
 
 
 class LocalTrainable(Trainable):
-    """A group trained in this process with Adam, optional GradScaler and linear decay.
+    """A group trained in this process: optimiser, optional GradScaler, linear decay.
 
     ``wrapped`` is what forward calls go through: the module itself for the single
     strategy, a ``DistributedDataParallel`` around it for DDP.
@@ -142,7 +142,7 @@ class LocalTrainable(Trainable):
         self.wrapped = wrapped
         params = [p for p in module.parameters() if p.requires_grad]
         self.base_lr = lr or optim.lr
-        self.optimizer = torch.optim.Adam(params, lr=self.base_lr, betas=optim.betas)
+        self.optimizer = build_optimizer(params, optim, self.base_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_decay(total_steps, optim.decay_start)
         )
@@ -226,7 +226,7 @@ class Strategy(ABC):
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype of the configured precision (``None`` for fp32)."""
-        return _DTYPES.get(self.precision)
+        return autocast_dtype(self.precision)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for forward passes (bf16 on CPU/GPU, fp16 on GPU)."""

@@ -30,7 +30,7 @@ from hpcdeconv.training.checkpoint import (
     save_checkpoint,
 )
 from hpcdeconv.training.engine import train
-from hpcdeconv.training.selection import BestTracker
+from hpcdeconv.training.selection import BestTracker, best_tracker
 from tests.conftest import TINY_TRAINING
 
 STEPS = 4
@@ -227,8 +227,6 @@ def test_best_tracker_keeps_the_highest_score() -> None:
 def test_best_tracker_none_never_improves_and_resumes_exactly() -> None:
     none = BestTracker("none")
     assert not none.enabled and not none.update(1, {"psnr": 99.0})
-    with pytest.raises(ValueError, match="not one of"):
-        BestTracker("loss")
     a = BestTracker("psnr")
     a.update(100, {"psnr": 27.3})
     state = json.loads(json.dumps(a.state_dict()))  # plain numbers and strings
@@ -241,9 +239,36 @@ def test_best_tracker_none_never_improves_and_resumes_exactly() -> None:
     assert c.value is None and c.update(400, {"ssim": 0.1})
 
 
-def test_best_metric_configuration() -> None:
+def test_a_lower_is_better_metric_keeps_the_lowest_score() -> None:
+    tracker = BestTracker("loss", higher_is_better=False)
+    swings = [(1, 0.5), (2, 0.3), (3, 0.4), (4, 0.3), (5, 0.1)]
+    assert [tracker.update(s, {"loss": v}) for s, v in swings] == [True, True, False, False, True]
+    assert (tracker.step, tracker.value) == (5, 0.1)
+
+
+def test_best_metric_is_one_the_method_reports(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert load_config(ExperimentConfig, None, []).train.best_metric == "psnr"
-    cfg = load_config(ExperimentConfig, None, ["train.best_metric=none"])
-    assert cfg.train.best_metric == "none"
-    with pytest.raises(ConfigError, match=r"'train\.best_metric': Input should be 'psnr'"):
-        load_config(ExperimentConfig, None, ["train.best_metric=loss"])
+    assert load_config(ExperimentConfig, None, ["train.best_metric=none"]).train.best_metric == (
+        "none"
+    )
+    tracker = best_tracker("ssim", {"psnr": True, "ssim": True}, "supervised")
+    assert (tracker.metric, tracker.higher_is_better) == ("ssim", True)
+    assert not best_tracker("none", {"r2": True}, "psf_regression").enabled
+    assert best_tracker("mae", {"mae": False}, "m").higher_is_better is False
+    # Refused at build time with one line, before the run directory exists.
+    from hpcdeconv.cli import main
+
+    run = tmp_path / "run"
+    sets = [*TINY_TRAINING, f"data.path={tiny_dataset}", "train.best_metric=r2"]
+    argv = ["train", "--output", str(run), *[a for item in sets for a in ("--set", item)]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "hpcdeconv train: error: train.best_metric 'r2' is not a validation metric of method "
+        "blind_cyclegan (one of psnr, ssim, none)"
+    ]
+    assert not run.exists()
+    with pytest.raises(ConfigError, match="best_metric"):
+        best_tracker("loss", {"psnr": True}, "supervised")

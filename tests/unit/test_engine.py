@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.config import ExperimentConfig, ImageDomainsData, PairedImagesData, load_config
+from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches
 from hpcdeconv.data.zarr_io import create_dataset, set_split, write_volume
 from hpcdeconv.errors import ConfigError, InputError, OutputExistsError
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.inference.predict import predict_volume
+from hpcdeconv.training.agreement import TrainingDivergedError
 from hpcdeconv.training.checkpoint import latest_checkpoint, load_checkpoint
-from hpcdeconv.training.engine import TrainingDivergedError, train
+from hpcdeconv.training.engine import Trainer, default_strategy, train
+from hpcdeconv.training.feed import TrainingFeed, make_feed
 from hpcdeconv.training.runlog import read_metrics
 from tests.conftest import TINY_TRAINING
 
@@ -78,6 +82,7 @@ def test_nonblind_uses_the_dataset_psf_and_keeps_it_fixed(
 
 
 def test_bf16_and_gradient_checkpointing_paths_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    """A real bf16 step computes G_Θ's convolutions in bf16 and recomputes them in backward."""
     cfg = config(
         tiny_dataset,
         tmp_path / "bf16",
@@ -86,8 +91,68 @@ def test_bf16_and_gradient_checkpointing_paths_run(tiny_dataset: Path, tmp_path:
         "train.grad_checkpointing=true",
         "method.kernel.size=[7, 7, 7]",
     )
-    summary = train(cfg, progress=False)
+    trainer = Trainer(cfg, default_strategy(cfg), progress=False)
+    convs = [m for m in trainer.artefact.network.modules() if isinstance(m, nn.Conv3d)]
+    dtypes: list[torch.dtype] = []
+
+    def record(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if module.training:  # the training step, not validation (eval mode)
+            dtypes.append(output.dtype)
+
+    hooks = [conv.register_forward_hook(record) for conv in convs]
+    try:
+        summary = trainer.fit()
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert all(np.isfinite(v) for v in summary.losses.values())
+    assert convs and set(dtypes) == {torch.bfloat16}
+    # G_Θ runs twice per step (G(y) and G(blur(x))); checkpointing runs it again in backward.
+    assert len(dtypes) > 2 * len(convs)
+
+
+def test_checkpoint_records_the_artefact_and_older_checkpoints_resume(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    extra = ("method.name=supervised", "train.ema_decay=0.5")
+    train(config(tiny_dataset, run, "train.steps=2", *extra), progress=False)
+    path = latest_checkpoint(run)
+    state = load_checkpoint(path)
+    assert (state["artefact"]["kind"], state["artefact"]["key"]) == ("image_to_image", "deblur")
+    assert set(state["deblur"]) == set(state["deblur_ema"]) == set(state["groups"]["G"]["module"])
+    # A checkpoint written before the artefact record resumes as it always did.
+    del state["artefact"]
+    torch.save(state, path)
+    train(config(tiny_dataset, run, "train.steps=3", *extra), resume=True, progress=False)
+    assert load_checkpoint(run)["step"] == 3
+    # One of another artefact does not.
+    path = latest_checkpoint(run)
+    state = load_checkpoint(path)
+    state["artefact"] = {"kind": "psf_parameters", "key": "regressor"}
+    torch.save(state, path)
+    with pytest.raises(InputError, match="holds a psf_parameters artefact under 'regressor'"):
+        train(config(tiny_dataset, run, "train.steps=4", *extra), resume=True, progress=False)
+
+
+def test_the_feed_follows_the_data_kind(tiny_dataset: Path) -> None:
+    patch = (16, 16, 16)
+    unpaired = make_feed(ImageDomainsData(path=tiny_dataset, patch=patch), seed=0)
+    paired = make_feed(PairedImagesData(path=tiny_dataset, patch=patch), seed=0)
+    assert isinstance(unpaired, TrainingFeed) and isinstance(paired, TrainingFeed)
+    assert isinstance(unpaired.dataset(0, 1), UnpairedPatches)
+    assert isinstance(paired.dataset(0, 1), PairedPatches)
+    info = paired.info()
+    assert (info.spatial_dims, info.channels, len(info.voxel_size)) == (3, 1, 3)
+    batch = next(paired.loader(start_step=0))
+    assert batch["x"].shape == batch["y"].shape == (1, 1, *patch)
+    validation = paired.validation((11, 16, 16))
+    assert validation is not None and [v.vid for v in validation.volumes] == ["val000"]
+    assert validation.volumes[0].sharp.shape == (11, 16, 16)
+    none = make_feed(ImageDomainsData(path=tiny_dataset, patch=patch, val_volumes=0), seed=0)
+    assert none.validation() is None
+    with pytest.raises(InputError, match=r"data\.patch has 2 axes but the stored images have 3"):
+        make_feed(ImageDomainsData(path=tiny_dataset, patch=(16, 16)), seed=0)
 
 
 def test_fp16_on_cpu_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from hpcdeconv.data.safety import (
 from hpcdeconv.data.simulate import simulate
 from hpcdeconv.data.zarr_io import create_dataset, read_volume, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
-from hpcdeconv.training.engine import prepare_run_dir, train
+from hpcdeconv.training.engine import train
+from hpcdeconv.training.rundir import prepare_run_dir
 from tests.conftest import TINY_SIMULATION, TINY_TRAINING
 
 # --------------------------------------------------------------------------------------
