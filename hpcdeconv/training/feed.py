@@ -88,7 +88,7 @@ def make_feed(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) ->
         case ImageDomainsData():
             return TrainingFeed(cfg, seed, rank, world_size)
         case PSFSamplesData():
-            from hpcdeconv.data.samples import PSFSampleFeed
+            from hpcdeconv.data.sample_feed import PSFSampleFeed
 
             return PSFSampleFeed(cfg, seed, rank, world_size)
     raise TypeError(f"unknown data configuration {type(cfg).__name__}")
