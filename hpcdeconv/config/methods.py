@@ -13,14 +13,19 @@ from pydantic import (
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveFloat, Shape3D, StrictModel
+from hpcdeconv.config.base import PositiveFloat, Shape, StrictModel
 from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
 
 
 class KernelConfig(StrictModel):
-    """The learnable (blind) or fixed (non-blind) linear blur path ``h``."""
+    """The learnable (blind) or fixed (non-blind) linear blur path ``h``.
 
-    size: Shape3D = (31, 31, 31)
+    ``size`` has one side per spatial axis of the training data: ``(Z, Y, X)`` for
+    volumes, ``(Y, X)`` for 2D images (checked when the method is built).
+    ``penalty_weight`` is λ of the generator loss term ``λ Q(h)``.
+    """
+
+    size: Shape = (31, 31, 31)
     init: Literal["delta", "gaussian", "file", "dataset"] = "gaussian"
     sigma: PositiveFloat = 2.0
     file: Path | None = None
@@ -42,11 +47,18 @@ class KnownKernelConfig(KernelConfig):
 
 
 class GANLossConfig(StrictModel):
-    """Adversarial and cycle terms: ``L = L_adv + gamma * L_cycle (+ lambda Q(h))``."""
+    """Generator loss ``L_adv + cycle_weight L_cycle + identity_weight L_identity`` (+ λ Q(h)).
+
+    ``identity_weight`` weighs ``‖G(x) − x‖₁`` on sharp images (and ``‖F(y) − y‖₁`` for a
+    deep blurring generator F); 0, the default, does not compute the term.
+    ``pool_size`` is the number of past fakes kept per judged domain for the
+    discriminator step.
+    """
 
     adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
     gp_eta: PositiveFloat = 10.0
     cycle_weight: Annotated[float, Field(ge=0)] = 10.0
+    identity_weight: Annotated[float, Field(ge=0)] = 0.0
     pool_size: Annotated[int, Field(ge=0)] = 50
 
 
@@ -87,7 +99,11 @@ class CycleGANConfig(StrictModel):
 
 
 class SupervisedConfig(StrictModel):
-    """U-Net on paired data: MSE, plus an LSGAN term if ``adversarial_weight`` > 0."""
+    """Generator on paired data: MSE, plus an adversarial term if ``adversarial_weight`` > 0.
+
+    ``adversarial`` (LSGAN or WGAN-GP with gradient-penalty weight ``gp_eta``) is the
+    loss of that term and of its discriminator.
+    """
 
     name: Literal["supervised"] = "supervised"
     #: Kind of training data (``data.kind``) the method trains on.
@@ -95,6 +111,8 @@ class SupervisedConfig(StrictModel):
     generator: UNetConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     adversarial_weight: Annotated[float, Field(ge=0)] = 0.0
+    adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
+    gp_eta: PositiveFloat = 10.0
 
 
 def _method_tag(value: Any) -> str:
