@@ -95,7 +95,7 @@ def worker(out: Path, overrides: list[str], warmup: int, steps: int) -> None:
             name: sum(p.numel() for p in t.module.parameters())
             for name, t in trainer.trainables.items()
         }
-        batches = trainer.feed.loader(start_step=0, paired=trainer.method.paired)
+        batches = trainer.feed.loader(start_step=0, paired=trainer.method.data_kind == "paired")
         for i in range(warmup + steps):
             if i == warmup:
                 strategy.barrier()

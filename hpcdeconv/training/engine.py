@@ -156,7 +156,7 @@ class Trainer:
             seed=cfg.train.seed + 7919 * strategy.rank,
             checkpointing=cfg.train.grad_checkpointing,
         )
-        self.feed.require(paired=self.method.paired)
+        self.feed.require(paired=self.method.data_kind == "paired")
         # One writer per run directory: rank 0 holds the lock for the life of the run.
         self.lock = OutputLock(self.run_dir, "train")
         try:
@@ -184,7 +184,9 @@ class Trainer:
         self.method.bind(self.trainables)
         tc = cfg.train
         # Averaged weights of G_Θ (identical on every rank, as G_Θ is).
-        self.ema = GeneratorEMA(self.method.deblur_net(), tc.ema_decay) if tc.ema_decay else None
+        self.ema = (
+            GeneratorEMA(self.method.artefact().network, tc.ema_decay) if tc.ema_decay else None
+        )
         self.best = BestTracker(tc.best_metric)
         self.val_set: ValidationSet | None = None
         self.val_metrics: dict[str, float] = {}
@@ -209,7 +211,7 @@ class Trainer:
             "world_size": self.strategy.world_size,
             "groups": {name: t.state_dict() for name, t in self.trainables.items()},
             # G_Θ alone, so inference needs neither the method nor the training data.
-            "deblur": self.method.deblur_net().state_dict(),
+            "deblur": self.method.artefact().network.state_dict(),
             **self._ema_state(),
             "best": self.best.state_dict(),
             "feed": self.feed.state_dict(),
@@ -363,7 +365,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         pin = self.strategy.device.type == "cuda"
-        batches = self.feed.loader(start_step=self.step, paired=self.method.paired, pin_memory=pin)
+        batches = self.feed.loader(
+            start_step=self.step, paired=self.method.data_kind == "paired", pin_memory=pin
+        )
         for batch in batches:
             yield {k: v.to(self.strategy.device, non_blocking=pin) for k, v in batch.items()}
 
@@ -418,7 +422,7 @@ class Trainer:
         if self.val_set is None:
             # Read and cut once: every evaluation scores the same voxels.
             self.val_set = ValidationSet.from_feed(self.feed, tc.val_crop)
-        nets = {"val": self.method.deblur_net()}
+        nets = {"val": self.method.artefact().network}
         if self.ema is not None:
             nets["val_ema"] = self.ema.module
         scores = {}
@@ -495,7 +499,7 @@ class Trainer:
                     losses = self.method.step(batch)
                 level = self._agree_on_step(losses, stop)
                 if self.ema is not None:
-                    self.ema.update(self.method.deblur_net())
+                    self.ema.update(self.method.artefact().network)
                 self.step += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
