@@ -25,8 +25,7 @@ from hpcdeconv.methods.image_pool import ImagePool
 from hpcdeconv.methods.image_to_image import ImageToImageMethod
 from hpcdeconv.models.factory import build_discriminator
 
-#: Name under which each generator loss term is logged (names of the logs before terms
-#: were configurable).
+#: Name under which each generator loss term is logged: the names existing run logs use.
 LOGGED_AS = {
     "adversarial": "adv_g",
     "cycle": "cycle",
@@ -159,9 +158,9 @@ class CycleGANMethod(ImageToImageMethod):
     checkpointing
         Activation checkpointing of the generators.
     blur
-        Builds the blurring path X → Y; called after G_Θ is built, so that initial
-        weights are drawn in the same order as before the methods were built from
-        :class:`DataInfo` (G_Θ, the blurring path, then the discriminators).
+        Builds the blurring path X → Y; called after G_Θ is built, so that the random
+        initial weights are drawn in one fixed order (G_Θ, blurring path,
+        discriminators): a given seed starts every run of a method identically.
     domains
         Judged domains (``"x"``: φ on X; ``"y"``: ψ on Y), each with a discriminator
         of ``discriminator``.
