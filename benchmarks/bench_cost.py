@@ -132,7 +132,7 @@ def parameter_counts(method: Method) -> dict[str, int]:
     return {
         "blur": n_params(blur),
         "blur_fixed": n_params(blur, trainable_only=False) - n_params(blur),
-        "deblur": n_params(method.deblur_net()),
+        "deblur": n_params(method.artefact().network),
         "disc": n_params(groups.get("D")),
         "total": sum(n_params(g) for g in groups.values()),
     }

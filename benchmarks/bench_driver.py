@@ -51,7 +51,7 @@ from hpcdeconv.inference.frozen import inference_network
 from hpcdeconv.inference.model import LoadedModel, load_model
 from hpcdeconv.inference.predict import Model, predict_volume
 from hpcdeconv.inference.tiling import Block
-from hpcdeconv.methods.cycle import build_unet
+from hpcdeconv.models.factory import build_generator
 from hpcdeconv.training.checkpoint import save_checkpoint
 from hpcdeconv.training.engine import CHECKPOINT_FORMAT
 
@@ -94,7 +94,7 @@ def make_checkpoint(run_dir: Path) -> LoadedModel:
         ExperimentConfig, None, ["method.generator.channels=16", "method.generator.depth=3"]
     )
     torch.manual_seed(0)
-    net = build_unet(cfg.method.generator, checkpointing=False)
+    net = build_generator(cfg.method.generator, spatial_dims=3, in_channels=1, out_channels=1)
     state = {
         "format": CHECKPOINT_FORMAT,
         "deblur": net.state_dict(),

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import markdown_table, write_section
 from benchmarks.bench_cost import bind_method, random_batch
 from hpcdeconv.config import ExperimentConfig, load_config
-from hpcdeconv.methods.cycle import build_unet
+from hpcdeconv.models.factory import build_generator
 from hpcdeconv.models.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,11 @@ def unet(channels: int, device: torch.device) -> UNet:
     """The paper's G_Θ (depth 3, linear head for timing) with ``channels`` base channels."""
     overrides = [f"method.generator.channels={channels}", "method.generator.final_activation=none"]
     cfg = load_config(ExperimentConfig, PAPER, overrides)
-    return build_unet(cfg.method.generator, checkpointing=False).to(device).eval()
+    return (
+        build_generator(cfg.method.generator, spatial_dims=3, in_channels=1, out_channels=1)
+        .to(device)
+        .eval()
+    )
 
 
 def tile_flops(net: torch.nn.Module, tile: int, batch: int, device: torch.device) -> float:

@@ -14,11 +14,16 @@ from pydantic import (
 )
 
 from hpcdeconv.config.base import PositiveFloat, Shape, StrictModel
-from hpcdeconv.config.networks import DiscriminatorConfig, UNetConfig
+from hpcdeconv.config.networks import DiscriminatorConfig, GeneratorConfig, UNetConfig
 
 
 class KernelConfig(StrictModel):
-    """The learnable (blind) or fixed (non-blind) linear blur path ``h``."""
+    """The learnable (blind) or fixed (non-blind) linear blur path ``h``.
+
+    ``size`` has one side per spatial axis of the training data: ``(Z, Y, X)`` for
+    volumes, ``(Y, X)`` for 2D images (checked when the method is built).
+    ``penalty_weight`` is λ of the generator loss term ``λ Q(h)``.
+    """
 
     size: Shape = (31, 31, 31)
     init: Literal["delta", "gaussian", "file", "dataset"] = "gaussian"
@@ -42,11 +47,18 @@ class KnownKernelConfig(KernelConfig):
 
 
 class GANLossConfig(StrictModel):
-    """Adversarial and cycle terms: ``L = L_adv + gamma * L_cycle (+ lambda Q(h))``."""
+    """Generator loss ``L_adv + cycle_weight L_cycle + identity_weight L_identity`` (+ λ Q(h)).
+
+    ``identity_weight`` weighs ``‖G(x) − x‖₁`` on sharp images (and ``‖F(y) − y‖₁`` for a
+    deep blurring generator F); 0, the default, does not compute the term.
+    ``pool_size`` is the number of past fakes kept per judged domain for the
+    discriminator step.
+    """
 
     adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
     gp_eta: PositiveFloat = 10.0
     cycle_weight: Annotated[float, Field(ge=0)] = 10.0
+    identity_weight: Annotated[float, Field(ge=0)] = 0.0
     pool_size: Annotated[int, Field(ge=0)] = 50
 
 
@@ -56,7 +68,7 @@ class BlindCycleGANConfig(StrictModel):
     name: Literal["blind_cyclegan"] = "blind_cyclegan"
     #: Kind of training data (``data.kind``) the method trains on.
     data_kind: ClassVar[str] = "domains"
-    generator: UNetConfig = Field(default_factory=UNetConfig)
+    generator: GeneratorConfig = Field(default_factory=UNetConfig)
     kernel: KernelConfig = Field(default_factory=KernelConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     loss: GANLossConfig = Field(default_factory=GANLossConfig)
@@ -68,7 +80,7 @@ class NonBlindCycleGANConfig(StrictModel):
     name: Literal["nonblind_cyclegan"] = "nonblind_cyclegan"
     #: Kind of training data (``data.kind``) the method trains on.
     data_kind: ClassVar[str] = "domains"
-    generator: UNetConfig = Field(default_factory=UNetConfig)
+    generator: GeneratorConfig = Field(default_factory=UNetConfig)
     kernel: KnownKernelConfig = Field(default_factory=KnownKernelConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     loss: GANLossConfig = Field(default_factory=GANLossConfig)
@@ -80,21 +92,27 @@ class CycleGANConfig(StrictModel):
     name: Literal["cyclegan"] = "cyclegan"
     #: Kind of training data (``data.kind``) the method trains on.
     data_kind: ClassVar[str] = "domains"
-    generator: UNetConfig = Field(default_factory=UNetConfig)
-    blur_generator: UNetConfig = Field(default_factory=UNetConfig)
+    generator: GeneratorConfig = Field(default_factory=UNetConfig)
+    blur_generator: GeneratorConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     loss: GANLossConfig = Field(default_factory=GANLossConfig)
 
 
 class SupervisedConfig(StrictModel):
-    """U-Net on paired data: MSE, plus an LSGAN term if ``adversarial_weight`` > 0."""
+    """Generator on paired data: MSE, plus an adversarial term if ``adversarial_weight`` > 0.
+
+    ``adversarial`` (LSGAN or WGAN-GP with gradient-penalty weight ``gp_eta``) is the
+    loss of that term and of its discriminator.
+    """
 
     name: Literal["supervised"] = "supervised"
     #: Kind of training data (``data.kind``) the method trains on.
     data_kind: ClassVar[str] = "paired"
-    generator: UNetConfig = Field(default_factory=UNetConfig)
+    generator: GeneratorConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     adversarial_weight: Annotated[float, Field(ge=0)] = 0.0
+    adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
+    gp_eta: PositiveFloat = 10.0
 
 
 def _method_tag(value: Any) -> str:

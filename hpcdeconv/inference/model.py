@@ -20,7 +20,7 @@ from torch import nn
 
 from hpcdeconv.config import ExperimentConfig, build_config
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.methods.cycle import build_unet
+from hpcdeconv.models.factory import build_generator
 from hpcdeconv.training.checkpoint import (
     CheckpointChoice,
     choose_checkpoint,
@@ -127,7 +127,7 @@ def load_model(
     if bad:
         what = "EMA generator weight(s)" if kind == "ema" else "generator weight(s)"
         raise InputError(f"{ckpt}: {bad} {what} are NaN or Inf; use an earlier checkpoint")
-    net = build_unet(cfg.method.generator, checkpointing=False)
+    net = build_generator(cfg.method.generator, spatial_dims=3, in_channels=1, out_channels=1)
     try:
         net.load_state_dict(state[key])
     except RuntimeError as exc:

@@ -1,4 +1,4 @@
-"""Cycle-consistency loss of the cycleGAN with a blur kernel."""
+"""Cycle-consistency and identity-mapping losses of the cycleGANs."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def cycle_loss(x: Tensor, x_rec: Tensor, y: Tensor, y_rec: Tensor) -> Tensor:
     Parameters
     ----------
     x, x_rec
-        Sharp images and their reconstructions ``G(h ∗ x)``, same shape (B, C, Z, Y, X).
+        Sharp images and their reconstructions ``G(h ∗ x)``, same shape (B, C, *S).
     y, y_rec
-        Measurements and their reconstructions ``h ∗ G(y)``, same shape (B, C, Z, Y, X).
+        Measurements and their reconstructions ``h ∗ G(y)``, same shape (B, C, *S).
 
     Returns
     -------
@@ -32,3 +32,29 @@ def cycle_loss(x: Tensor, x_rec: Tensor, y: Tensor, y_rec: Tensor) -> Tensor:
             )
     # fp32 whatever precision the networks ran in (autocast leaves subtraction in bf16).
     return (x.float() - x_rec.float()).abs().mean() + (y.float() - y_rec.float()).abs().mean()
+
+
+def identity_loss(images: Tensor, mapped: Tensor) -> Tensor:
+    """Identity-mapping loss ``E‖a − G(a)‖₁`` (Zhu et al., ICCV 2017, section 5.2).
+
+    A generator fed an image already of its output domain should return it unchanged: the
+    deblurring generator G on sharp images ``x``, a deep blurring generator F on blurred
+    ``y``. The weight is applied by the caller.
+
+    Parameters
+    ----------
+    images, mapped
+        Images of the generator's output domain and the generator's output for them, same
+        shape (B, C, *S).
+
+    Returns
+    -------
+    Tensor
+        Scalar, fp32.
+    """
+    if images.shape != mapped.shape:
+        raise ValueError(
+            f"identity_loss: images have shape {tuple(images.shape)} but the generator's "
+            f"output {tuple(mapped.shape)}"
+        )
+    return (images.float() - mapped.float()).abs().mean()

@@ -32,14 +32,13 @@ def build_method(cfg: MethodConfig, data: DataInfo, *, seed: int, checkpointing:
     from hpcdeconv.methods.nonblind_cyclegan import NonBlindCycleGAN
     from hpcdeconv.methods.supervised import Supervised
 
-    means = dict(data.means)
     match cfg:
         case BlindCycleGANConfig():
-            return BlindCycleGAN(cfg, data.psf, seed, checkpointing, data.voxel_size, means)
+            return BlindCycleGAN(cfg, data, seed=seed, checkpointing=checkpointing)
         case NonBlindCycleGANConfig():
-            return NonBlindCycleGAN(cfg, data.psf, seed, checkpointing, means)
+            return NonBlindCycleGAN(cfg, data, seed=seed, checkpointing=checkpointing)
         case CycleGANConfig():
-            return CycleGAN(cfg, seed, checkpointing, means)
+            return CycleGAN(cfg, data, seed=seed, checkpointing=checkpointing)
         case SupervisedConfig():
-            return Supervised(cfg, checkpointing, means)
+            return Supervised(cfg, data, checkpointing=checkpointing)
     raise TypeError(f"unknown method configuration {type(cfg).__name__}")

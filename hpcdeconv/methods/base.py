@@ -146,18 +146,11 @@ class Method(ABC):
         Returns the detached scalar losses of the step by name.
         """
 
-    # TRANSITION (issue 14, removed by the methods helper): today's engine reads these.
-    paired: ClassVar[bool] = False
-
-    def deblur_net(self) -> nn.Module:
-        """The deblurring generator (transition: use :meth:`artefact`)."""
-        raise NotImplementedError
-
+    @abstractmethod
     def artefact(self) -> Artefact:
         """The network inference uses (its EMA, when kept, is of this network)."""
-        # TRANSITION default (image-to-image methods); the methods helper replaces it.
-        return Artefact("image_to_image", "deblur", self.deblur_net(), {})
 
+    @abstractmethod
     def validate(
         self,
         network: nn.Module,
@@ -171,12 +164,6 @@ class Method(ABC):
         settings (tile, overlap, autocast dtype); the returned names include
         :attr:`metrics`. Runs on one rank, under ``torch.no_grad``.
         """
-        # TRANSITION default (image-to-image methods); the methods helper replaces it.
-        from hpcdeconv.training.validate import validate
-
-        return validate(
-            network, data, settings.tile, settings.overlap, device, settings.autocast_dtype
-        )
 
     def images(self) -> dict[str, torch.Tensor]:
         """Images of the last step for image summaries, each ``(*S)``."""

@@ -1,4 +1,4 @@
-"""Conventional cycleGAN baseline: a second deep 3D U-Net F : X → Y as the blurring path.
+"""Conventional cycleGAN baseline: a second deep generator F : X → Y as the blurring path.
 
 Same objective as the blind method (eq. 13) with h * replaced by F, i.e. two deep
 generators (about twice the parameters and step time).
@@ -6,31 +6,49 @@ generators (about twice the parameters and step time).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from hpcdeconv.config import CycleGANConfig
-from hpcdeconv.methods.cycle import CycleGANMethod, build_discriminator, build_unet
+from hpcdeconv.methods.base import DataInfo
+from hpcdeconv.methods.cycle import CycleGANMethod
+from hpcdeconv.models.factory import build_generator
 
 
 class CycleGAN(CycleGANMethod):
-    """G_Θ and F (two 3D U-Nets), discriminators φ on X and ψ on Y."""
+    """G_Θ and F (two deep generators), discriminators φ on X and ψ on Y.
+
+    The identity term (``loss.identity_weight`` > 0) maps both ways: ‖G(x) − x‖₁ and
+    ‖F(y) − y‖₁.
+
+    Parameters
+    ----------
+    cfg
+        Method configuration.
+    data
+        The training data's description.
+    seed
+        Seed of the history pools.
+    checkpointing
+        Activation checkpointing of both generators.
+    """
 
     def __init__(
-        self,
-        cfg: CycleGANConfig,
-        seed: int,
-        checkpointing: bool,
-        data_means: Mapping[str, float] | None = None,
+        self, cfg: CycleGANConfig, data: DataInfo, *, seed: int, checkpointing: bool
     ) -> None:
-        means = data_means or {}
         super().__init__(
+            cfg.generator,
+            data,
+            checkpointing,
             # G : Y → X starts at the sharp domain's mean, F : X → Y at the blurred one's.
-            deblur=build_unet(cfg.generator, checkpointing, means.get("x")),
-            blur=build_unet(cfg.blur_generator, checkpointing, means.get("y")),
-            discs={
-                "x": build_discriminator(cfg.discriminator),
-                "y": build_discriminator(cfg.discriminator),
-            },
+            blur=lambda: build_generator(
+                cfg.blur_generator,
+                spatial_dims=data.spatial_dims,
+                in_channels=data.channels,
+                out_channels=data.channels,
+                checkpointing=checkpointing,
+                start_mean=data.means.get("y"),
+            ),
+            discriminator=cfg.discriminator,
+            domains=("x", "y"),
             loss=cfg.loss,
             seed=seed,
+            blur_identity=True,
         )

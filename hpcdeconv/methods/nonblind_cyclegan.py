@@ -8,30 +8,46 @@ discriminator ψ of the blurred domain is dropped and only φ (sharp domain) rem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
-
 from hpcdeconv.config import NonBlindCycleGANConfig
-from hpcdeconv.methods.cycle import CycleGANMethod, build_discriminator, build_unet
+from hpcdeconv.methods.base import DataInfo
+from hpcdeconv.methods.cycle import CycleGANMethod, check_kernel_size
 from hpcdeconv.models.psf_layer import build_psf_layer
 
 
 class NonBlindCycleGAN(CycleGANMethod):
-    """G_Θ (3D U-Net), fixed h from the dataset or a file, discriminator φ on X only."""
+    """G_Θ, fixed h from the dataset or a file, discriminator φ on X only.
+
+    Parameters
+    ----------
+    cfg
+        Method configuration.
+    data
+        The training data's description (its stored PSF for ``kernel.init: dataset``);
+        ``kernel.size`` has its ``spatial_dims`` axes.
+    seed
+        Seed of the history pool.
+    checkpointing
+        Activation checkpointing of G_Θ.
+
+    Raises
+    ------
+    ConfigError
+        If ``kernel.size`` does not have one side per spatial axis of the data.
+    InputError
+        If the PSF cannot be read or does not match ``kernel.size``.
+    """
 
     def __init__(
-        self,
-        cfg: NonBlindCycleGANConfig,
-        dataset_psf: np.ndarray | None,
-        seed: int,
-        checkpointing: bool,
-        data_means: Mapping[str, float] | None = None,
+        self, cfg: NonBlindCycleGANConfig, data: DataInfo, *, seed: int, checkpointing: bool
     ) -> None:
+        check_kernel_size(cfg.kernel.size, data.spatial_dims)
         super().__init__(
-            deblur=build_unet(cfg.generator, checkpointing, (data_means or {}).get("x")),
-            blur=build_psf_layer(cfg.kernel, dataset_psf, learnable=False),
-            discs={"x": build_discriminator(cfg.discriminator)},
+            cfg.generator,
+            data,
+            checkpointing,
+            blur=lambda: build_psf_layer(cfg.kernel, data.psf, learnable=False),
+            discriminator=cfg.discriminator,
+            domains=("x",),
             loss=cfg.loss,
             seed=seed,
         )

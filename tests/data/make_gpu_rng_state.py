@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcdeconv.losses.image_pool import ImagePool
+from hpcdeconv.methods.image_pool import ImagePool
 from hpcdeconv.training.rng import capture_rng_state
 
 

@@ -51,9 +51,8 @@ import torch.distributed as tdist
 from hpcdeconv.config import DiscriminatorConfig, ExperimentConfig, UNetConfig, load_config
 from hpcdeconv.losses.adversarial import WGANGP
 from hpcdeconv.losses.cycle import cycle_loss
-from hpcdeconv.methods.cycle import (
-    CycleGenerators, DomainDiscriminators, build_discriminator, build_unet,
-)
+from hpcdeconv.methods.cycle import CycleGenerators, DomainDiscriminators
+from hpcdeconv.models.factory import build_discriminator, build_generator
 from hpcdeconv.models.psf_layer import PSFLayer
 from hpcdeconv.training.engine import Trainer
 from hpcdeconv.training.launch import build_strategy
@@ -95,12 +94,16 @@ def g_loss(gens, discs, x, y):
 def checks(strategy, cfg, report_dir):
     rank = strategy.rank
     torch.manual_seed(100 + rank)  # rank-dependent initialisation on purpose
-    gens = CycleGenerators(build_unet(UNetConfig(channels=4, depth=2), False),
+    unet = build_generator(UNetConfig(channels=4, depth=2), spatial_dims=3, in_channels=1,
+                           out_channels=1)
+    gens = CycleGenerators(unet,
                            PSFLayer((5, 5, 5), init="gaussian", sigma=1.0))
     discs = DomainDiscriminators(
         WGANGP(10.0),
-        x=build_discriminator(DiscriminatorConfig(channels=4, n_layers=2, n_scales=2)),
-        y=build_discriminator(DiscriminatorConfig(channels=4, n_layers=2, n_scales=2)),
+        x=build_discriminator(DiscriminatorConfig(channels=4, n_layers=2, n_scales=2),
+                              spatial_dims=3, in_channels=1),
+        y=build_discriminator(DiscriminatorConfig(channels=4, n_layers=2, n_scales=2),
+                              spatial_dims=3, in_channels=1),
     )
     fixed = PSFLayer((5, 5, 5), init=torch.rand(5, 5, 5).numpy(), learnable=False)
     G = strategy.wrap(gens, cfg.optim, 10, name="G")

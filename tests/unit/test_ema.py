@@ -16,7 +16,7 @@ from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.inference.driver import NetworkProcessor, _cached_network
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.inference.predict import predict_volume
-from hpcdeconv.methods.cycle import build_unet
+from hpcdeconv.models.factory import build_generator
 from hpcdeconv.training.checkpoint import (
     CKPT_DIR,
     latest_checkpoint,
@@ -124,12 +124,12 @@ def _train(net: nn.Module, ema: GeneratorEMA, opt: torch.optim.Optimizer, steps:
 
 def test_resumed_ema_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    whole = build_unet(TINY_UNET, checkpointing=False)
+    whole = build_generator(TINY_UNET, spatial_dims=3, in_channels=1, out_channels=1)
     start = {k: v.clone() for k, v in whole.state_dict().items()}
     ema = GeneratorEMA(whole, decay=0.9)
     _train(whole, ema, torch.optim.Adam(whole.parameters(), lr=1e-2), range(6))
 
-    broken = build_unet(TINY_UNET, checkpointing=False)
+    broken = build_generator(TINY_UNET, spatial_dims=3, in_channels=1, out_channels=1)
     broken.load_state_dict(start)
     opt = torch.optim.Adam(broken.parameters(), lr=1e-2)
     first = GeneratorEMA(broken, decay=0.9)
@@ -146,7 +146,7 @@ def test_resumed_ema_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     # A fresh process: new networks with other weights, then everything restored.
     loaded = load_checkpoint(tmp_path)
     torch.manual_seed(1)
-    resumed = build_unet(TINY_UNET, checkpointing=False)
+    resumed = build_generator(TINY_UNET, spatial_dims=3, in_channels=1, out_channels=1)
     resumed.load_state_dict(loaded["net"])
     opt = torch.optim.Adam(resumed.parameters(), lr=1e-2)
     opt.load_state_dict(loaded["opt"])
@@ -264,7 +264,12 @@ def test_cluster_workers_load_the_weights_the_client_chose(ema_run: Path) -> Non
     for processor, key in ((raw, "deblur"), (ema, "deblur_ema")):
         cpu = torch.device("cpu")
         net = _cached_network(processor.checkpoint, cpu, None, False, processor.weights)
-        reference = build_unet(load_model(ema_run).config.method.generator, checkpointing=False)
+        reference = build_generator(
+            load_model(ema_run).config.method.generator,
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+        )
         reference.load_state_dict(state[key])
         with torch.inference_mode():
             assert torch.equal(net(x), reference.eval()(x))

@@ -9,13 +9,15 @@ import torch
 from hpcdeconv.config import UNetConfig
 from hpcdeconv.inference.frozen import FrozenNetwork, inference_network
 from hpcdeconv.inference.predict import predict_volume
-from hpcdeconv.methods.cycle import build_unet
+from hpcdeconv.models.factory import build_generator
 
 
 @pytest.fixture(scope="module")
 def net() -> torch.nn.Module:
     torch.manual_seed(3)
-    return build_unet(UNetConfig(channels=4, depth=2), checkpointing=False).eval()
+    return build_generator(
+        UNetConfig(channels=4, depth=2), spatial_dims=3, in_channels=1, out_channels=1
+    ).eval()
 
 
 def test_each_shape_gets_its_own_trace_with_the_eager_output(net: torch.nn.Module) -> None:

@@ -74,8 +74,8 @@ def test_untrained_generator_starts_at_the_data_mean(
     mean = _exact_mean(tiny_dataset, "sharp", feed.train_ids)
     rng = float(sharp.max() - sharp.min())
 
-    ours = _predict(data_start.deblur_net(), blurred)
-    before = _predict(default_start.deblur_net(), blurred)
+    ours = _predict(data_start.artefact().network, blurred)
+    before = _predict(default_start.artefact().network, blurred)
     if head == "sigmoid":
         assert abs(float(ours.mean()) - mean) < 0.2 * mean
     else:
@@ -110,7 +110,7 @@ def test_conventional_cyclegan_blur_generator_starts_at_the_blurred_mean(
     assert means["x"] != pytest.approx(means["y"], rel=0.05)  # the two domains differ here
     blur_net = method.groups()["G"].blur  # type: ignore[union-attr]
     assert float(_predict(blur_net, sharp).mean()) == pytest.approx(means["y"], rel=0.2)
-    assert float(_predict(method.deblur_net(), blurred).mean()) == pytest.approx(
+    assert float(_predict(method.artefact().network, blurred).mean()) == pytest.approx(
         means["x"], rel=0.2
     )
 
@@ -122,10 +122,10 @@ def test_start_is_deterministic_and_draws_no_random_numbers(tiny_dataset: Path) 
     second, _ = _build(tiny_dataset, 5)
     default, _ = _build(tiny_dataset, 5, "method.generator.head_init=default")
     assert torch.equal(torch.random.get_rng_state(), after_first)
-    for name, tensor in first.deblur_net().state_dict().items():
-        assert torch.equal(tensor, second.deblur_net().state_dict()[name]), name
+    for name, tensor in first.artefact().network.state_dict().items():
+        assert torch.equal(tensor, second.artefact().network.state_dict()[name]), name
     # Only the head differs from PyTorch's initialisation, and the discriminators not at all.
-    ours, theirs = first.deblur_net().state_dict(), default.deblur_net().state_dict()
+    ours, theirs = first.artefact().network.state_dict(), default.artefact().network.state_dict()
     changed = {k for k in ours if not torch.equal(ours[k], theirs[k])}
     assert changed == {"head.weight", "head.bias"}
     d_ours, d_theirs = first.groups()["D"].state_dict(), default.groups()["D"].state_dict()
@@ -135,12 +135,12 @@ def test_start_is_deterministic_and_draws_no_random_numbers(tiny_dataset: Path) 
 def test_loading_a_checkpoint_replaces_the_start(tiny_dataset: Path) -> None:
     trained, feed = _build(tiny_dataset, 0, "method.generator.head_init=default")
     with torch.no_grad():
-        trained.deblur_net().head.bias.fill_(0.25)  # type: ignore[operator]
+        trained.artefact().network.head.bias.fill_(0.25)  # type: ignore[operator]
     resumed, _ = _build(tiny_dataset, 0)
-    resumed.deblur_net().load_state_dict(trained.deblur_net().state_dict())
+    resumed.artefact().network.load_state_dict(trained.artefact().network.state_dict())
     blurred, _ = feed.read_pair(feed.val_ids[0])
     np.testing.assert_array_equal(
-        _predict(resumed.deblur_net(), blurred), _predict(trained.deblur_net(), blurred)
+        _predict(resumed.artefact().network, blurred), _predict(trained.artefact().network, blurred)
     )
 
 

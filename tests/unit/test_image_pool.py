@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpcdeconv.errors import ConfigError
-from hpcdeconv.losses.image_pool import ImagePool
+from hpcdeconv.methods.image_pool import ImagePool
 
 
 def tagged(values: list[int]) -> torch.Tensor:

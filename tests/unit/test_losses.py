@@ -1,4 +1,5 @@
-"""Adversarial and cycle losses: closed-form values and one descent step each."""
+"""Adversarial, cycle and identity losses and their weighted sum: closed-form values and one
+descent step each."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import Tensor, nn
 
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.losses.adversarial import LSGAN, WGANGP, make_adversarial
-from hpcdeconv.losses.cycle import cycle_loss
+from hpcdeconv.losses.cycle import cycle_loss, identity_loss
+from hpcdeconv.losses.terms import weighted_sum
 from hpcdeconv.models.discriminators import MultiScalePatchGAN, PatchGAN
 from hpcdeconv.models.psf_layer import PSFLayer
 from hpcdeconv.models.unet import UNet
@@ -193,3 +195,49 @@ def test_cycle_step_lowers_cycle_loss() -> None:
     params = [*gen.parameters(), *psf.parameters()]
     before, after = _descent_step(params, loss, lr=1e-2)
     assert after < before
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def test_identity_loss_is_the_mean_absolute_error_in_2d_and_3d(rng: np.random.Generator) -> None:
+    for shape in ((2, 3, 6, 7), (1, 1, 3, 4, 5)):
+        a, b = rng.standard_normal((2, *shape))
+        loss = identity_loss(torch.from_numpy(a), torch.from_numpy(b))
+        assert loss.dtype == torch.float32
+        assert float(loss) == pytest.approx(np.abs(a - b).mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="generator's output"):
+        identity_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_identity_step_pulls_a_generator_towards_the_identity() -> None:
+    torch.manual_seed(0)
+    gen = UNet(2, in_channels=3, out_channels=3, channels=2, depth=1, final_activation="none")
+    x = torch.rand(2, 3, 8, 8)
+    before, after = _descent_step(list(gen.parameters()), lambda: identity_loss(x, gen(x)), 1e-2)
+    assert after < before
+
+
+# ----------------------------------------------------------------------------- terms
+
+
+def test_weighted_sum_weighs_each_term_and_ignores_unformed_ones() -> None:
+    terms = {"adversarial": torch.tensor(2.0), "cycle": torch.tensor(0.5)}
+    weights = {"adversarial": 1.0, "cycle": 10.0, "identity": 3.0}
+    assert float(weighted_sum(terms, weights)) == 7.0
+    # A lone term of weight one is returned unchanged, bit for bit.
+    lone = torch.tensor(0.123456789)
+    assert torch.equal(weighted_sum({"mse": lone}, {"mse": 1.0}), lone)
+
+
+def test_weighted_sum_gradients_carry_the_weights() -> None:
+    a, b = torch.tensor(1.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    weighted_sum({"a": a * a, "b": b * b}, {"a": 0.5, "b": 3.0}).backward()
+    assert float(a.grad) == 1.0 and float(b.grad) == 12.0  # type: ignore[arg-type]
+
+
+def test_weighted_sum_refuses_a_term_without_a_weight_and_no_terms() -> None:
+    with pytest.raises(ValueError, match="without a weight: perceptual"):
+        weighted_sum({"cycle": torch.tensor(1.0), "perceptual": torch.tensor(1.0)}, {"cycle": 1})
+    with pytest.raises(ValueError, match="at least one"):
+        weighted_sum({}, {"cycle": 1.0})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdeconv.losses.image_pool import ImagePool
+from hpcdeconv.methods.image_pool import ImagePool
 from hpcdeconv.training.rng import capture_rng_state, cpu_state, restore_rng_state
 
 GPU_STATE = Path(__file__).resolve().parents[1] / "data" / "gpu_rng_state.pt"

@@ -11,8 +11,8 @@ import torch
 from hpcdeconv.config import ExperimentConfig, ImageDomainsData, UNetConfig, load_config
 from hpcdeconv.data.sampling import centre_crop_slices
 from hpcdeconv.errors import ConfigError
-from hpcdeconv.methods.cycle import build_unet
 from hpcdeconv.metrics import psnr, ssim
+from hpcdeconv.models.factory import build_generator
 from hpcdeconv.training.feed import TrainingFeed
 from hpcdeconv.training.validate import ValidationSet, validate
 
@@ -27,7 +27,9 @@ def feed(tiny_dataset: Path) -> TrainingFeed:
 @pytest.fixture
 def net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_unet(UNetConfig(channels=4, depth=2), checkpointing=False)
+    return build_generator(
+        UNetConfig(channels=4, depth=2), spatial_dims=3, in_channels=1, out_channels=1
+    )
 
 
 def test_centre_crop_is_centred_and_clamped() -> None:
