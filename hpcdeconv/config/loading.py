@@ -61,12 +61,31 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+#: Keys that tag a member of a tagged union (``method.name``, ``generator.kind``, ``psf.model``).
+UNION_TAGS = ("name", "kind", "model")
+
+
+def _switches_member(base: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
+    """``update`` names another member of a tagged union than ``base`` does."""
+    return any(tag in base and tag in update and base[tag] != update[tag] for tag in UNION_TAGS)
+
+
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``update`` into a copy of ``base``; mappings merge, the rest replaces."""
+    """Recursively merge ``update`` into a copy of ``base``; mappings merge, the rest replaces.
+
+    A mapping that switches a tagged union to another member (e.g. ``--set
+    method.generator.kind=resnet`` over a ``kind: unet`` block) replaces the block: the
+    other member's keys would be unknown to the new one, so it starts from its defaults.
+    """
     merged: dict[str, Any] = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
+        current = merged.get(key)
+        if (
+            isinstance(value, Mapping)
+            and isinstance(current, Mapping)
+            and not _switches_member(current, value)
+        ):
+            merged[key] = deep_merge(current, value)
         else:
             merged[key] = value
     return merged

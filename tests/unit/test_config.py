@@ -121,3 +121,23 @@ def test_repo_configs_all_load() -> None:
 def test_gibson_lanni_defaults_have_no_immersion_mismatch() -> None:
     cfg = GibsonLanniPSF()
     assert cfg.n_immersion == cfg.n_immersion_design
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_an_override_switching_a_union_member_starts_from_its_defaults() -> None:
+    """``--set method.generator.kind=resnet`` over a U-Net block drops the U-Net's keys
+    (``depth`` is unknown to a ResNet); a merge within one member keeps the others."""
+    from hpcdeconv.config import ResNetConfig, UNetConfig
+
+    switched = load_config(
+        ExperimentConfig,
+        CONFIGS / "supervised_2d.yaml",
+        ["method.generator.kind=resnet", "method.generator.n_blocks=2"],
+    )
+    assert switched.method.generator == ResNetConfig(n_blocks=2)
+    kept = load_config(
+        ExperimentConfig, CONFIGS / "supervised_2d.yaml", ["method.generator.depth=2"]
+    )
+    assert kept.method.generator == UNetConfig(channels=16, depth=2, final_activation="none")
