@@ -147,13 +147,11 @@ def test_rl_from_a_model_or_a_file_equals_whole_volume_rl(
 def test_deconvolve_block_halo_rule_applies_only_where_the_volume_is_split(
     run_dir: Path, scheduler: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hpcdeconv.inference.driver import (
-        BlockPlan,
-        NetworkProcessor,
-        deconvolve_volumes,
-        open_sources,
-    )
+    from hpcdeconv.inference.driver import deconvolve_volumes
     from hpcdeconv.inference.model import load_model
+    from hpcdeconv.inference.plan import BlockPlan
+    from hpcdeconv.inference.processors import NetworkProcessor
+    from hpcdeconv.inference.sources import open_sources
 
     rng = np.random.default_rng(8)
     small, wide = rng.random((16, 20, 24), np.float32), rng.random((16, 48, 40), np.float32)

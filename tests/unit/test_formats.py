@@ -22,7 +22,7 @@ from hpcdeconv.data.opener import load, open_image
 from hpcdeconv.data.units import micrometres_per
 from hpcdeconv.data.zarr_io import read_volume
 from hpcdeconv.errors import InputError
-from hpcdeconv.inference.volume_io import write_output
+from hpcdeconv.inference.output import write_output
 
 SHAPE = (6, 16, 16)
 
