@@ -238,7 +238,8 @@ def _bad_cases(tmp_path: Path, run_dir: Path, volume_path: Path) -> dict[str, tu
             [*ckpt, str(volume_path), "--block", "100"],
             "must be a multiple of chunks",
         ),
-        "2D TIFF": ([*ckpt, str(flat)], "expected a 3D (Z, Y, X) stack"),
+        # 2D images are read (for 2D generators); this checkpoint's generator is 3D.
+        "2D TIFF": ([*ckpt, str(flat)], "a 2D image (axes YX); the checkpoint's generator is 3D"),
         "missing input": ([*ckpt, str(tmp_path / "none.tif")], "no such file"),
         "unreachable scheduler": (
             [*ckpt, str(volume_path), "--scheduler", f"tcp://127.0.0.1:{_free_port()}"],
