@@ -342,14 +342,15 @@ def deconvolve_volumes(
     client
         Connected dask client.
     sources
-        Inputs, from :func:`open_sources`.
+        Inputs, from :func:`~hpcdeconv.inference.sources.open_sources`.
     output
         ``.zarr`` directory; input ``name`` is written to ``deconvolved/<name>`` with the
         input's voxel size and ``plan.chunks`` chunks.
     processor
-        What runs on a block (:class:`NetworkProcessor`, :class:`RLProcessor`).
+        What runs on a block (:class:`~hpcdeconv.inference.processors.NetworkProcessor`,
+        :class:`~hpcdeconv.inference.processors.RLProcessor`).
     plan
-        Blocks, halo, chunks and retries.
+        Blocks, halo, chunks and retries, one entry per axis of the inputs.
     mode
         ``"new"`` (the output must not exist), ``"overwrite"`` or ``"resume"`` (skip blocks
         recorded as finished; the inputs, plan and processor must be those of the record).
