@@ -88,7 +88,8 @@ def write_output(
 ) -> str:
     """Write ``data`` to ``.tif``/``.tiff``/``.npy`` or into a new zarr store.
 
-    A ``.zarr`` output holds the OME-NGFF 0.5 image ``deconvolved/<name>``; voxel sizes
+    A ``.zarr`` output holds the OME-NGFF 0.5 image ``deconvolved/<name>`` (a channel axis
+    first is stored as the NGFF axis ``"c"``); voxel sizes
     that are None stay unknown in every format (no size is invented). ``voxel_size`` and
     ``axes`` are as in :func:`write_tiff`. The caller has refused an existing output it
     may not replace (:func:`hpcdeconv.commands.common.locked_outputs`, under the lock).
@@ -98,7 +99,7 @@ def write_output(
     Raises
     ------
     InputError
-        An unknown suffix, or a multichannel image for a ``.zarr`` output.
+        An unknown suffix.
     """
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
@@ -108,20 +109,10 @@ def write_output(
         np.save(path, data.astype(np.float32))
         return str(path)
     if suffix == ".zarr":
-        _refuse_channels(axes, path)
         group = create_dataset(path, overwrite=overwrite)
         write_volume(group, f"{OUTPUT_GROUP}/{name}", data, voxel_size, attrs=attrs)
         return f"{path}/{OUTPUT_GROUP}/{name}"
     raise InputError(f"--output must end in .tif, .tiff, .npy or .zarr, got {path.name}")
-
-
-def _refuse_channels(axes: str, where: Path | str) -> None:
-    """The OME-NGFF writer stores spatial axes only: a channel axis is refused, not lost."""
-    if "C" in axes:
-        raise InputError(
-            f"{where}: a multichannel ({axes}) result cannot be stored as OME-Zarr yet; "
-            "write a .tif or .npy, or take one channel of the input"
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -139,7 +130,7 @@ def check_output(output: Path, sources: Sequence[VolumeSource], mode: OutputMode
     Raises
     ------
     InputError
-        Not ``.zarr``, overlapping an input, or a multichannel input (not storable yet).
+        Not ``.zarr``, or overlapping an input.
     OutputExistsError
         The output exists in mode ``new``.
     """
@@ -149,8 +140,6 @@ def check_output(output: Path, sources: Sequence[VolumeSource], mode: OutputMode
             raise InputError(f"input {source.path} and output {output} overlap; choose another")
     if output.suffix != ".zarr":
         raise InputError(f"--output must be a .zarr directory, got {output.name}")
-    for source in sources:
-        _refuse_channels(source.dims, source.path)
     if mode == "new" and (output.exists() or output.is_symlink()):
         raise OutputExistsError(
             f"{output} exists; pass --overwrite to replace it or --resume to continue it"

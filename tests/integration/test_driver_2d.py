@@ -1,6 +1,7 @@
 """``hpcdeconv deconvolve`` with a 2D generator on a local dask cluster: a stack of planes
 runs one plane per task with the halo in Y and X only, and the stitched result equals the
-generator on each whole (symmetrically padded) plane; 2D images too."""
+generator on each whole (symmetrically padded) plane; 2D images and images with channels
+too."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_plan_of_a_stack_has_no_halo_in_z(
     assert np.abs(out[...] - expected).max() <= 1e-5
 
 
-def test_2d_image_and_refused_channels(
+def test_2d_image(
     gray: tuple[Path, torch.nn.Module],
     scheduler: str,
     tmp_path: Path,
@@ -107,9 +108,31 @@ def test_2d_image_and_refused_channels(
     assert "4 block(s) computed" in capsys.readouterr().out
     out = zarr.open_array(str(tmp_path / "o.zarr" / "deconvolved" / "plane" / "0"), mode="r")
     assert np.abs(out[...] - whole_plane(net, plane)).max() <= 1e-5
-    rgb = np.random.default_rng(8).random((3, 40, 48), dtype=np.float32)
-    tifffile.imwrite(tmp_path / "rgb.tif", rgb, imagej=True, metadata={"axes": "CYX"})
-    assert main([*args, str(tmp_path / "rgb.tif"), "--output", str(tmp_path / "c.zarr")]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "a multichannel (CYX) result cannot be stored as OME-Zarr yet" in line
-    assert not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_run_whole_or_one_per_task(
+    scheduler: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], channels: int
+) -> None:
+    """A 3-channel generator takes the channels of a block together; a 1-channel one runs
+    a task per channel. The output keeps the channel axis ("c")."""
+    net = save_generator(tmp_path / "run", spatial_dims=2, channels=channels, seed=channels)
+    image = np.random.default_rng(9).random((3, 40, 48), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "cyx.tif", image, imagej=True, metadata={"axes": "CYX"})
+    args = ["deconvolve", "--checkpoint", str(tmp_path / "run"), "--scheduler", scheduler]
+    args += [str(tmp_path / "cyx.tif"), "--output", str(tmp_path / "o.zarr"), *EXACT]
+    assert main(args) == 0
+    blocks = 4 if channels == 3 else 12
+    assert f"{blocks} block(s) computed" in capsys.readouterr().out
+    group = zarr.open_group(str(tmp_path / "o.zarr" / "deconvolved" / "cyx"), mode="r")
+    out = group["0"]
+    assert out.shape == image.shape and out.chunks == (channels, 8, 8)
+    assert [a["name"] for a in group.attrs["ome"]["multiscales"][0]["axes"]] == ["c", "y", "x"]
+    padded = np.pad(image, ((0, 0), (RADIUS, RADIUS), (RADIUS, RADIUS)), mode="symmetric")
+    with torch.inference_mode():
+        if channels == 3:
+            whole = net(torch.from_numpy(padded)[None])[0].numpy()
+        else:
+            whole = net(torch.from_numpy(padded)[:, None])[:, 0].numpy()
+    expected = whole[:, RADIUS:-RADIUS, RADIUS:-RADIUS]
+    assert np.abs(out[...] - expected).max() <= 1e-5

@@ -105,6 +105,11 @@ def test_3_channel_tiff_runs_a_3_channel_generator_whole(
     assert predict(run, tmp_path / "rgb.tif", tmp_path / "b.npy", *WHOLE) == 0
     expected = run_whole(net, pixels.astype(np.float32))
     np.testing.assert_allclose(np.load(tmp_path / "b.npy"), expected, rtol=1e-5, atol=1e-4)
+    # Into zarr: an OME-NGFF image with a channel axis "c".
+    assert predict(run, tmp_path / "rgb.tif", tmp_path / "c.zarr", *WHOLE) == 0
+    group = zarr.open_group(str(tmp_path / "c.zarr" / "deconvolved" / "rgb"), mode="r")
+    assert [a["name"] for a in group.attrs["ome"]["multiscales"][0]["axes"]] == ["c", "y", "x"]
+    np.testing.assert_allclose(group["0"][...], expected, rtol=1e-5, atol=1e-4)
 
 
 def test_1_channel_generator_runs_per_channel_and_says_so(
