@@ -9,8 +9,8 @@ nothing of the method that trained it. The trained weights lie under ``state[key
 and, when ``train.ema_decay`` was set, their exponential moving average under
 ``state[key + "_ema"]``; ``weights="auto"`` takes the average when present. A checkpoint
 written before artefacts were recorded (or whose artefact names no generator) holds a 3D,
-1-channel generator built from its stored configuration under ``deblur``. Which checkpoint and which weights were used is logged
-(INFO) and kept on :class:`LoadedModel`.
+1-channel generator built from its stored configuration under ``deblur``. Which checkpoint
+and which weights were used is logged (INFO) and kept on :class:`LoadedModel`.
 """
 
 from __future__ import annotations
