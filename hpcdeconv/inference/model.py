@@ -8,9 +8,9 @@ generator from (any generator, 2D or 3D, any channels), so inference needs to kn
 nothing of the method that trained it. The trained weights lie under ``state[key]``
 and, when ``train.ema_decay`` was set, their exponential moving average under
 ``state[key + "_ema"]``; ``weights="auto"`` takes the average when present. A checkpoint
-written before artefacts were recorded (or whose artefact names no generator) holds a 3D,
-1-channel generator built from its stored configuration under ``deblur``. Which checkpoint
-and which weights were used is logged (INFO) and kept on :class:`LoadedModel`.
+written before artefacts were recorded holds a 3D, 1-channel generator built from its
+stored configuration under ``deblur``. Which checkpoint and which weights were used is
+logged (INFO) and kept on :class:`LoadedModel`.
 """
 
 from __future__ import annotations
@@ -175,16 +175,22 @@ def load_model(
 def _artefact(state: dict[str, Any], ckpt: Path) -> tuple[str, dict[str, Any]]:
     """Key of the generator's weights and the record to rebuild it from.
 
-    A checkpoint without ``artefact`` (written before it was recorded), or whose artefact
-    names no generator, holds the seed's 3D, 1-channel generator of its stored
-    configuration under ``deblur``.
-
     Raises
     ------
     InputError
         Not an image-to-image artefact, or no weights under its key.
     """
-    artefact = state.get("artefact") or {"kind": IMAGE_TO_IMAGE, "key": "deblur"}
+    artefact = state.get("artefact")
+    if artefact is None:
+        # Written before checkpoints recorded their artefact: the seed's 3D, 1-channel U-Net.
+        if "deblur" not in state:
+            raise InputError(f"{ckpt} holds no deblurring generator")
+        try:
+            generator = state["config"]["method"]["generator"]
+        except (KeyError, TypeError):
+            raise InputError(f"{ckpt}: no generator configuration stored") from None
+        record = {"generator": generator, "spatial_dims": 3, "in_channels": 1, "out_channels": 1}
+        return "deblur", record
     kind = artefact.get("kind")
     if kind != IMAGE_TO_IMAGE:
         raise InputError(
@@ -193,10 +199,4 @@ def _artefact(state: dict[str, Any], ckpt: Path) -> tuple[str, dict[str, Any]]:
     key = str(artefact.get("key", ""))
     if key not in state:
         raise InputError(f"{ckpt} holds no generator weights under '{key}'")
-    if "generator" in artefact:
-        return key, artefact
-    try:
-        generator = state["config"]["method"]["generator"]
-    except (KeyError, TypeError):
-        raise InputError(f"{ckpt}: no generator configuration stored") from None
-    return key, {"generator": generator, "spatial_dims": 3, "in_channels": 1, "out_channels": 1}
+    return key, artefact
