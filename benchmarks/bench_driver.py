@@ -38,18 +38,13 @@ from benchmarks._report import markdown_table, write_section
 from hpcdeconv.config import ClusterConfig, ExperimentConfig, load_config
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.inference.cluster import open_client
-from hpcdeconv.inference.driver import (
-    BlockPlan,
-    BlockProcessor,
-    NetworkProcessor,
-    RunReport,
-    deconvolve_volumes,
-    open_sources,
-    process_block,
-)
+from hpcdeconv.inference.driver import RunReport, deconvolve_volumes
 from hpcdeconv.inference.frozen import inference_network
 from hpcdeconv.inference.model import LoadedModel, load_model
+from hpcdeconv.inference.plan import BlockPlan
 from hpcdeconv.inference.predict import Model, predict_volume
+from hpcdeconv.inference.processors import BlockProcessor, NetworkProcessor, process_block
+from hpcdeconv.inference.sources import open_sources
 from hpcdeconv.inference.tiling import Block
 from hpcdeconv.models.factory import build_generator
 from hpcdeconv.training.checkpoint import save_checkpoint

@@ -48,7 +48,7 @@ constant is then a fixed point of the update for a symmetric PSF (``H 1 = 1`` an
 ``H^T 1 = 1``), so a uniform field stays uniform and there is no rim. Each side of each
 axis may be given its own treatment: block-wise runs apply the chosen one at the volume's
 own border and reflect at a block's edges inside the volume (see
-:class:`~hpcdeconv.inference.driver.RLProcessor`).
+:class:`~hpcdeconv.inference.processors.RLProcessor`).
 
 The initial estimate is the constant mean of the image. For any constant start the first
 update gives ``x_1 = H^T(y / H 1) / N`` regardless of the constant, so this matches
@@ -279,7 +279,7 @@ def rl_halo(psf_shape: Sequence[int], widths: int = 3) -> tuple[int, ...]:
     about tenfold per PSF width ``2 (k // 2)`` of halo. Measured maximum deviation of the
     block core from the whole-volume result, relative to its maximum (microtubule phantom
     at 20 dB, Born & Wolf PSF, ``normalize=True``, the block's own edges reflected as
-    :class:`~hpcdeconv.inference.driver.RLProcessor` does; truncating them instead is 1.5
+    :class:`~hpcdeconv.inference.processors.RLProcessor` does; truncating them instead is 1.5
     to 7 times worse from 2 widths on):
 
     ============  ==========  ==========  ==========  ==========

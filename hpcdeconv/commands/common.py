@@ -72,7 +72,7 @@ def locked_outputs(
         An output exists without ``overwrite``, or cannot be replaced.
     """
     from hpcdeconv.data.lock import OutputLock
-    from hpcdeconv.data.safety import check_disjoint, refuse_existing
+    from hpcdeconv.data.safety import check_disjoint, refuse_existing_outputs
 
     outputs = [(flag, path, kind) for flag, path, kind in outputs if path is not None]
     check_disjoint(((flag, path) for flag, path, _ in outputs), inputs)
@@ -81,9 +81,7 @@ def locked_outputs(
             assert path is not None
             stack.enter_context(OutputLock(path, verb))
         if overwrite is not None:
-            for _, path, kind in outputs:
-                assert path is not None
-                refuse_existing(path, kind, overwrite)
+            refuse_existing_outputs(outputs, overwrite)
         yield
 
 

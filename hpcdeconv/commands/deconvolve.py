@@ -21,13 +21,11 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from hpcdeconv.config import ClusterConfig
-    from hpcdeconv.inference.driver import (
-        BlockPlan,
-        BlockProcessor,
-        OutputMode,
-        RunReport,
-        VolumeSource,
-    )
+    from hpcdeconv.inference.driver import RunReport
+    from hpcdeconv.inference.output import OutputMode
+    from hpcdeconv.inference.plan import BlockPlan
+    from hpcdeconv.inference.processors import BlockProcessor
+    from hpcdeconv.inference.sources import VolumeSource
 
 NAME = "deconvolve"
 HELP = "deconvolve whole volumes block by block on a dask cluster into zarr"
@@ -52,15 +50,21 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     )
     where.add_argument("--scheduler", metavar="ADDRESS", help="existing scheduler, tcp://host:port")
     p.add_argument("--workers", type=positive_int, help="number of dask workers")
-    p.add_argument("--block", type=positive_int, help="block side in voxels (all three axes)")
+    p.add_argument(
+        "--block", type=positive_int, help="block side in voxels (every axis the method sees)"
+    )
     p.add_argument("--halo", type=_halo, help="'auto' or voxels read beyond each block side")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output")
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
 
 
-def cluster_overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` style overrides for the shortcut flags; they win over --config and --set."""
+def cluster_overrides(args: argparse.Namespace, block_axes: int | None = 3) -> list[str]:
+    """``--set`` style overrides for the shortcut flags; they win over --config and --set.
+
+    ``--block`` is given ``block_axes`` axes; ``None`` leaves it out (set once the
+    number of axes is known, see :func:`block_override`).
+    """
     overrides = []
     if args.cluster is not None:
         overrides.append(f"cluster.kind={args.cluster}")
@@ -68,11 +72,16 @@ def cluster_overrides(args: argparse.Namespace) -> list[str]:
         overrides += ["cluster.kind=scheduler", f"cluster.scheduler={args.scheduler}"]
     if args.workers is not None:
         overrides.append(f"cluster.workers={args.workers}")
-    if args.block is not None:
-        overrides.append(f"block=[{args.block}, {args.block}, {args.block}]")
+    if args.block is not None and block_axes is not None:
+        overrides.append(block_override(args.block, block_axes))
     if args.halo is not None:
         overrides.append(f"halo={args.halo}")
     return overrides
+
+
+def block_override(side: int, axes: int) -> str:
+    """``--block N`` as the override ``block=[N, N(, N)]`` for ``axes`` axes."""
+    return f"block=[{', '.join([str(side)] * axes)}]"
 
 
 def output_mode(args: argparse.Namespace) -> OutputMode:
@@ -124,7 +133,8 @@ def run_on_cluster(
 ) -> None:
     """Check the workers' memory against one block, start the cluster, run every block."""
     from hpcdeconv.inference.cluster import open_client
-    from hpcdeconv.inference.driver import check_memory_setting, deconvolve_volumes
+    from hpcdeconv.inference.driver import deconvolve_volumes
+    from hpcdeconv.inference.memory import check_memory_setting
 
     check_memory_setting(cluster, processor, plan, sources)
     with open_client(cluster) as client:
@@ -156,32 +166,52 @@ def print_report(report: RunReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Deconvolve the inputs block by block with a trained deblurring generator."""
-    from hpcdeconv.config import DeconvolveConfig, load_config
-    from hpcdeconv.inference.driver import (
-        BlockPlan,
-        NetworkProcessor,
-        check_halo,
-        check_output,
-        check_plan,
-        open_sources,
-    )
-    from hpcdeconv.inference.model import load_model
+    """Deconvolve the inputs block by block with a trained image-to-image generator.
 
-    cfg = load_config(DeconvolveConfig, args.config, [*args.set, *cluster_overrides(args)])
+    A 2D generator runs on 2D images and on stacks of planes ``(Z, Y, X)``, one plane per
+    task, with the halo in Y and X only; ``block``, ``tile`` and ``chunks`` then have two
+    sizes ``(Y, X)``.
+    """
+    import logging
+
+    from hpcdeconv.config import DeconvolveConfig, load_config
+    from hpcdeconv.inference.model import load_model
+    from hpcdeconv.inference.output import check_output
+    from hpcdeconv.inference.plan import check_halo, check_plan, image_plan
+    from hpcdeconv.inference.processors import NetworkProcessor
+    from hpcdeconv.inference.sources import check_layout, open_sources
+
+    overrides = [*args.set, *cluster_overrides(args, block_axes=None)]
+    cfg = load_config(DeconvolveConfig, args.config, overrides)
     mode = output_mode(args)
-    sources = open_sources(args.inputs, voxel_size(args))
+    sources = open_sources(args.inputs, voxel_size(args), any_rank=True)
     check_output(args.output, sources, mode)
     with locked_cluster_output(NAME, args, [("--checkpoint", args.checkpoint)], mode, cfg.cluster):
         model = load_model(args.checkpoint, "cpu", weights=args.weights)
+        dims = model.spatial_dims
+        if args.block is not None:
+            cfg = load_config(
+                DeconvolveConfig, args.config, [*overrides, block_override(args.block, dims)]
+            )
+        for source in sources:
+            how = check_layout(source.dims, source.shape, dims, model.channels, str(source.path))
+            if how:
+                logging.getLogger(__name__).info("%s: runs %s", source.path, how)
         radius = model.receptive_field // 2
         halo = radius if cfg.halo == "auto" else cfg.halo
-        check_halo((halo,) * 3, (radius,) * 3, "receptive-field radius of the network")
-        plan = BlockPlan(cfg.block, (halo,) * 3, cfg.chunks, cfg.retries)
+        check_halo((halo,) * dims, (radius,) * dims, "receptive-field radius of the network")
+        plan = image_plan(
+            sources,
+            cfg.shape_for("block", dims),
+            (halo,) * dims,
+            cfg.shape_for("chunks", dims),
+            cfg.retries,
+            model.channels,
+        )
         check_plan(plan, sources)
         processor = NetworkProcessor.from_model(
             model,
-            cfg.tile,
+            cfg.shape_for("tile", dims),
             cfg.overlap,
             cfg.blend,
             cfg.batch_size,

@@ -31,7 +31,8 @@ def add_inputs_argument(p: argparse.ArgumentParser) -> None:
         type=Path,
         nargs="+",
         metavar="INPUT",
-        help="3D images: TIFF/OME-TIFF, .npy, zarr array or OME-Zarr image (docs/formats.md)",
+        help="images (Z, Y, X); deconvolve with a 2D generator also takes (Y, X) and stacks "
+        "of planes: TIFF/OME-TIFF, .npy, zarr array or OME-Zarr image (docs/formats.md)",
     )
 
 

@@ -1,9 +1,16 @@
-"""``hpcdeconv predict``: deconvolve one volume in memory with a trained deblurring generator."""
+"""``hpcdeconv predict``: deconvolve one image in memory with a trained image-to-image generator.
+
+The image may be a volume ``(Z, Y, X)``, a 2D image ``(Y, X)``, or either with channels
+(``(C, ...)``, or RGB ``(Y, X, 3)`` as the file declares it). A 2D generator runs on a
+volume plane by plane; a 1-channel generator on a multichannel image channel by channel.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import numpy as np
 
 from hpcdeconv.commands.common import (
     add_checkpoint_arguments,
@@ -15,14 +22,17 @@ from hpcdeconv.commands.image_args import add_voxel_size_argument, voxel_size
 from hpcdeconv.errors import InputError
 
 NAME = "predict"
-HELP = "deconvolve one volume in memory with a trained G"
+HELP = "deconvolve one image in memory with a trained G"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv predict``."""
     add_config_args(p)
     p.add_argument(
-        "input", type=Path, help="TIFF/OME-TIFF, zarr array or OME-Zarr image (docs/formats.md)"
+        "input",
+        type=Path,
+        help="2D or 3D image, with channels or not: TIFF/OME-TIFF, zarr array or OME-Zarr "
+        "image (docs/formats.md)",
     )
     add_checkpoint_arguments(p)
     p.add_argument("--output", type=Path, required=True, help=".tif, .npy or .zarr")
@@ -37,15 +47,16 @@ def _is_zarr(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Deconvolve one volume in memory with a trained deblurring generator."""
-    import torch
+    """Deconvolve one image in memory with a trained image-to-image generator."""
+    import logging
 
     from hpcdeconv.config import PredictConfig, load_config
-    from hpcdeconv.data.opener import load
     from hpcdeconv.inference.frozen import inference_network
     from hpcdeconv.inference.model import load_model
+    from hpcdeconv.inference.output import write_output
     from hpcdeconv.inference.predict import PredictSettings, predict_volume
-    from hpcdeconv.inference.volume_io import check_finite, open_input, write_output
+    from hpcdeconv.inference.sources import check_finite, check_layout, open_source
+    from hpcdeconv.precision import autocast_dtype
     from hpcdeconv.training.strategy import resolve_device
 
     cfg = load_config(PredictConfig, args.config, args.set)
@@ -54,23 +65,35 @@ def run(args: argparse.Namespace) -> int:
     outputs.append(("--png", args.png, "file"))
     with locked_outputs(NAME, outputs, [*inputs, *config_inputs(args)], args.overwrite):
         # Inputs are opened (axes, units) before the model is loaded: bad files fail fast.
-        source = open_input(args.input, voxel_size(args))
-        truth_source = None if args.truth is None else open_input(args.truth, voxel_size(args))
-        if truth_source is not None and truth_source.data.shape != source.data.shape:
+        source = open_source(args.input, voxel_size(args), any_rank=True)
+        truth_source = None
+        if args.truth is not None:
+            truth_source = open_source(args.truth, voxel_size(args), any_rank=True)
+            if truth_source.shape != source.shape:
+                raise InputError(
+                    f"--truth has shape {truth_source.shape}, the input {source.shape}"
+                )
+        if args.png is not None and "C" in source.dims:
             raise InputError(
-                f"--truth has shape {truth_source.data.shape}, the input {source.data.shape}"
+                f"--png draws single-channel images; {args.input} has axes {source.dims}"
             )
         device = resolve_device(cfg.device)
         model = load_model(args.checkpoint, device, weights=args.weights)
+        how = check_layout(
+            source.dims, source.shape, model.spatial_dims, model.channels, str(args.input)
+        )
+        if how:
+            logging.getLogger(__name__).info("%s: runs %s", args.input, how)
         # The tile must suit the checkpoint's network: checked before any output is written.
-        PredictSettings(cfg.tile, cfg.overlap, cfg.blend, size_multiple=model.size_multiple)
-        volume = load(source)
-        check_finite(volume, str(args.input))
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        tile = cfg.shape_for("tile", model.spatial_dims)
+        PredictSettings(tile, cfg.overlap, cfg.blend, size_multiple=model.size_multiple)
+        image = source.load()
+        check_finite(image, str(args.input))
+        dtype = autocast_dtype(cfg.precision)
         pred = predict_volume(
             inference_network(model.net, device, dtype, cfg.freeze),
-            volume,
-            tile=cfg.tile,
+            image,
+            tile=tile,
             overlap=cfg.overlap,
             blend=cfg.blend,
             batch_size=cfg.batch_size,
@@ -78,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             autocast_dtype=dtype,
             size_multiple=model.size_multiple,
             progress=True,
+            channels=model.channels,
+            lead=len(source.dims) - model.spatial_dims,
         )
         # A non-finite prediction of finite input is never written: half precision overflowed,
         # or the checkpoint's weights are not finite.
@@ -90,26 +115,48 @@ def run(args: argparse.Namespace) -> int:
             "method": model.config.method.name,
             "predict": cfg.model_dump(mode="json"),
         }
+        spacing = source.spatial_voxel_size
         where = write_output(
-            args.output, pred, source.voxel_size, source.name, attrs, args.overwrite
+            args.output, pred, spacing, source.name, attrs, args.overwrite, source.dims
         )
-        print(f"deconvolved {args.input} {volume.shape} -> {where}")
-        panels = [("input", volume), ("output", pred)]
+        print(f"deconvolved {args.input} {image.shape} -> {where}")
+        panels = [("input", image), ("output", pred)]
         if truth_source is not None:
-            from hpcdeconv.metrics import psnr, ssim
-
-            truth = load(truth_source)
-            rng = float(truth.max() - truth.min()) or 1.0
-            print(
-                f"PSNR input {psnr(volume, truth, rng):.2f} dB -> output "
-                f"{psnr(pred, truth, rng):.2f} dB; SSIM input {ssim(volume, truth, rng):.4f} "
-                f"-> output {ssim(pred, truth, rng):.4f}"
-            )
+            truth = truth_source.load()
+            _print_scores(image, pred, truth, source.dims)
             panels.append(("truth", truth))
         if args.png is not None:
-            from hpcdeconv.viz import save_orthoviews
-
-            # The figure needs an aspect ratio; an unknown size is drawn as one voxel.
-            spacing = tuple(1.0 if v is None else v for v in source.voxel_size)
-            save_orthoviews(args.png, panels, spacing, mode="mip")
+            _save_png(args.png, panels, spacing)
         return 0
+
+
+def _print_scores(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, dims: str) -> None:
+    """PSNR and SSIM of input and output against the truth (SSIM averaged over channels)."""
+    from hpcdeconv.metrics import psnr, ssim
+
+    rng = float(truth.max() - truth.min()) or 1.0
+
+    def mean_ssim(x: np.ndarray) -> float:
+        if "C" not in dims:
+            return ssim(x, truth, rng)
+        return float(np.mean([ssim(x[c], truth[c], rng) for c in range(truth.shape[0])]))
+
+    print(
+        f"PSNR input {psnr(image, truth, rng):.2f} dB -> output "
+        f"{psnr(pred, truth, rng):.2f} dB; SSIM input {mean_ssim(image):.4f} "
+        f"-> output {mean_ssim(pred):.4f}"
+    )
+
+
+def _save_png(
+    path: Path, panels: list[tuple[str, np.ndarray]], spacing: tuple[float | None, ...]
+) -> None:
+    """Orthoviews (MIPs) of each panel; a 2D image is drawn as a single plane."""
+    from hpcdeconv.viz import save_orthoviews
+
+    if len(spacing) == 2:
+        panels = [(title, image[None]) for title, image in panels]
+        spacing = (spacing[0], *spacing)
+    # The figure needs an aspect ratio; an unknown size is drawn as one voxel.
+    sizes = tuple(1.0 if v is None else v for v in spacing)
+    save_orthoviews(path, panels, sizes, mode="mip")

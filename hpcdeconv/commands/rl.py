@@ -129,14 +129,10 @@ def run(args: argparse.Namespace) -> int:
     """Deconvolve the inputs block by block with (TV-)Richardson-Lucy."""
     from hpcdeconv.classical.rl import richardson_lucy, rl_halo
     from hpcdeconv.config import load_config
-    from hpcdeconv.inference.driver import (
-        BlockPlan,
-        RLProcessor,
-        check_halo,
-        check_output,
-        check_plan,
-        open_sources,
-    )
+    from hpcdeconv.inference.output import check_output
+    from hpcdeconv.inference.plan import BlockPlan, check_halo, check_plan
+    from hpcdeconv.inference.processors import RLProcessor
+    from hpcdeconv.inference.sources import open_sources
 
     cfg = load_config(RLConfig, args.config, _overrides(args))
     mode = output_mode(args)

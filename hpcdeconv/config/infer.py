@@ -10,8 +10,37 @@ from pydantic import (
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveInt, Shape3D, StrictModel
+from hpcdeconv.config.base import PositiveInt, Shape, Shape3D, StrictModel
 from hpcdeconv.config.physics import BornWolfPSF, PSFConfig
+from hpcdeconv.errors import ConfigError
+
+_AXES = {2: "(Y, X)", 3: "(Z, Y, X)"}
+
+
+class _NetworkShapes(StrictModel):
+    """Sizes in voxels whose number of axes is the generator's, known once it is loaded."""
+
+    def shape_for(self, name: str, spatial_dims: int) -> tuple[int, ...]:
+        """``self.<name>`` for a generator of ``spatial_dims`` (2 or 3).
+
+        A size left at its 3D default drops Z for a 2D generator, as the training
+        configuration's sizes follow its data; a size given with another number of axes
+        is refused.
+
+        Raises
+        ------
+        ConfigError
+            ``name`` was set with a number of axes other than ``spatial_dims``.
+        """
+        value = tuple(getattr(self, name))
+        if len(value) == spatial_dims:
+            return value
+        if name not in self.model_fields_set and len(value) > spatial_dims:
+            return value[len(value) - spatial_dims :]
+        raise ConfigError(
+            f"{name} {value} has {len(value)} axes but the checkpoint's generator is "
+            f"{spatial_dims}D: give {spatial_dims} sizes {_AXES[spatial_dims]}"
+        )
 
 
 class ClusterConfig(StrictModel):
@@ -48,12 +77,17 @@ class ClusterConfig(StrictModel):
         return self
 
 
-class DeconvolveConfig(StrictModel):
-    """Block-wise, dask-distributed deconvolution of whole volumes into zarr."""
+class DeconvolveConfig(_NetworkShapes):
+    """Block-wise, dask-distributed deconvolution of whole volumes into zarr.
 
-    block: Shape3D = (128, 128, 128)
+    ``block``, ``tile`` and ``chunks`` have one size per axis of the checkpoint's
+    generator: ``(Z, Y, X)``, or ``(Y, X)`` for a 2D generator, which runs on stacks of
+    planes one plane per task (:meth:`shape_for`).
+    """
+
+    block: Shape = (128, 128, 128)
     halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    tile: Shape3D = (64, 64, 64)
+    tile: Shape = (64, 64, 64)
     overlap: Annotated[int, Field(ge=0)] = 16
     blend: Literal["constant", "linear", "gaussian"] = "linear"
     batch_size: PositiveInt = 1
@@ -61,7 +95,7 @@ class DeconvolveConfig(StrictModel):
     #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
     #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
     freeze: bool = True
-    chunks: Shape3D = (64, 64, 64)
+    chunks: Shape = (64, 64, 64)
     retries: Annotated[int, Field(ge=0)] = 2
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -88,10 +122,10 @@ class RLConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
-class PredictConfig(StrictModel):
-    """In-memory tiled prediction of one volume."""
+class PredictConfig(_NetworkShapes):
+    """In-memory tiled prediction of one image (``tile``: one size per generator axis)."""
 
-    tile: Shape3D = (64, 64, 64)
+    tile: Shape = (64, 64, 64)
     overlap: Annotated[int, Field(ge=0)] = 16
     blend: Literal["constant", "linear", "gaussian"] = "linear"
     batch_size: PositiveInt = 1

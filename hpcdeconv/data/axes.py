@@ -15,7 +15,7 @@ import dask.array as da
 from hpcdeconv.data.image import SPATIAL
 from hpcdeconv.errors import InputError
 
-__all__ = ["spatial_view"]
+__all__ = ["image_view", "spatial_view", "view"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +137,116 @@ def spatial_view(
         view = view.transpose(order)
         plain = False
     return view, plain
+
+
+def view(
+    data: da.Array,
+    axes: str,
+    where: str,
+    select: Mapping[str, int] | None,
+    kind: str,
+    any_rank: bool,
+) -> tuple[da.Array, bool, str]:
+    """:func:`image_view` with ``any_rank``, else :func:`spatial_view` (dims ``"ZYX"``)."""
+    if any_rank:
+        return image_view(data, axes, where, select, kind)
+    reduced, plain = spatial_view(data, axes, where, select, kind)
+    return reduced, plain, "ZYX"
+
+
+def image_view(
+    data: da.Array,
+    axes: str,
+    where: str,
+    select: Mapping[str, int] | None = None,
+    kind: str = "stack",
+) -> tuple[da.Array, bool, str]:
+    """``data`` reduced to ``(C?, Z?, Y, X)``: a 2D or 3D image with an optional channel axis.
+
+    Like :func:`spatial_view`, but Z may be absent and one channel axis (``C``, or ``S``
+    of an RGB image) longer than one may stay; it is moved first. An array that names no
+    axes and has two is ``(Y, X)``.
+
+    Returns
+    -------
+    view, plain, dims
+        The view, whether it is a plain squeeze of ``data``, and its axes (e.g. ``"CYX"``).
+
+    Raises
+    ------
+    InputError
+        As :func:`spatial_view`, or Y and X are not what remains besides Z and channels.
+    """
+    if len(axes) != data.ndim:
+        raise InputError(f"{where}: axes {axes!r} do not match the shape {data.shape}")
+    if data.ndim == 2 and all(a in _UNNAMED for a in axes):
+        axes = "YX"
+    select = dict(select or {})
+    if "C" in select and "C" not in axes and "S" in axes:
+        select["S"] = select.pop("C")
+    channel = next(
+        (a for a in ("C", "S") if a in axes and a not in select and data.shape[axes.index(a)] > 1),
+        None,
+    )
+    if channel is None:
+        return _space_view(data, axes, where, select, kind)
+    position = axes.index(channel)
+    moved = da.moveaxis(data, position, 0)
+    rest = axes[:position] + axes[position + 1 :]
+    views = [_space_view(moved[c], rest, where, select, kind) for c in range(moved.shape[0])]
+    return da.stack([v[0] for v in views]), False, "C" + views[0][2]
+
+
+def _space_view(
+    data: da.Array, axes: str, where: str, select: Mapping[str, int], kind: str
+) -> tuple[da.Array, bool, str]:
+    """``(Z, Y, X)`` through :func:`spatial_view` when a Z (or unnamed) axis is left, else
+    ``(Y, X)``."""
+    kept = [a for a, n in zip(axes, data.shape, strict=True) if a not in select and n > 1]
+    if "Z" in kept or any(a in _UNNAMED for a in kept):
+        reduced, plain = spatial_view(data, axes, where, select, kind)
+        return reduced, plain, "ZYX"
+    return _yx_view(data, axes, where, select, kind)
+
+
+def _yx_view(
+    data: da.Array, axes: str, where: str, select: Mapping[str, int], kind: str
+) -> tuple[da.Array, bool, str]:
+    """``data`` reduced to ``(Y, X)`` (an axis-named 2D image)."""
+    for letter in select:
+        if letter not in axes:
+            raise InputError(f"{where}: has no axis {letter} to index (axes {axes})")
+    index: list[int | slice] = []
+    kept: list[str] = []
+    plain = True
+    for letter, size in zip(axes, data.shape, strict=True):
+        if letter in select:
+            i = select[letter]
+            if not 0 <= i < size:
+                raise InputError(f"{where}: index {i} out of range for axis {letter} of {size}")
+            index.append(i)
+            plain = plain and size == 1
+        elif size == 1:
+            index.append(0)
+        else:
+            index.append(slice(None))
+            kept.append(letter)
+    for letter in kept:
+        if letter not in SPATIAL:
+            n = data.shape[axes.index(letter)]
+            raise InputError(
+                f"{where}: {_describe_axis(letter, n)} is not spatial; images are (Y, X) or "
+                "(Z, Y, X), with channels or not, and the file has no Z axis: split it "
+                "(e.g. in Fiji) and process each image separately"
+            )
+    if sorted(kept) != ["X", "Y"]:
+        shape = tuple(int(n) for n in data.shape)
+        raise InputError(
+            f"{where}: expected a 2D (Y, X) or 3D (Z, Y, X) {kind}, got axes "
+            f"{''.join(kept) or '-'} after dropping singleton axes (stored axes {axes}, "
+            f"shape {shape})"
+        )
+    reduced = data[tuple(index)]
+    if kept != ["Y", "X"]:
+        reduced, plain = reduced.T, False
+    return reduced, plain, "YX"

@@ -38,6 +38,10 @@ class Image:
     plain
         Whether ``data`` is the stored array with singleton axes dropped (no index, no
         transposition), so a reshape of the stored data gives it.
+    dims
+        Axes of ``data``: ``"ZYX"``, or when opened with ``any_rank``
+        (:func:`~hpcdeconv.data.opener.open_image`) also ``"YX"``, ``"CYX"`` or ``"CZYX"``
+        (the channel axis first, OME-NGFF order).
     """
 
     data: da.Array
@@ -46,6 +50,7 @@ class Image:
     source: Path
     axes: str
     plain: bool = True
+    dims: str = "ZYX"
 
     @property
     def unknown_axes(self) -> str:

@@ -24,6 +24,7 @@ size), :mod:`~hpcdeconv.data.zarr_image` (zarr arrays and OME-Zarr images) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from hpcdeconv.data.axes import spatial_view
+from hpcdeconv.data.axes import spatial_view, view
 from hpcdeconv.data.image import Image, image_name
 from hpcdeconv.data.tiff_meta import tiff_voxel_size
 from hpcdeconv.data.units import sizes_given_by_user
@@ -75,6 +76,7 @@ def open_image(
     select: Mapping[str, int] | None = None,
     warn: bool = True,
     kind: str = "stack",
+    any_rank: bool = False,
 ) -> Image:
     """Open a 3D image lazily, reading its axes and voxel size from the file.
 
@@ -93,11 +95,15 @@ def open_image(
         Log a warning when a voxel size is unknown (the user is told once per file).
     kind
         What the image is for (``"stack"``, ``"PSF"``), named in messages.
+    any_rank
+        Also accept a 2D ``(Y, X)`` image and one channel axis
+        (:func:`~hpcdeconv.data.axes.image_view`); ``Image.dims`` names the axes of ``data``.
 
     Returns
     -------
     Image
-        ``(Z, Y, X)`` lazy data, voxel size (None where unknown), name and axes.
+        ``(Z, Y, X)`` (``any_rank``: ``(C?, Z?, Y, X)``) lazy data, voxel size (None where
+        unknown), name and axes.
 
     Raises
     ------
@@ -112,17 +118,15 @@ def open_image(
     given = sizes_given_by_user() if voxel_size is not None else contextlib.nullcontext()
     with given:
         if suffix in TIFF_SUFFIXES:
-            image = _open_tiff(path, select, kind)
+            image = _open_tiff(path, select, kind, any_rank)
         elif suffix == ".npy":
-            image = _open_npy(path, select, kind)
+            image = _open_npy(path, select, kind, any_rank)
         elif is_zarr(path):
-            image = open_zarr(path, select, kind)
+            image = open_zarr(path, select, kind, any_rank)
         else:
             raise InputError(f"{path}: not a TIFF (.tif/.tiff), .npy, zarr array or OME-Zarr image")
     if voxel_size is not None:
-        image = Image(
-            image.data, check_voxel_size(voxel_size), image.name, path, image.axes, image.plain
-        )
+        image = dataclasses.replace(image, voxel_size=check_voxel_size(voxel_size), source=path)
     elif warn and not image.voxel_size_known:
         logger.warning(
             "%s: voxel size along %s not in the file's metadata; it stays unknown in the "
@@ -133,7 +137,7 @@ def open_image(
     return image
 
 
-def _open_tiff(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
+def _open_tiff(path: Path, select: Mapping[str, int] | None, kind: str, any_rank: bool) -> Image:
     where = str(path)
     try:
         with tifffile.TiffFile(path) as tif:
@@ -146,19 +150,19 @@ def _open_tiff(path: Path, select: Mapping[str, int] | None, kind: str) -> Image
         raise InputError(f"{path}: no such file") from None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
         raise InputError(f"{path}: not a readable TIFF ({exc})") from None
-    view, plain = spatial_view(stored, axes, where, select, kind)
-    return Image(view, voxel, image_name(path), path, axes, plain)
+    data, plain, dims = view(stored, axes, where, select, kind, any_rank)
+    return Image(data, voxel, image_name(path), path, axes, plain, dims)
 
 
-def _open_npy(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
+def _open_npy(path: Path, select: Mapping[str, int] | None, kind: str, any_rank: bool) -> Image:
     try:
         data = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable .npy array ({exc})") from None
     # .npy stores no axis names; a 3D array is read as (Z, Y, X).
     axes = "ZYX" if data.ndim == 3 else "Q" * data.ndim
-    view, plain = spatial_view(da.from_array(data), axes, str(path), select, kind)
-    return Image(view, (None, None, None), image_name(path), path, axes, plain)
+    reduced, plain, dims = view(da.from_array(data), axes, str(path), select, kind, any_rank)
+    return Image(reduced, (None, None, None), image_name(path), path, axes, plain, dims)
 
 
 def load(image: Image, region: tuple[slice, ...] | None = None) -> np.ndarray:
@@ -173,11 +177,15 @@ def load(image: Image, region: tuple[slice, ...] | None = None) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _cached(path: str, mtime_ns: int) -> da.Array:
-    return open_image(path, warn=False).data
+    return open_image(path, warn=False, any_rank=True).data
 
 
 def read_region(path: Path, region: tuple[slice, ...]) -> np.ndarray:
-    """``volume[region]`` of the image at ``path`` as float32 (cached open per process)."""
+    """``image[region]`` of the image at ``path`` as float32 (cached open per process).
+
+    The image is opened with ``any_rank`` (:func:`open_image`): ``region`` covers its
+    ``(C?, Z?, Y, X)`` axes.
+    """
     mtime = Path(path).stat().st_mtime_ns
     data = _cached(str(path), mtime)[region]
     return np.asarray(data.compute(scheduler="synchronous"), dtype=np.float32)

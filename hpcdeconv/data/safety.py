@@ -317,11 +317,23 @@ def check_outputs(
     """
     outputs = [o for o in outputs if o[1] is not None]
     check_disjoint(((flag, path) for flag, path, _ in outputs), inputs)
-    if overwrite is None:
-        return
+    if overwrite is not None:
+        refuse_existing_outputs(outputs, overwrite)
+
+
+def refuse_existing_outputs(
+    outputs: Iterable[tuple[str, Path | None, OutputKind]], overwrite: bool
+) -> None:
+    """:func:`refuse_existing` for every ``(flag, path, kind)``; None paths are skipped.
+
+    Raises
+    ------
+    OutputExistsError
+        As :func:`refuse_existing`.
+    """
     for _, path, kind in outputs:
-        assert path is not None
-        refuse_existing(path, kind, overwrite)
+        if path is not None:
+            refuse_existing(path, kind, overwrite)
 
 
 def refuse_existing(path: Path, kind: OutputKind, overwrite: bool) -> None:

@@ -15,7 +15,7 @@ import dask.array as da
 import zarr
 import zarr.errors
 
-from hpcdeconv.data.axes import spatial_view
+from hpcdeconv.data.axes import view
 from hpcdeconv.data.image import SPATIAL, Image, image_name
 from hpcdeconv.data.ngff import VoxelSize, is_image, read_image_meta
 from hpcdeconv.errors import InputError
@@ -82,6 +82,7 @@ def _image_from_group(
     level: str | None,
     select: Mapping[str, int] | None,
     kind: str,
+    any_rank: bool,
 ) -> Image:
     where = str(path)
     try:
@@ -93,13 +94,13 @@ def _image_from_group(
     if not isinstance(array, zarr.Array):
         raise InputError(f"{path}: level '{level}' is not an array")
     axes = _image_axes(meta.axes, meta.axis_types)
-    view, plain = spatial_view(da.from_zarr(array), axes, where, select, kind)
+    data, plain, dims = view(da.from_zarr(array), axes, where, select, kind, any_rank)
     by_axis = dict(zip(axes, meta.voxel_size, strict=True))
     if level != meta.paths[0]:
         by_axis = _level_voxel_size(group, level, axes, by_axis)
     voxel = tuple(by_axis.get(a) for a in SPATIAL)
     name = image_name(path) if path.name != level else image_name(path.parent)
-    return Image(view, voxel, name, path, axes, plain)
+    return Image(data, voxel, name, path, axes, plain, dims)
 
 
 def _level_voxel_size(
@@ -116,7 +117,9 @@ def _level_voxel_size(
     }
 
 
-def open_zarr(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
+def open_zarr(
+    path: Path, select: Mapping[str, int] | None, kind: str, any_rank: bool = False
+) -> Image:
     """Open the zarr array or OME-Zarr image at ``path`` lazily as a ``(Z, Y, X)`` image.
 
     Parameters
@@ -128,6 +131,8 @@ def open_zarr(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
         Index per non-spatial axis, as in :func:`~hpcdeconv.data.axes.spatial_view`.
     kind
         What the image is for (``"stack"``, ``"PSF"``), named in messages.
+    any_rank
+        Also accept ``(Y, X)`` images and a channel axis (:func:`~hpcdeconv.data.axes.image_view`).
 
     Raises
     ------
@@ -139,12 +144,12 @@ def open_zarr(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
     node = _open_node(path)
     if isinstance(node, zarr.Group):
         if is_image(node):
-            return _image_from_group(node, path, None, select, kind)
+            return _image_from_group(node, path, None, select, kind, any_rank)
         attrs = node.attrs.asdict()
         if "bioformats2raw.layout" in attrs and "0" in node:
             child = node["0"]
             if isinstance(child, zarr.Group) and is_image(child):
-                return _image_from_group(child, path, None, select, kind)
+                return _image_from_group(child, path, None, select, kind, any_rank)
         from hpcdeconv.data.zarr_io import image_names
 
         inside = ", ".join(image_names(node)[:5]) or "none"
@@ -154,7 +159,7 @@ def open_zarr(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
         )
     image = _parent_image(path)
     if image is not None:
-        return _image_from_group(image, path, path.name, select, kind)
+        return _image_from_group(image, path, path.name, select, kind, any_rank)
     axes = _array_axes(node)
     if axes is None:
         axes = "ZYX" if node.ndim == 3 else "Q" * node.ndim
@@ -164,8 +169,8 @@ def open_zarr(path: Path, select: Mapping[str, int] | None, kind: str) -> Image:
         voxel = tuple(by_axis.get(a) for a in SPATIAL)
     else:
         voxel = (None, None, None)
-    view, plain = spatial_view(da.from_zarr(node), axes, where, select, kind)
-    return Image(view, voxel, image_name(path), path, axes, plain)
+    data, plain, dims = view(da.from_zarr(node), axes, where, select, kind, any_rank)
+    return Image(data, voxel, image_name(path), path, axes, plain, dims)
 
 
 def is_zarr(path: Path) -> bool:

@@ -287,3 +287,11 @@ def workers_declare_gpus(client: Client) -> bool:
     """Whether any connected worker declares the ``GPU`` resource."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return any(GPU_RESOURCE in (w.get("resources") or {}) for w in workers.values())
+
+
+def wait_for_workers(client: Client) -> dict[str, Any]:
+    """The scheduler's workers, once at least one has connected."""
+    if not client.scheduler_info(n_workers=-1).get("workers"):
+        logger.info("waiting for the first dask worker to connect")
+        client.wait_for_workers(1)
+    return client.scheduler_info(n_workers=-1).get("workers", {})

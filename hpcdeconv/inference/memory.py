@@ -39,10 +39,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dask.utils import parse_bytes
 
 from hpcdeconv.errors import ConfigError, HpcdeconvError
+from hpcdeconv.inference.cluster import wait_for_workers
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from hpcdeconv.config import ClusterConfig
+    from hpcdeconv.inference.plan import BlockPlan
+    from hpcdeconv.inference.processors import BlockProcessor
+    from hpcdeconv.inference.sources import VolumeSource
 
 MiB = 2**20
 #: RSS of an idle CPU worker process once torch, zarr and the driver are imported
@@ -88,9 +99,9 @@ def network_block_bytes(
     Parameters
     ----------
     padded
-        Padded block ``(Z, Y, X)``: block + 2 x halo per axis.
+        Padded block, e.g. ``(Z, Y, X)``: block + 2 x halo per axis.
     tile
-        Network input tile ``(Z, Y, X)``.
+        Network input tile, e.g. ``(Z, Y, X)`` (or ``(Y, X)``).
     channels
         Feature channels of the U-Net's first level.
     batch_size
@@ -201,3 +212,123 @@ def parse_limit(text: str | int | None) -> int | None:
             f"cluster.memory_per_worker={text!r} is not a size such as 4GiB"
         ) from None
     return value or None
+
+
+# --------------------------------------------------------------------------------------
+# A run's need against its workers
+# --------------------------------------------------------------------------------------
+
+# Workers this client did not start (an existing scheduler) got their limit there; dask-mpi
+# ranks get cluster.memory_per_worker, checked before they start (check_memory_setting).
+_EXTERNAL_LIMIT = "dask worker --memory-limit"
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one worker needs for the blocks of a run, and the workers' limit.
+
+    Attributes
+    ----------
+    need
+        Estimated bytes of one worker running ``threads`` blocks at once.
+    text
+        The estimate in words, for error messages.
+    limit
+        Smallest memory limit of the connected workers in bytes; None for none.
+    where
+        The setting that gives the workers their limit.
+    """
+
+    need: int
+    text: str
+    limit: int | None
+    where: str = "cluster.memory_per_worker"
+
+    @property
+    def setting(self) -> str:
+        """``cluster.memory_per_worker=300MiB``, or that it is unlimited."""
+        return f"{self.where}={mib(self.limit) if self.limit else 'unlimited'}"
+
+    def advice(self) -> str:
+        """What to change; the finished blocks stay."""
+        keep = "finished blocks are kept: run again with --resume"
+        if self.limit and self.need <= self.limit * usable_fraction():
+            # The estimate fitted the limit, yet the workers ran out: it was too low.
+            return (
+                f"one block was estimated at {self.text} but took more; raise "
+                f"{self.where} above {mib(self.limit)} or use a smaller --block "
+                f"({keep})"
+            )
+        return (
+            f"one block needs {self.text}; set {self.where}="
+            f"{suggested_limit(self.need)} or more, or use a smaller --block ({keep})"
+        )
+
+
+def block_memory(
+    processor: BlockProcessor, plan: BlockPlan, sources: Sequence[VolumeSource], threads: int
+) -> tuple[int, str]:
+    """Estimated bytes of one worker for the largest block of ``sources``, and in words.
+
+    Processors without ``block_bytes`` count as the worker alone.
+    """
+    estimate = getattr(processor, "block_bytes", None)
+    largest, shape = 0, plan.block
+    for source in sources:
+        for block in plan.grid(source.shape):
+            size = estimate(block) if estimate is not None else 0
+            if size > largest:
+                largest, shape = size, tuple(s.stop - s.start for s in block.write)
+    need = worker_need(largest, threads)
+    return need, describe_need(need, largest, threads, shape)
+
+
+def check_memory_setting(
+    cluster: ClusterConfig,
+    processor: BlockProcessor,
+    plan: BlockPlan,
+    sources: Sequence[VolumeSource],
+) -> None:
+    """Refuse ``cluster.memory_per_worker`` below one block's need before a cluster starts.
+
+    A cluster started here (local, SLURM, MPI) gives its workers this limit; the workers
+    of an existing scheduler are checked once connected (:func:`check_memory`).
+
+    Raises
+    ------
+    ConfigError
+        An unreadable size.
+    WorkerMemoryError
+        Naming ``cluster.memory_per_worker``, its value and the estimated need.
+    """
+    if cluster.kind == "scheduler":
+        return
+    need, text = block_memory(processor, plan, sources, cluster.threads_per_worker)
+    check_worker_memory(parse_limit(cluster.memory_per_worker), need, text)
+
+
+def check_memory(
+    client: Client,
+    processor: BlockProcessor,
+    plan: BlockPlan,
+    sources: Sequence[VolumeSource],
+) -> MemoryNeed:
+    """Refuse workers whose memory limit is below what one block needs.
+
+    The workers of a cluster started here have ``cluster.memory_per_worker``; those of an
+    existing scheduler (or dask-mpi ranks) were given theirs when started, e.g. by
+    ``dask worker --memory-limit``.
+
+    Raises
+    ------
+    WorkerMemoryError
+        Naming the setting, its value and the estimated need.
+    """
+    workers = wait_for_workers(client)
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    threads = max((int(w.get("nthreads") or 1) for w in workers.values()), default=1)
+    limit = min(limits) if limits and all(limits) else None
+    where = "cluster.memory_per_worker" if client.cluster is not None else _EXTERNAL_LIMIT
+    need, text = block_memory(processor, plan, sources, threads)
+    check_worker_memory(limit, need, text, where)
+    return MemoryNeed(need, text, limit, where)

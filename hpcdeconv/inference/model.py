@@ -1,11 +1,16 @@
-"""Load the deblurring generator G_Θ of a training checkpoint for inference.
+"""Load the image-to-image generator G_Θ of a training checkpoint for inference.
 
 A run directory resolves to its ``best`` checkpoint when training kept one, else to
 ``latest`` (see :func:`~hpcdeconv.training.checkpoint.choose_checkpoint`). A checkpoint
-holds the trained weights under ``deblur`` and, when ``train.ema_decay`` was set, their
-exponential moving average under ``deblur_ema``; ``weights="auto"`` takes the average
-when present. Which checkpoint and which weights were used is logged (INFO) and kept on
-:class:`LoadedModel`.
+describes its inference artefact in ``state["artefact"]``: its kind, the key of its
+weights and the record :func:`~hpcdeconv.models.factory.rebuild_generator` rebuilds the
+generator from (any generator, 2D or 3D, any channels), so inference needs to know
+nothing of the method that trained it. The trained weights lie under ``state[key]``
+and, when ``train.ema_decay`` was set, their exponential moving average under
+``state[key + "_ema"]``; ``weights="auto"`` takes the average when present. A checkpoint
+written before artefacts were recorded holds a 3D, 1-channel generator built from its
+stored configuration under ``deblur``. Which checkpoint and which weights were used is
+logged (INFO) and kept on :class:`LoadedModel`.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from hpcdeconv.config import ExperimentConfig, build_config
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.models.factory import build_generator
+from hpcdeconv.models.factory import rebuild_generator
 from hpcdeconv.training.checkpoint import (
     CheckpointChoice,
     choose_checkpoint,
@@ -31,8 +36,10 @@ from hpcdeconv.training.checkpoint import (
 log = logging.getLogger(__name__)
 
 WeightsChoice = Literal["auto", "raw", "ema"]
-#: Checkpoint key of each kind of weights.
-WEIGHT_KEYS = {"raw": "deblur", "ema": "deblur_ema"}
+#: Artefact kind of a deblurring (image-to-image) generator.
+IMAGE_TO_IMAGE = "image_to_image"
+#: Suffix of the key of the weights' moving average.
+EMA_SUFFIX = "_ema"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class LoadedModel:
         ``"raw"`` (the trained weights) or ``"ema"`` (their moving average).
     choice
         How ``checkpoint`` was chosen (best/latest/file, metrics), for messages.
+    spatial_dims
+        2 (``(Y, X)`` images) or 3 (``(Z, Y, X)`` volumes).
+    channels
+        Input (and output) channels of G_Θ.
     """
 
     net: nn.Module
@@ -61,6 +72,8 @@ class LoadedModel:
     step: int
     weights: Literal["raw", "ema"] = "raw"
     choice: CheckpointChoice | None = None
+    spatial_dims: int = 3
+    channels: int = 1
 
     @property
     def size_multiple(self) -> int:
@@ -71,6 +84,14 @@ class LoadedModel:
     def receptive_field(self) -> int:
         """Receptive field of G_Θ in voxels per axis."""
         return int(self.net.receptive_field())
+
+    @property
+    def first_level_channels(self) -> int:
+        """Feature channels of G_Θ's first level: its first convolution's outputs."""
+        for module in self.net.modules():
+            if isinstance(module, nn.modules.conv._ConvNd):
+                return int(module.out_channels)
+        return 1
 
     def describe(self) -> str:
         """One line, e.g. ``"best checkpoint (step 1000, psnr 27.30 dB) RUN/…pt, EMA weights"``."""
@@ -106,9 +127,8 @@ def load_model(
     choice = choose_checkpoint(path, prefer="best")
     ckpt = choice.path
     state = load_checkpoint(ckpt, map_location="cpu")
-    if "deblur" not in state:
-        raise InputError(f"{ckpt} holds no deblurring generator")
-    has_ema = WEIGHT_KEYS["ema"] in state
+    key, record = _artefact(state, ckpt)
+    has_ema = key + EMA_SUFFIX in state
     if weights == "ema" and not has_ema:
         raise InputError(
             f"{ckpt} holds no EMA weights (train with train.ema_decay set); use --weights raw"
@@ -116,26 +136,67 @@ def load_model(
     kind: Literal["raw", "ema"] = (
         "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
     )
-    key = WEIGHT_KEYS[kind]
+    stored = state[key + EMA_SUFFIX if kind == "ema" else key]
     try:
         cfg = build_config(ExperimentConfig, state["config"])
     except ConfigError as exc:
         raise InputError(f"{ckpt}: incompatible configuration ({exc})") from None
     # Non-finite weights are refused here: fused CPU kernels can turn NaN activations into
     # zeros, so the prediction itself need not show them.
-    bad = count_nonfinite(state[key])
+    bad = count_nonfinite(stored)
     if bad:
         what = "EMA generator weight(s)" if kind == "ema" else "generator weight(s)"
         raise InputError(f"{ckpt}: {bad} {what} are NaN or Inf; use an earlier checkpoint")
-    net = build_generator(cfg.method.generator, spatial_dims=3, in_channels=1, out_channels=1)
     try:
-        net.load_state_dict(state[key])
+        net = rebuild_generator(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{ckpt}: cannot rebuild its generator ({exc})") from None
+    try:
+        net.load_state_dict(stored)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise InputError(f"{ckpt}: weights do not fit the configured U-Net ({first})") from None
+        raise InputError(f"{ckpt}: weights do not fit the recorded generator ({first})") from None
     net.to(device).eval()
     model = LoadedModel(
-        net=net, config=cfg, checkpoint=ckpt, step=int(state["step"]), weights=kind, choice=choice
+        net=net,
+        config=cfg,
+        checkpoint=ckpt,
+        step=int(state["step"]),
+        weights=kind,
+        choice=choice,
+        spatial_dims=int(record["spatial_dims"]),
+        channels=int(record["in_channels"]),
     )
+    log.info("%s: a %dD generator of %d channel(s)", ckpt, model.spatial_dims, model.channels)
     log.info("using %s", model.describe())
     return model
+
+
+def _artefact(state: dict[str, Any], ckpt: Path) -> tuple[str, dict[str, Any]]:
+    """Key of the generator's weights and the record to rebuild it from.
+
+    Raises
+    ------
+    InputError
+        Not an image-to-image artefact, or no weights under its key.
+    """
+    artefact = state.get("artefact")
+    if artefact is None:
+        # Written before checkpoints recorded their artefact: the seed's 3D, 1-channel U-Net.
+        if "deblur" not in state:
+            raise InputError(f"{ckpt} holds no deblurring generator")
+        try:
+            generator = state["config"]["method"]["generator"]
+        except (KeyError, TypeError):
+            raise InputError(f"{ckpt}: no generator configuration stored") from None
+        record = {"generator": generator, "spatial_dims": 3, "in_channels": 1, "out_channels": 1}
+        return "deblur", record
+    kind = artefact.get("kind")
+    if kind != IMAGE_TO_IMAGE:
+        raise InputError(
+            f"{ckpt} is a {kind} model; predict/deconvolve need an image-to-image generator"
+        )
+    key = str(artefact.get("key", ""))
+    if key not in state:
+        raise InputError(f"{ckpt} holds no generator weights under '{key}'")
+    return key, artefact

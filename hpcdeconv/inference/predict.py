@@ -105,18 +105,22 @@ def _plan(shape: Sequence[int], settings: PredictSettings) -> tuple[tuple[int, .
     return tuple(tile), overlap
 
 
+def _unpad(widths: Sides, shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, shape, strict=True))
+
+
 def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
     for start in range(0, len(tiles), size):
         yield tiles[start : start + size]
 
 
 def _run_tiles(
-    model: Model, array: np.ndarray, tiles: list[Tile], settings: PredictSettings
+    model: Model, image: np.ndarray, tiles: list[Tile], settings: PredictSettings
 ) -> Iterator[tuple[Tile, np.ndarray]]:
     """Yield ``(tile, output)`` for every tile, running the network one batch at a time.
 
-    Inputs are stacked to ``(B, 1, *tile)`` and moved to the device; outputs come back as
-    float32 numpy arrays of shape ``tile``.
+    ``image`` is ``(C, *S)``; inputs are stacked to ``(B, C, *tile)`` and moved to the
+    device; outputs come back as float32 numpy arrays of shape ``(C, *tile)``.
     """
     device = torch.device(settings.device)
     autocast = (
@@ -126,35 +130,68 @@ def _run_tiles(
     )
     with tqdm(total=len(tiles), unit="tile", disable=not settings.progress) as bar:
         for batch in _batches(tiles, settings.batch_size):
-            inputs = torch.from_numpy(np.stack([array[t.source] for t in batch])[:, None])
+            inputs = torch.from_numpy(np.stack([image[(slice(None), *t.source)] for t in batch]))
             with torch.inference_mode(), autocast:
                 outputs = model(inputs.to(device))
             if outputs.shape != inputs.shape:
                 raise ValueError(
                     f"model output shape {tuple(outputs.shape)} differs from its input "
-                    f"{tuple(inputs.shape)}; expected (B, 1, *tile) out for (B, 1, *tile) in"
+                    f"{tuple(inputs.shape)}; expected (B, C, *tile) out for (B, C, *tile) in"
                 )
             bar.update(len(batch))
-            yield from zip(batch, outputs[:, 0].float().cpu().numpy(), strict=True)
+            yield from zip(batch, outputs.float().cpu().numpy(), strict=True)
 
 
-def _predict_array(model: Model, array: np.ndarray, settings: PredictSettings) -> np.ndarray:
-    """Tile, run and blend over a whole float32 array; returns the same shape."""
-    if array.ndim != len(settings.tile):
+def _predict_image(model: Model, image: np.ndarray, settings: PredictSettings) -> np.ndarray:
+    """Tile, run and blend over one float32 image ``(C, *S)``; returns the same shape."""
+    spatial = image.shape[1:]
+    tile, overlap = _plan(spatial, settings)
+    widths = pad_to(spatial, tile)
+    if any(map(any, widths)):
+        image = np.pad(image, ((0, 0), *widths), mode="symmetric")
+    tiles = tile_grid(image.shape[1:], tile, overlap)
+    logger.debug("%d tiles of %s over %s", len(tiles), tile, image.shape)
+    out = stitch(_run_tiles(model, image, tiles, settings), image.shape, settings.blend)
+    return out[(slice(None), *_unpad(widths, spatial))]
+
+
+def predict_array(
+    model: Model,
+    array: np.ndarray,
+    settings: PredictSettings,
+    channels: int = 1,
+    lead: int = 0,
+) -> np.ndarray:
+    """Tile, run and blend over every image of a float32 array; returns the same shape.
+
+    The trailing ``len(settings.tile)`` axes are the network's spatial axes; ``lead``
+    axes before them hold images run one by one (Z planes for a 2D network, channels for
+    a 1-channel network). A network of ``channels > 1`` takes the first leading axis
+    whole as its channels: ``array`` is then ``(C, ..., *S)``.
+
+    Raises
+    ------
+    InputError
+        ``array`` does not have ``lead + len(settings.tile)`` axes, or a channel axis that
+        is not ``channels`` long.
+    """
+    spatial = len(settings.tile)
+    whole = 1 if channels > 1 else 0
+    if array.ndim != spatial + lead or lead < whole:
         raise InputError(
-            f"volume has {array.ndim} axes but the tile {settings.tile} has {len(settings.tile)}"
+            f"volume has {array.ndim} axes but the tile {settings.tile} has {spatial}"
+            + (f" and {lead} leading axes are expected" if lead else "")
+            + (f", the first {channels} channels long" if whole else "")
         )
-    tile, overlap = _plan(array.shape, settings)
-    widths = pad_to(array.shape, tile)
-    padded = np.pad(array, widths, mode="symmetric") if any(map(any, widths)) else array
-    tiles = tile_grid(padded.shape, tile, overlap)
-    logger.debug("%d tiles of %s over %s", len(tiles), tile, padded.shape)
-    out = stitch(_run_tiles(model, padded, tiles, settings), padded.shape, settings.blend)
-    return out[_unpad(widths, array.shape)]
-
-
-def _unpad(widths: Sides, shape: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, shape, strict=True))
+    if whole and array.shape[0] != channels:
+        raise InputError(f"image has {array.shape[0]} channels, the network takes {channels}")
+    out = np.empty(array.shape, dtype=np.float32)
+    for index in np.ndindex(*array.shape[whole:lead]):
+        where = (slice(None), *index) if whole else index
+        image = array[where] if whole else array[where][None]
+        result = _predict_image(model, image, settings)
+        out[where] = result if whole else result[0]
+    return out
 
 
 def predict_volume(
@@ -168,6 +205,8 @@ def predict_volume(
     autocast_dtype: torch.dtype | None = None,
     size_multiple: int = 1,
     progress: bool = False,
+    channels: int = 1,
+    lead: int = 0,
 ) -> np.ndarray:
     """Apply a network to a volume tile by tile and blend the tile outputs.
 
@@ -179,12 +218,16 @@ def predict_volume(
     Parameters
     ----------
     model
-        Network mapping ``(B, 1, Z, Y, X)`` to ``(B, 1, Z, Y, X)`` (or 2D analogues), already
+        Network mapping ``(B, C, Z, Y, X)`` to the same shape (or 2D analogues), already
         on ``device`` and in eval mode; it is called under :func:`torch.inference_mode`.
     volume
-        Array of shape ``(Z, Y, X)`` (or ``(Y, X)`` with a 2D tile); cast to float32.
+        Array of shape ``(Z, Y, X)`` (or ``(Y, X)`` with a 2D tile), after ``lead``
+        leading axes of images run one by one (:func:`predict_array`); cast to float32.
     tile, overlap, blend, batch_size, device, autocast_dtype, size_multiple, progress
         See :class:`PredictSettings`.
+    channels, lead
+        Input channels of the network (above 1 the first leading axis is taken whole as
+        the channels) and the number of leading axes, see :func:`predict_array`.
 
     Returns
     -------
@@ -201,11 +244,11 @@ def predict_volume(
         size_multiple=size_multiple,
         progress=progress,
     )
-    return _predict_array(model, np.asarray(volume, dtype=np.float32), settings)
+    return predict_array(model, np.asarray(volume, dtype=np.float32), settings, channels, lead)
 
 
 def predict_block(
-    model: Model, data: np.ndarray, block: Block, settings: PredictSettings
+    model: Model, data: np.ndarray, block: Block, settings: PredictSettings, channels: int = 1
 ) -> np.ndarray:
     """Process one block of a :func:`~hpcdeconv.inference.tiling.block_grid` in memory.
 
@@ -216,13 +259,17 @@ def predict_block(
     Parameters
     ----------
     model
-        Network mapping ``(B, 1, Z, Y, X)`` to the same shape.
+        Network mapping ``(B, C, Z, Y, X)`` (or ``(B, C, Y, X)``) to the same shape.
     data
-        ``volume[block.read]``, shape ``(Z_r, Y_r, X_r)``.
+        ``volume[block.read]``, e.g. ``(Z_r, Y_r, X_r)``; leading axes as in
+        :func:`predict_array` (the block's halo is 0 along them).
     block
         The block being processed.
     settings
         Tiling, blending and device settings.
+    channels
+        Input channels of the network; the axes of ``data`` before the tile's are leading
+        axes of :func:`predict_array`.
 
     Returns
     -------
@@ -233,4 +280,5 @@ def predict_block(
     if data.shape != expected:
         raise ValueError(f"block data has shape {data.shape}, its read region {expected}")
     padded = np.pad(np.asarray(data, dtype=np.float32), block.pad, mode="symmetric")
-    return _predict_array(model, padded, settings)[block.crop]
+    lead = padded.ndim - len(settings.tile)
+    return predict_array(model, padded, settings, channels, lead)[block.crop]

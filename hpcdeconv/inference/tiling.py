@@ -310,9 +310,10 @@ def stitch(
     Parameters
     ----------
     tiles
-        ``(tile, output)`` pairs; ``output`` has shape ``tile.shape``, e.g. ``(Z, Y, X)``.
+        ``(tile, output)`` pairs; ``output`` has shape ``tile.shape``, e.g. ``(Z, Y, X)``,
+        or leading axes before it (channels, ``(C, Z, Y, X)``) that ``shape`` shares.
     shape
-        Shape of the output volume, e.g. ``(Z, Y, X)``.
+        Shape of the output volume, e.g. ``(Z, Y, X)`` or ``(C, Z, Y, X)``.
     mode
         Blend mode, see :func:`blend_weights`.
 
@@ -324,20 +325,29 @@ def stitch(
     if mode not in BLEND_MODES:
         raise ValueError(f"unknown blend mode {mode!r}; expected one of {', '.join(BLEND_MODES)}")
     total = np.zeros(tuple(shape), dtype=np.float32)
-    weight = np.zeros(tuple(shape), dtype=np.float32)
+    weight: np.ndarray | None = None
     cache: dict[tuple[tuple[int, ...], Sides], np.ndarray] = {}
     for tile, output in tiles:
-        if output.shape != tile.shape:
-            raise ValueError(f"tile output has shape {output.shape}, expected {tile.shape}")
+        lead = tuple(shape)[: len(shape) - len(tile.shape)]
+        if output.shape != (*lead, *tile.shape):
+            raise ValueError(
+                f"tile output has shape {output.shape}, expected {(*lead, *tile.shape)}"
+            )
+        if weight is None:
+            # One weight per voxel of the spatial axes, shared by the leading (channel) axes.
+            weight = np.zeros(tuple(shape)[len(lead) :], dtype=np.float32)
+        every = (slice(None),) * len(lead)
         if mode == "constant":
-            total[tile.dest] += output[tile.core]
+            total[(*every, *tile.dest)] += output[(*every, *tile.core)]
             weight[tile.dest] += 1.0
             continue
         key = (tile.shape, tile.overlaps)
         if key not in cache:
             cache[key] = blend_weights(tile.shape, tile.overlaps, mode)
-        total[tile.source] += cache[key] * output
+        total[(*every, *tile.source)] += cache[key] * output
         weight[tile.source] += cache[key]
+    if weight is None:
+        raise ValueError("the tiles do not cover the whole volume")
     if not np.all(weight > 0):
         raise ValueError("the tiles do not cover the whole volume")
     return np.divide(total, weight, out=total)

@@ -105,7 +105,7 @@ def export_kernel(
         (:func:`hpcdeconv.metrics.pcc`, zero-mean NCC) of both versions to it.
     """
     # Figures and TIFF writing pull in matplotlib and the inference I/O: only on export.
-    from hpcdeconv.inference.volume_io import write_tiff
+    from hpcdeconv.inference.output import write_tiff
     from hpcdeconv.viz import save_orthoviews
 
     out_dir.mkdir(parents=True, exist_ok=True)

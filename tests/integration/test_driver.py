@@ -26,16 +26,12 @@ from hpcdeconv.data.layout import volume_meta
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import InputError, OutputExistsError
 from hpcdeconv.inference.cluster import open_client
-from hpcdeconv.inference.driver import (
-    BlockPlan,
-    NetworkProcessor,
-    NonFiniteOutputError,
-    RLProcessor,
-    deconvolve_volumes,
-    open_sources,
-)
+from hpcdeconv.inference.driver import NonFiniteOutputError, deconvolve_volumes
 from hpcdeconv.inference.manifest import read_record
 from hpcdeconv.inference.model import LoadedModel, load_model
+from hpcdeconv.inference.plan import BlockPlan
+from hpcdeconv.inference.processors import NetworkProcessor, RLProcessor
+from hpcdeconv.inference.sources import open_sources
 from hpcdeconv.inference.tiling import Block
 from hpcdeconv.physics.forward import convolve
 from hpcdeconv.physics.phantoms import microtubules

@@ -30,15 +30,12 @@ from distributed import Client, LocalCluster
 from hpcdeconv.config import ExperimentConfig, load_config
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.inference import driver
-from hpcdeconv.inference.driver import (
-    BlockPlan,
-    NetworkProcessor,
-    RLProcessor,
-    deconvolve_volumes,
-    open_sources,
-)
+from hpcdeconv.inference.driver import deconvolve_volumes
 from hpcdeconv.inference.manifest import read_record
 from hpcdeconv.inference.memory import WORKER_BASE_BYTES, WorkerMemoryError
+from hpcdeconv.inference.plan import BlockPlan
+from hpcdeconv.inference.processors import NetworkProcessor, RLProcessor
+from hpcdeconv.inference.sources import open_sources
 from hpcdeconv.inference.tiling import Block, block_grid
 from hpcdeconv.training.engine import train
 from tests.conftest import TINY_TRAINING

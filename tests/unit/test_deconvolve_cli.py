@@ -147,13 +147,11 @@ def test_rl_from_a_model_or_a_file_equals_whole_volume_rl(
 def test_deconvolve_block_halo_rule_applies_only_where_the_volume_is_split(
     run_dir: Path, scheduler: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hpcdeconv.inference.driver import (
-        BlockPlan,
-        NetworkProcessor,
-        deconvolve_volumes,
-        open_sources,
-    )
+    from hpcdeconv.inference.driver import deconvolve_volumes
     from hpcdeconv.inference.model import load_model
+    from hpcdeconv.inference.plan import BlockPlan
+    from hpcdeconv.inference.processors import NetworkProcessor
+    from hpcdeconv.inference.sources import open_sources
 
     rng = np.random.default_rng(8)
     small, wide = rng.random((16, 20, 24), np.float32), rng.random((16, 48, 40), np.float32)
@@ -240,7 +238,8 @@ def _bad_cases(tmp_path: Path, run_dir: Path, volume_path: Path) -> dict[str, tu
             [*ckpt, str(volume_path), "--block", "100"],
             "must be a multiple of chunks",
         ),
-        "2D TIFF": ([*ckpt, str(flat)], "expected a 3D (Z, Y, X) stack"),
+        # 2D images are read (for 2D generators); this checkpoint's generator is 3D.
+        "2D TIFF": ([*ckpt, str(flat)], "a 2D image (axes YX); the checkpoint's generator is 3D"),
         "missing input": ([*ckpt, str(tmp_path / "none.tif")], "no such file"),
         "unreachable scheduler": (
             [*ckpt, str(volume_path), "--scheduler", f"tcp://127.0.0.1:{_free_port()}"],

@@ -13,9 +13,9 @@ from torch import nn
 
 from hpcdeconv.config import ExperimentConfig, UNetConfig, load_config
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.inference.driver import NetworkProcessor, _cached_network
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.inference.predict import predict_volume
+from hpcdeconv.inference.processors import NetworkProcessor, _cached_network
 from hpcdeconv.models.factory import build_generator
 from hpcdeconv.training.checkpoint import (
     CKPT_DIR,

@@ -30,15 +30,11 @@ from hpcdeconv.cli import main
 from hpcdeconv.config import DeconvolveConfig, RLConfig, load_config
 from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.inference.driver import (
-    BlockPlan,
-    NetworkProcessor,
-    NonFiniteOutputError,
-    RLProcessor,
-    deconvolve_volumes,
-    open_sources,
-)
+from hpcdeconv.inference.driver import NonFiniteOutputError, deconvolve_volumes
+from hpcdeconv.inference.plan import BlockPlan
 from hpcdeconv.inference.predict import PredictSettings
+from hpcdeconv.inference.processors import NetworkProcessor, RLProcessor
+from hpcdeconv.inference.sources import open_sources
 from hpcdeconv.inference.tiling import Block
 from hpcdeconv.physics.forward import FFTConvolver, convolve
 from hpcdeconv.physics.phantoms import microtubules
@@ -172,7 +168,9 @@ READ_ONLY_SCRIPT = """
 import sys
 import numpy as np
 from hpcdeconv.classical.rl import richardson_lucy
-from hpcdeconv.inference.driver import BlockPlan, RLProcessor, open_sources
+from hpcdeconv.inference.plan import BlockPlan
+from hpcdeconv.inference.processors import RLProcessor
+from hpcdeconv.inference.sources import open_sources
 from hpcdeconv.physics.psf import gaussian
 
 source = open_sources([sys.argv[1]])[0]
