@@ -134,13 +134,19 @@ def test_predict_takes_2d_tiff_3_channel_tiff_and_2d_zarr(
     ckpt = ["--checkpoint", str(supervised_unet), *WHOLE]
 
     tifffile.imwrite(tmp_path / "plane.tif", image)
-    assert main(["predict", str(tmp_path / "plane.tif"), "--output", str(tmp_path / "a.tif"), *ckpt]) == 0
+    assert (
+        main(["predict", str(tmp_path / "plane.tif"), "--output", str(tmp_path / "a.tif"), *ckpt])
+        == 0
+    )
     np.testing.assert_allclose(tifffile.imread(tmp_path / "a.tif"), expected, atol=1e-5)
 
     # Three channels through the 1-channel generator: one channel at a time.
     rgb = np.stack([image, image[::-1], image[:, ::-1]])
     tifffile.imwrite(tmp_path / "cyx.tif", rgb, imagej=True, metadata={"axes": "CYX"})
-    assert main(["predict", str(tmp_path / "cyx.tif"), "--output", str(tmp_path / "b.tif"), *ckpt]) == 0
+    assert (
+        main(["predict", str(tmp_path / "cyx.tif"), "--output", str(tmp_path / "b.tif"), *ckpt])
+        == 0
+    )
     out = tifffile.imread(tmp_path / "b.tif")
     assert out.shape == (3, 48, 48)
     np.testing.assert_allclose(out[0], expected, atol=1e-5)

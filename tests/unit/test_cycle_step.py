@@ -39,6 +39,7 @@ KERNEL = 5
 #: Patch per dimensionality: small, and divisible by the U-Net's 2 down-samplings.
 PATCH = {2: (24, 24), 3: (12, 16, 16)}
 
+
 def method_config(name: str, dims: int, **loss: Any) -> Any:
     kernel = {"size": (KERNEL,) * dims}
     if name == "blind":
