@@ -53,6 +53,10 @@ RESNET = [
     "method.generator.n_blocks=2",
     "method.generator.upsample=resize",
 ]
+#: Depth 1 without normalisation: strictly local (receptive field 19, radius 9), so the
+#: driver's stitched blocks can equal the network on the whole (mirror-padded) plane.
+LOCAL_UNET = [*UNET[:2], "method.generator.depth=1", "method.generator.norm=none"]
+HALO = 10
 #: One tile per whole 48x48 image and no blending: the output is G on the whole image.
 WHOLE = ["--set", "tile=[48, 48]", "--set", "overlap=0", "--set", "blend=constant"]
 
@@ -81,7 +85,7 @@ def _train(config: str, generator: list[str], data: Path, run: Path) -> None:
 @pytest.fixture(scope="module")
 def supervised_unet(data2d: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("sup_unet") / "run"
-    _train("supervised_2d", UNET, data2d, run)
+    _train("supervised_2d", LOCAL_UNET, data2d, run)
     return run
 
 
@@ -119,11 +123,13 @@ def test_2d_training_with_either_generator_records_it(
     assert (model.spatial_dims, model.channels) == (2, 1)
 
 
-def _whole(run: Path, image: np.ndarray) -> np.ndarray:
-    """The trained generator on one whole (Y, X) image."""
+def _whole(run: Path, image: np.ndarray, pad: int = 0) -> np.ndarray:
+    """The trained generator on one whole (Y, X) image, mirror-padded by ``pad``."""
     net = load_model(run).net
+    padded = np.pad(image, pad, mode="symmetric")
     with torch.inference_mode():
-        return net(torch.from_numpy(image)[None, None])[0, 0].numpy()
+        out = net(torch.from_numpy(padded)[None, None])[0, 0].numpy()
+    return out[pad : out.shape[0] - pad, pad : out.shape[1] - pad]
 
 
 def test_predict_takes_2d_tiff_3_channel_tiff_and_2d_zarr(
@@ -167,9 +173,12 @@ def test_deconvolve_runs_a_stack_of_2d_planes_like_predict_of_each_plane(
     source = tmp_path / "stack.zarr" / "blurred" / "stack"
     output = tmp_path / "out.zarr"
     args = ["deconvolve", str(source), "--checkpoint", str(supervised_unet), "--output"]
-    settings = ["--block", "48", "--set", "chunks=[48, 48]", *WHOLE]
+    # 3 x 3 blocks of 20 x 20 per plane, one tile per block and its halo, no blending.
+    block = 2 * HALO
+    settings = ["--block", str(block), "--halo", str(HALO), "--set", "chunks=[20, 20]"]
+    settings += ["--set", f"tile=[{2 * block}, {2 * block}]", *WHOLE[2:]]
     assert main([*args, str(output), "--scheduler", scheduler, *settings]) == 0
     out = zarr.open_group(str(output / "deconvolved" / "stack"), mode="r")["0"][...]
     assert out.shape == stack.shape
     for plane, result in zip(stack, out, strict=True):
-        np.testing.assert_allclose(result, _whole(supervised_unet, plane), atol=1e-5)
+        np.testing.assert_allclose(result, _whole(supervised_unet, plane, HALO), atol=1e-5)
