@@ -56,6 +56,43 @@ def _hint(letter: str, has_z: bool) -> str:
     )
 
 
+def _index(
+    data: da.Array, axes: str, where: str, select: Mapping[str, int]
+) -> tuple[list[int | slice], list[str], bool]:
+    """The index that takes ``select`` and drops singleton axes of ``data``.
+
+    Returns
+    -------
+    index, kept, plain
+        One entry per axis of ``data``, the letters of the axes left whole, and whether
+        the index only drops axes of size one (a plain squeeze).
+
+    Raises
+    ------
+    InputError
+        ``select`` names an axis the file lacks or an index out of range.
+    """
+    for letter in select:
+        if letter not in axes:
+            raise InputError(f"{where}: has no axis {letter} to index (axes {axes})")
+    index: list[int | slice] = []
+    kept: list[str] = []
+    plain = True
+    for letter, size in zip(axes, data.shape, strict=True):
+        if letter in select:
+            i = select[letter]
+            if not 0 <= i < size:
+                raise InputError(f"{where}: index {i} out of range for axis {letter} of {size}")
+            index.append(i)
+            plain = plain and size == 1
+        elif size == 1:
+            index.append(0)
+        else:
+            index.append(slice(None))
+            kept.append(letter)
+    return index, kept, plain
+
+
 def spatial_view(
     data: da.Array,
     axes: str,
@@ -95,24 +132,7 @@ def spatial_view(
     select = dict(select or {})
     if "C" in select and "C" not in axes and "S" in axes:
         select["S"] = select.pop("C")
-    for letter in select:
-        if letter not in axes:
-            raise InputError(f"{where}: has no axis {letter} to index (axes {axes})")
-    index: list[int | slice] = []
-    kept: list[str] = []
-    plain = True
-    for letter, size in zip(axes, data.shape, strict=True):
-        if letter in select:
-            i = select[letter]
-            if not 0 <= i < size:
-                raise InputError(f"{where}: index {i} out of range for axis {letter} of {size}")
-            index.append(i)
-            plain = plain and size == 1
-        elif size == 1:
-            index.append(0)
-        else:
-            index.append(slice(None))
-            kept.append(letter)
+    index, kept, plain = _index(data, axes, where, select)
     unnamed = [a for a in kept if a in _UNNAMED]
     if unnamed and "Z" not in kept and len(unnamed) == 1:
         # A page sequence without stated meaning: the only reading a 3D method can take.
@@ -213,24 +233,7 @@ def _yx_view(
     data: da.Array, axes: str, where: str, select: Mapping[str, int], kind: str
 ) -> tuple[da.Array, bool, str]:
     """``data`` reduced to ``(Y, X)`` (an axis-named 2D image)."""
-    for letter in select:
-        if letter not in axes:
-            raise InputError(f"{where}: has no axis {letter} to index (axes {axes})")
-    index: list[int | slice] = []
-    kept: list[str] = []
-    plain = True
-    for letter, size in zip(axes, data.shape, strict=True):
-        if letter in select:
-            i = select[letter]
-            if not 0 <= i < size:
-                raise InputError(f"{where}: index {i} out of range for axis {letter} of {size}")
-            index.append(i)
-            plain = plain and size == 1
-        elif size == 1:
-            index.append(0)
-        else:
-            index.append(slice(None))
-            kept.append(letter)
+    index, kept, plain = _index(data, axes, where, select)
     for letter in kept:
         if letter not in SPATIAL:
             n = data.shape[axes.index(letter)]
