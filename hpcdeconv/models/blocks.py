@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 Activation = Literal["relu", "leaky_relu"]
 FinalActivation = Literal["sigmoid", "tanh", "none"]
 PaddingMode = Literal["zeros", "reflect"]
+Upsample = Literal["transpose", "resize"]
 
 #: Factor on a head's centred weights, by final activation, when the head starts at a
 #: target value (:func:`start_head_at`). The larger, the faster the head learns; the
@@ -272,3 +273,99 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers.append(activation(act))
         super().__init__(*layers)
+
+
+def check_upsample(upsample: str) -> None:
+    """Refuse an unknown up-sampling mode.
+
+    Raises
+    ------
+    ConfigError
+        ``upsample`` is not ``"transpose"`` or ``"resize"``.
+    """
+    if upsample not in ("transpose", "resize"):
+        raise ConfigError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
+
+
+def upsampling(
+    spatial_dims: int,
+    in_ch: int,
+    out_ch: int,
+    upsample: Upsample,
+    *,
+    bias: bool,
+    transpose_kernel: int = 2,
+) -> nn.Module:
+    """×2 up-sampling from ``in_ch`` to ``out_ch`` channels: (B, in_ch, *S) → (B, out_ch, *2S).
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    in_ch, out_ch
+        Channels of input and output.
+    upsample
+        ``"transpose"``: a stride-2 transposed convolution of width ``transpose_kernel``
+        (2: the U-Net's; 3 with padding and output padding 1: cycleGAN's ResNet), padded so
+        it exactly doubles; ``"resize"``: :class:`ResizeConv`.
+    bias
+        Bias of the convolution (``False`` before a normalisation, which removes it).
+    transpose_kernel
+        Width of the transposed convolution's kernel (2 or 3).
+    """
+    if upsample == "resize":
+        return ResizeConv(spatial_dims, in_ch, out_ch, bias=bias)
+    padding = (transpose_kernel - 1) // 2
+    return conv_transpose_nd(spatial_dims)(
+        in_ch,
+        out_ch,
+        kernel_size=transpose_kernel,
+        stride=2,
+        padding=padding,
+        output_padding=2 + 2 * padding - transpose_kernel,
+        bias=bias,
+    )
+
+
+def check_generator_input(
+    x: torch.Tensor,
+    *,
+    name: str,
+    spatial_dims: int,
+    size_multiple: int,
+    rule: str,
+    min_size: int = 1,
+) -> None:
+    """Refuse a batch a generator cannot take: wrong rank or spatial sizes.
+
+    Parameters
+    ----------
+    x
+        The batch, expected (B, C, Z, Y, X) in 3D or (B, C, Y, X) in 2D.
+    name
+        The network, for messages.
+    spatial_dims
+        2 or 3.
+    size_multiple
+        Every spatial size must be a multiple of this.
+    rule
+        Where ``size_multiple`` comes from (e.g. ``"2**depth"``), for messages.
+    min_size
+        Smallest spatial size per axis.
+
+    Raises
+    ------
+    ValueError
+        ``x`` has not ``spatial_dims + 2`` axes, or a spatial size is not a multiple of
+        ``size_multiple`` or is below ``min_size``.
+    """
+    axes = "Z, Y, X" if spatial_dims == 3 else "Y, X"
+    if x.ndim != spatial_dims + 2:
+        raise ValueError(f"{name} expects a (B, C, {axes}) tensor, got shape {tuple(x.shape)}")
+    spatial = tuple(x.shape[2:])
+    if any(s % size_multiple for s in spatial) or min(spatial) < min_size:
+        least = f" and at least {min_size} along every axis" if min_size > 1 else ""
+        raise ValueError(
+            f"{name} input spatial shape {spatial} must be a multiple of "
+            f"size_multiple={size_multiple} ({rule}){least}; pad the input first"
+        )

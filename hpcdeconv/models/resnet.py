@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -12,15 +11,15 @@ from hpcdeconv.errors import ConfigError
 from hpcdeconv.models.blocks import (
     ConvNormAct,
     FinalActivation,
-    ResizeConv,
+    Upsample,
+    check_generator_input,
+    check_upsample,
     conv_nd,
-    conv_transpose_nd,
     final_activation_module,
     instance_norm_nd,
     start_head_at,
+    upsampling,
 )
-
-Upsample = Literal["transpose", "resize"]
 
 #: One-sided reach, in voxels of their level, that the stem and the head (7 wide) add.
 _STEM_REACH = 3
@@ -45,15 +44,10 @@ def _up_stage(
     spatial_dims: int, in_ch: int, out_ch: int, norm: bool, upsample: Upsample
 ) -> nn.Sequential:
     """×2 upsampling to ``out_ch`` channels, then normalisation and ReLU."""
-    up: nn.Module
-    if upsample == "transpose":
-        # cycleGAN's choice: kernel 3, stride 2, output padding 1 (exactly doubles).
-        up = conv_transpose_nd(spatial_dims)(
-            in_ch, out_ch, kernel_size=3, stride=2, padding=1, output_padding=1, bias=not norm
-        )
-    else:
-        up = ResizeConv(spatial_dims, in_ch, out_ch, bias=not norm)
-    layers: list[nn.Module] = [up]
+    # cycleGAN's choice of transposed convolution: kernel 3, stride 2, output padding 1.
+    layers: list[nn.Module] = [
+        upsampling(spatial_dims, in_ch, out_ch, upsample, bias=not norm, transpose_kernel=3)
+    ]
     if norm:
         layers.append(instance_norm_nd(spatial_dims)(out_ch, affine=True))
     layers.append(nn.ReLU(inplace=True))
@@ -129,8 +123,7 @@ class ResNetGenerator(nn.Module):
                 f"ResNet generator needs n_downsampling >= 0 and n_blocks >= 1, got "
                 f"{n_downsampling} and {n_blocks}"
             )
-        if upsample not in ("transpose", "resize"):
-            raise ConfigError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
+        check_upsample(upsample)
         if global_residual and in_channels != out_channels:
             raise ConfigError(
                 f"a global residual adds the input to the output: in_channels "
@@ -254,20 +247,6 @@ class ResNetGenerator(nn.Module):
             *(f"up.{i}" for i in range(len(self.up))),
         ]
 
-    def _check_input(self, x: Tensor) -> None:
-        axes = "Z, Y, X" if self.spatial_dims == 3 else "Y, X"
-        if x.ndim != self.spatial_dims + 2:
-            raise ValueError(
-                f"ResNetGenerator expects a (B, C, {axes}) tensor, got shape {tuple(x.shape)}"
-            )
-        spatial = tuple(x.shape[2:])
-        if any(s % self.size_multiple for s in spatial) or min(spatial) < self.min_size:
-            raise ValueError(
-                f"ResNetGenerator input spatial shape {spatial} must be a multiple of "
-                f"size_multiple={self.size_multiple} (2**n_downsampling) and at least "
-                f"{self.min_size} along every axis; pad the input first"
-            )
-
     def forward(self, x: Tensor) -> Tensor:
         """Translate a batch.
 
@@ -282,7 +261,14 @@ class ResNetGenerator(nn.Module):
         Tensor
             (B, out_channels, Z, Y, X) or (B, out_channels, Y, X), same spatial size.
         """
-        self._check_input(x)
+        check_generator_input(
+            x,
+            name="ResNetGenerator",
+            spatial_dims=self.spatial_dims,
+            size_multiple=self.size_multiple,
+            rule="2**n_downsampling",
+            min_size=self.min_size,
+        )
         y = self.stem(x)
         for stage in (*self.down, *self.blocks, *self.up):
             y = stage(y)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
@@ -11,15 +9,15 @@ from hpcdeconv.errors import ConfigError
 from hpcdeconv.models.blocks import (
     ConvNormAct,
     FinalActivation,
-    ResizeConv,
+    Upsample,
+    check_generator_input,
+    check_upsample,
     conv_nd,
-    conv_transpose_nd,
     final_activation_module,
     max_pool_nd,
     start_head_at,
+    upsampling,
 )
-
-Upsample = Literal["transpose", "resize"]
 
 
 class _DoubleConv(nn.Sequential):
@@ -40,13 +38,7 @@ class _UpStage(nn.Module):
     ) -> None:
         super().__init__()
         # No bias before normalisation: a per-channel constant is removed by the next norm.
-        self.up: nn.Module
-        if upsample == "transpose":
-            self.up = conv_transpose_nd(spatial_dims)(
-                in_ch, out_ch, kernel_size=2, stride=2, bias=not norm
-            )
-        else:
-            self.up = ResizeConv(spatial_dims, in_ch, out_ch, bias=not norm)
+        self.up = upsampling(spatial_dims, in_ch, out_ch, upsample, bias=not norm)
         self.convs = _DoubleConv(spatial_dims, 2 * out_ch, out_ch, norm)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -126,8 +118,7 @@ class UNet(nn.Module):
         super().__init__()
         if depth < 1:
             raise ConfigError(f"UNet depth must be at least 1, got {depth}")
-        if upsample not in ("transpose", "resize"):
-            raise ConfigError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
+        check_upsample(upsample)
         self.final = final_activation_module(final_activation)
         self.spatial_dims = spatial_dims
         self.depth = depth
@@ -230,21 +221,6 @@ class UNet(nn.Module):
             *(f"decoders.{i}" for i in range(len(self.decoders))),
         ]
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.ndim != self.spatial_dims + 2:
-            raise ValueError(
-                f"UNet expects a (B, C, {self._axes()}) tensor, got shape {tuple(x.shape)}"
-            )
-        spatial = tuple(x.shape[2:])
-        if any(s % self.size_multiple for s in spatial):
-            raise ValueError(
-                f"UNet input spatial shape {spatial} is not divisible by "
-                f"size_multiple={self.size_multiple} (2**depth); pad the input first"
-            )
-
-    def _axes(self) -> str:
-        return "Z, Y, X" if self.spatial_dims == 3 else "Y, X"
-
     def forward(self, x: Tensor) -> Tensor:
         """Deblur a batch.
 
@@ -259,7 +235,13 @@ class UNet(nn.Module):
         Tensor
             (B, out_channels, Z, Y, X) or (B, out_channels, Y, X), same spatial size.
         """
-        self._check_input(x)
+        check_generator_input(
+            x,
+            name="UNet",
+            spatial_dims=self.spatial_dims,
+            size_multiple=self.size_multiple,
+            rule="2**depth",
+        )
         skips: list[Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)
