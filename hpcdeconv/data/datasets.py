@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from hpcdeconv.data.augment import random_rot_flip, random_rot_flip_many
 from hpcdeconv.data.layout import array_layout
@@ -225,6 +225,26 @@ class StepIndexed(Dataset, ABC):
     @abstractmethod
     def sample_at(self, step: int, index: int) -> dict[str, torch.Tensor]:
         """Sample ``index`` of this rank's batch at ``step``."""
+
+    def loader(self, num_workers: int, pin_memory: bool = False) -> DataLoader:
+        """The batches in step order: batch ``k`` is step ``start_step + k``.
+
+        Parameters
+        ----------
+        num_workers
+            Reader processes; with any, they persist across epochs and prefetch 4 batches each.
+        pin_memory
+            Copy batches into page-locked memory (for asynchronous host-to-GPU copies).
+        """
+        return DataLoader(
+            self,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
 
 
 class PairedPatches(StepIndexed):

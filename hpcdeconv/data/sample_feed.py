@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from hpcdeconv.config import PSFSamplesData
 from hpcdeconv.data.datasets import StepIndexed
@@ -169,15 +168,7 @@ class PSFSampleFeed:
         InputError
             A patch or parameter holds NaN or Inf values.
         """
-        loader = DataLoader(
-            self.dataset(start_step, steps),
-            batch_size=self.cfg.batch_size,
-            shuffle=False,
-            num_workers=self.cfg.num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=self.cfg.num_workers > 0,
-            prefetch_factor=4 if self.cfg.num_workers > 0 else None,
-        )
+        loader = self.dataset(start_step, steps).loader(self.cfg.num_workers, pin_memory)
         for step, batch in enumerate(loader, start=start_step):
             for name in ("patch", "params"):
                 finite = torch.isfinite(batch[name])

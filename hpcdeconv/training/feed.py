@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset
 
 from hpcdeconv.config import DataConfig, ImageDomainsData, PSFSamplesData
-from hpcdeconv.data.datasets import PairedPatches, UnpairedPatches, ZarrVolumes
+from hpcdeconv.data.datasets import PairedPatches, StepIndexed, UnpairedPatches, ZarrVolumes
 from hpcdeconv.data.layout import volume_meta
 from hpcdeconv.data.sampling import PatchSampler
 from hpcdeconv.data.zarr_io import (
@@ -203,7 +202,7 @@ class TrainingFeed:
                     f"data.patch {self.cfg.patch} is larger than volume '{vid}' {shape}"
                 )
 
-    def dataset(self, start_step: int, steps: int) -> Dataset:
+    def dataset(self, start_step: int, steps: int) -> StepIndexed:
         """The map-style dataset whose batch ``k`` is step ``start_step + k``."""
         common = {
             "batch_size": self.cfg.batch_size,
@@ -233,15 +232,7 @@ class TrainingFeed:
         InputError
             A patch holds NaN or Inf voxels (named with its step).
         """
-        loader = DataLoader(
-            self.dataset(start_step, steps),
-            batch_size=self.cfg.batch_size,
-            shuffle=False,
-            num_workers=self.cfg.num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=self.cfg.num_workers > 0,
-            prefetch_factor=4 if self.cfg.num_workers > 0 else None,
-        )
+        loader = self.dataset(start_step, steps).loader(self.cfg.num_workers, pin_memory)
         for step, batch in enumerate(loader, start=start_step):
             for name, tensor in batch.items():
                 if not torch.isfinite(tensor).all():
