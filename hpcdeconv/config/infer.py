@@ -17,8 +17,21 @@ from hpcdeconv.errors import ConfigError
 _AXES = {2: "(Y, X)", 3: "(Z, Y, X)"}
 
 
-class _NetworkShapes(StrictModel):
-    """Sizes in voxels whose number of axes is the generator's, known once it is loaded."""
+class _TiledInference(StrictModel):
+    """Tiled inference through a checkpoint's generator (``predict``, ``deconvolve``).
+
+    Sizes are in voxels, with as many axes as the generator has, known once it is loaded
+    (:meth:`shape_for`).
+    """
+
+    tile: Shape = (64, 64, 64)
+    overlap: Annotated[int, Field(ge=0)] = 16
+    blend: Literal["constant", "linear", "gaussian"] = "linear"
+    batch_size: PositiveInt = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
+    #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
+    freeze: bool = True
 
     def shape_for(self, name: str, spatial_dims: int) -> tuple[int, ...]:
         """``self.<name>`` for a generator of ``spatial_dims`` (2 or 3).
@@ -77,7 +90,7 @@ class ClusterConfig(StrictModel):
         return self
 
 
-class DeconvolveConfig(_NetworkShapes):
+class DeconvolveConfig(_TiledInference):
     """Block-wise, dask-distributed deconvolution of whole volumes into zarr.
 
     ``block``, ``tile`` and ``chunks`` have one size per axis of the checkpoint's
@@ -87,14 +100,6 @@ class DeconvolveConfig(_NetworkShapes):
 
     block: Shape = (128, 128, 128)
     halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    tile: Shape = (64, 64, 64)
-    overlap: Annotated[int, Field(ge=0)] = 16
-    blend: Literal["constant", "linear", "gaussian"] = "linear"
-    batch_size: PositiveInt = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
-    #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
-    freeze: bool = True
     chunks: Shape = (64, 64, 64)
     retries: Annotated[int, Field(ge=0)] = 2
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -122,15 +127,7 @@ class RLConfig(StrictModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
-class PredictConfig(_NetworkShapes):
+class PredictConfig(_TiledInference):
     """In-memory tiled prediction of one image (``tile``: one size per generator axis)."""
 
-    tile: Shape = (64, 64, 64)
-    overlap: Annotated[int, Field(ge=0)] = 16
-    blend: Literal["constant", "linear", "gaussian"] = "linear"
-    batch_size: PositiveInt = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
-    #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
-    freeze: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"

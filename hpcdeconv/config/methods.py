@@ -62,40 +62,37 @@ class GANLossConfig(StrictModel):
     pool_size: Annotated[int, Field(ge=0)] = 50
 
 
-class BlindCycleGANConfig(StrictModel):
+class _CycleFamilyConfig(StrictModel):
+    """What every cycleGAN method configures: G_Θ, the discriminators of the judged
+    domains and the GAN loss; the subclass adds its blurring path."""
+
+    name: str
+    #: Kind of training data (``data.kind``) the method trains on.
+    data_kind: ClassVar[str] = "domains"
+    generator: GeneratorConfig = Field(default_factory=UNetConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    loss: GANLossConfig = Field(default_factory=GANLossConfig)
+
+
+class BlindCycleGANConfig(_CycleFamilyConfig):
     """cycleGAN with a learnable linear blur kernel (seed paper eq. 13)."""
 
     name: Literal["blind_cyclegan"] = "blind_cyclegan"
-    #: Kind of training data (``data.kind``) the method trains on.
-    data_kind: ClassVar[str] = "domains"
-    generator: GeneratorConfig = Field(default_factory=UNetConfig)
     kernel: KernelConfig = Field(default_factory=KernelConfig)
-    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
-    loss: GANLossConfig = Field(default_factory=GANLossConfig)
 
 
-class NonBlindCycleGANConfig(StrictModel):
+class NonBlindCycleGANConfig(_CycleFamilyConfig):
     """cycleGAN with the known PSF as a fixed blur path (seed paper eqs. 15-18)."""
 
     name: Literal["nonblind_cyclegan"] = "nonblind_cyclegan"
-    #: Kind of training data (``data.kind``) the method trains on.
-    data_kind: ClassVar[str] = "domains"
-    generator: GeneratorConfig = Field(default_factory=UNetConfig)
     kernel: KnownKernelConfig = Field(default_factory=KnownKernelConfig)
-    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
-    loss: GANLossConfig = Field(default_factory=GANLossConfig)
 
 
-class CycleGANConfig(StrictModel):
+class CycleGANConfig(_CycleFamilyConfig):
     """Conventional cycleGAN: a second deep generator for the blurring direction."""
 
     name: Literal["cyclegan"] = "cyclegan"
-    #: Kind of training data (``data.kind``) the method trains on.
-    data_kind: ClassVar[str] = "domains"
-    generator: GeneratorConfig = Field(default_factory=UNetConfig)
     blur_generator: GeneratorConfig = Field(default_factory=UNetConfig)
-    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
-    loss: GANLossConfig = Field(default_factory=GANLossConfig)
 
 
 class SupervisedConfig(StrictModel):
