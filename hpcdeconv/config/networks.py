@@ -34,24 +34,32 @@ def _check_multiple(
         )
 
 
-class UNetConfig(StrictModel):
+class _GeneratorSettings(StrictModel):
+    """The settings every generator has (:func:`hpcdeconv.models.factory.build_generator`
+    passes them alike)."""
+
+    kind: str
+    # "data": the untrained output starts at the training data's mean of the domain it
+    # maps into (each network's start_at; a ResNet with a global residual starts as the
+    # identity instead); "default": PyTorch's initialisation, where a sigmoid head starts
+    # at 0.5 whatever the data. Only a fresh run's start changes; resuming loads the
+    # weights over it.
+    head_init: Literal["data", "default"] = "data"
+    # Instance norm (the papers' choice) makes outputs depend on the whole tile;
+    # "none" gives a strictly local network whose tiled inference is exact.
+    norm: Literal["instance", "none"] = "instance"
+    # "transpose": a stride-2 transposed convolution (the papers'); "resize":
+    # nearest-neighbour doubling then a 3-wide convolution (no checkerboard grid).
+    upsample: Upsample = "transpose"
+
+
+class UNetConfig(_GeneratorSettings):
     """U-Net of the seed paper (two 3x3x3 conv-IN-ReLU per level, skip per level)."""
 
     kind: Literal["unet"] = "unet"
     channels: PositiveInt = 16
     depth: PositiveInt = 3
     final_activation: FinalActivation = "sigmoid"
-    # "data": the untrained output starts at the training data's mean of the domain it
-    # maps into (UNet.start_at); "default": PyTorch's initialisation, where a sigmoid head
-    # starts at 0.5 whatever the data. Only a fresh run's start changes; resuming loads
-    # the weights over it.
-    head_init: Literal["data", "default"] = "data"
-    # Instance norm (the paper's choice) makes outputs depend on the whole tile;
-    # "none" gives a strictly local network whose tiled inference is exact.
-    norm: Literal["instance", "none"] = "instance"
-    # "transpose": the paper's 2x2x2 stride-2 transposed convolution; "resize":
-    # nearest-neighbour doubling then a 3x3x3 convolution (no checkerboard grid).
-    upsample: Upsample = "transpose"
 
     def size_multiple(self) -> int:
         """Every side of an input must be a multiple of this (``2**depth``)."""
@@ -81,7 +89,7 @@ class UNetConfig(StrictModel):
             )
 
 
-class ResNetConfig(StrictModel):
+class ResNetConfig(_GeneratorSettings):
     """ResNet generator of Johnson et al. 2016 as cycleGAN and COMI use it: c7s1-k stem,
     stride-2 down-sampling, residual blocks (reflection padding, instance norm), ×2
     up-sampling and a c7s1 head."""
@@ -94,11 +102,6 @@ class ResNetConfig(StrictModel):
     final_activation: FinalActivation = "tanh"
     # COMI adds the input to the output: the network learns the correction.
     global_residual: bool = False
-    upsample: Upsample = "transpose"
-    norm: Literal["instance", "none"] = "instance"
-    # "data": without a global residual the untrained output starts at the training
-    # data's mean; with one, the correction starts at zero (ResNetGenerator.start_at).
-    head_init: Literal["data", "default"] = "data"
 
     def size_multiple(self) -> int:
         """Every side of an input must be a multiple of this (``2**n_downsampling``)."""

@@ -25,29 +25,24 @@ _GENERATOR_CONFIG: TypeAdapter[GeneratorConfig] = TypeAdapter(GeneratorConfig)
 def _network(
     cfg: GeneratorConfig, spatial_dims: int, in_channels: int, out_channels: int
 ) -> UNet | ResNetGenerator:
+    """The untrained network of ``cfg``; the settings every generator has pass alike."""
+    common: dict[str, Any] = {
+        "spatial_dims": spatial_dims,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "channels": cfg.channels,
+        "final_activation": cfg.final_activation,
+        "norm": cfg.norm == "instance",
+        "upsample": cfg.upsample,
+    }
     if isinstance(cfg, ResNetConfig):
         return ResNetGenerator(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            channels=cfg.channels,
+            **common,
             n_downsampling=cfg.n_downsampling,
             n_blocks=cfg.n_blocks,
-            final_activation=cfg.final_activation,
             global_residual=cfg.global_residual,
-            upsample=cfg.upsample,
-            norm=cfg.norm == "instance",
         )
-    return UNet(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        channels=cfg.channels,
-        depth=cfg.depth,
-        final_activation=cfg.final_activation,
-        norm=cfg.norm == "instance",
-        upsample=cfg.upsample,
-    )
+    return UNet(**common, depth=cfg.depth)
 
 
 def build_generator(
