@@ -84,3 +84,22 @@ def client() -> Iterator[Client]:
 def scheduler(client: Client) -> str:
     """Address of :func:`client`'s scheduler, for ``--scheduler``."""
     return client.scheduler.address
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``hpcdeconv argv...`` in this process: its exit code, stdout and stderr."""
+    from hpcdeconv.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    """The CLI refused with exit code 2 and one error line holding ``fragment``, no
+    traceback."""
+    assert code == 2
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert fragment in lines[0]
+    assert "Traceback" not in err

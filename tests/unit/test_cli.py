@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from hpcdeconv.cli import main
 from hpcdeconv.data.zarr_io import get_split, open_dataset, read_volume
 from hpcdeconv.metrics import snr
 from hpcdeconv.physics.forward import convolve
+from tests.conftest import assert_one_line_error, run_cli
 
 SMALL = [
     "--set",
@@ -25,25 +25,13 @@ SMALL = [
 ]
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    assert fragment in lines[0]
-    assert "Traceback" not in err
-
-
 def test_simulate_writes_dataset_figure_and_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "data.zarr"
-    code, stdout, _ = run(["simulate", str(out), "--png", str(tmp_path / "d.png"), *SMALL], capsys)
+    code, stdout, _ = run_cli(
+        ["simulate", str(out), "--png", str(tmp_path / "d.png"), *SMALL], capsys
+    )
     assert code == 0
     assert "split: train=2, val=1, test=1" in stdout
     group = open_dataset(out)
@@ -68,7 +56,7 @@ def test_simulate_writes_dataset_figure_and_config(
 
 def test_simulate_is_reproducible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("a.zarr", "b.zarr"):
-        assert run(["simulate", str(tmp_path / name), *SMALL], capsys)[0] == 0
+        assert run_cli(["simulate", str(tmp_path / name), *SMALL], capsys)[0] == 0
     a, _ = read_volume(tmp_path / "a.zarr", "blurred/test000")
     b, _ = read_volume(tmp_path / "b.zarr", "blurred/test000")
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -78,12 +66,12 @@ def test_simulate_refuses_existing_output_and_keeps_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "data.zarr"
-    assert run(["simulate", str(out), *SMALL], capsys)[0] == 0
+    assert run_cli(["simulate", str(out), *SMALL], capsys)[0] == 0
     before = np.asarray(read_volume(out, "sharp/train000")[0])
-    code, _, err = run(["simulate", str(out), *SMALL, "--set", "seed=9"], capsys)
+    code, _, err = run_cli(["simulate", str(out), *SMALL, "--set", "seed=9"], capsys)
     assert_one_line_error(code, err, "--overwrite")
     np.testing.assert_array_equal(np.asarray(read_volume(out, "sharp/train000")[0]), before)
-    assert run(["simulate", str(out), *SMALL, "--set", "seed=9", "--overwrite"], capsys)[0] == 0
+    assert run_cli(["simulate", str(out), *SMALL, "--set", "seed=9", "--overwrite"], capsys)[0] == 0
     after = np.asarray(read_volume(out, "sharp/train000")[0])
     assert not np.array_equal(after, before)
 
@@ -101,7 +89,9 @@ def test_simulate_refuses_existing_output_and_keeps_it(
 def test_simulate_bad_config_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, fragment: str
 ) -> None:
-    code, _, err = run(["simulate", str(tmp_path / "x.zarr"), *SMALL, "--set", override], capsys)
+    code, _, err = run_cli(
+        ["simulate", str(tmp_path / "x.zarr"), *SMALL, "--set", override], capsys
+    )
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "x.zarr").exists()
 
@@ -111,7 +101,7 @@ def test_psf_command_writes_tiff_and_figure(
 ) -> None:
     tif, png = tmp_path / "psf.tif", tmp_path / "psf.png"
     argv = ["psf", "--model", "born-wolf", "--out", str(tif), "--png", str(png), "--log"]
-    code, stdout, _ = run([*argv, "--set", "psf.shape=[15, 17, 17]"], capsys)
+    code, stdout, _ = run_cli([*argv, "--set", "psf.shape=[15, 17, 17]"], capsys)
     assert code == 0 and "born_wolf" in stdout
     data = tifffile.imread(tif)
     assert data.shape == (15, 17, 17)
@@ -120,7 +110,7 @@ def test_psf_command_writes_tiff_and_figure(
     with tifffile.TiffFile(tif) as f:
         assert f.imagej_metadata["spacing"] == pytest.approx(0.1)
     assert png.stat().st_size > 10_000
-    code, _, err = run([*argv], capsys)
+    code, _, err = run_cli([*argv], capsys)
     assert_one_line_error(code, err, "exists")
 
 
@@ -133,7 +123,7 @@ def test_psf_command_every_model(
     extra = ["--set", "psf.voxel_size=[0.1, 0.1]", "--set", "psf.sigma=[2, 1]"]
     if model != "gaussian":
         extra = []
-    code, _, err = run(
+    code, _, err = run_cli(
         ["psf", "--model", model, "--out", str(out), "--set", f"psf.shape={shape}", *extra],
         capsys,
     )
@@ -144,7 +134,7 @@ def test_psf_command_every_model(
 def test_psf_command_rejects_na_above_index(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(["psf", "--out", str(tmp_path / "p.tif"), "--set", "psf.na=1.6"], capsys)
+    code, _, err = run_cli(["psf", "--out", str(tmp_path / "p.tif"), "--set", "psf.na=1.6"], capsys)
     assert_one_line_error(code, err, "must be smaller than n_immersion")
 
 
@@ -159,12 +149,12 @@ def test_ingest_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str], rng
         metadata={"spacing": 0.5, "unit": "um", "axes": "ZYX"},
     )
     out = tmp_path / "real.zarr"
-    code, stdout, _ = run(["ingest", str(tif), "--output", str(out)], capsys)
+    code, stdout, _ = run_cli(["ingest", str(tif), "--output", str(out)], capsys)
     assert code == 0 and "blurred/cells" in stdout
     data, meta = read_volume(out, "blurred/cells")
     np.testing.assert_array_equal(np.asarray(data), stack.astype(np.float32))
     assert meta.voxel_size == pytest.approx((0.5, 0.2, 0.2))
-    code, stdout, _ = run(["info", str(out)], capsys)
+    code, stdout, _ = run_cli(["info", str(out)], capsys)
     assert code == 0
     assert "blurred/cells: shape=(12, 20, 24)" in stdout and "blosc" in stdout
 
@@ -174,7 +164,7 @@ def test_ingest_rejects_wrong_dimensions(
 ) -> None:
     tif = tmp_path / "flat.tif"
     tifffile.imwrite(tif, rng.random((20, 24)).astype(np.float32))
-    code, _, err = run(
+    code, _, err = run_cli(
         ["ingest", str(tif), "--output", str(tmp_path / "o.zarr"), "--voxel-size", "1", "1", "1"],
         capsys,
     )
@@ -185,10 +175,10 @@ def test_ingest_rejects_wrong_dimensions(
 def test_info_on_corrupt_or_missing_zarr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(["info", str(tmp_path / "missing.zarr")], capsys)
+    code, _, err = run_cli(["info", str(tmp_path / "missing.zarr")], capsys)
     assert_one_line_error(code, err, "missing.zarr")
     bad = tmp_path / "bad.zarr"
     bad.mkdir()
     (bad / "zarr.json").write_text("{ not json")
-    code, _, err = run(["info", str(bad)], capsys)
+    code, _, err = run_cli(["info", str(bad)], capsys)
     assert_one_line_error(code, err, "bad.zarr")

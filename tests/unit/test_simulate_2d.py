@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from hpcdeconv.cli import main
 from hpcdeconv.data.zarr_io import get_split, open_dataset, read_volume
 from hpcdeconv.metrics import pcc, snr
+from tests.conftest import assert_one_line_error, run_cli
 
 SMALL_2D = [
     "--set",
@@ -30,19 +30,6 @@ SMALL_2D = [
 ]
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    assert fragment in lines[0] and "Traceback" not in err
-
-
 def _array(group, name: str) -> tuple[np.ndarray, tuple, tuple]:
     data, meta = read_volume(group, name)
     return np.asarray(data), meta.voxel_size, meta.axes
@@ -53,7 +40,7 @@ def test_simulate_2d_writes_images_psf_and_noise_as_configured(
 ) -> None:
     out = tmp_path / "flat.zarr"
     png = tmp_path / "flat.png"
-    code, stdout, err = run(["simulate", str(out), "--png", str(png), *SMALL_2D], capsys)
+    code, stdout, err = run_cli(["simulate", str(out), "--png", str(png), *SMALL_2D], capsys)
     assert code == 0, err
     assert "split: train=2, val=1, test=1" in stdout
     group = open_dataset(out)
@@ -94,7 +81,7 @@ def test_simulate_2d_without_noise_is_exactly_the_convolution(
 ) -> None:
     out = tmp_path / "clean.zarr"
     argv = ["simulate", str(out), *SMALL_2D, "--set", "noise.snr_db=null"]
-    assert run(argv, capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 0
     group = open_dataset(out)
     psf, _, _ = _array(group, "psf")
     sharp, _, _ = _array(group, "sharp/test000")
@@ -109,7 +96,7 @@ def test_simulate_2d_texture_phantoms(
 ) -> None:
     out = tmp_path / f"{kind}.zarr"
     argv = ["simulate", str(out), *SMALL_2D, "--set", f"phantom.kind={kind}"]
-    assert run(argv, capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 0
     sharp, _, axes = _array(open_dataset(out), "sharp/train000")
     assert sharp.shape == (48, 56) and axes == ("y", "x") and sharp.max() > 0
 
@@ -128,7 +115,7 @@ def test_simulate_2d_with_a_gaussian_psf(
         "--set",
         "split={train: 1, val: 0, test: 0}",
     ]
-    assert run(argv, capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 0
     psf, voxel, axes = _array(open_dataset(out), "psf")
     assert psf.shape == (9, 9) and axes == ("y", "x") and voxel == pytest.approx((0.1, 0.1))
     assert psf.sum(dtype=np.float64) == pytest.approx(1.0, abs=1e-5)
@@ -148,7 +135,7 @@ def test_simulate_psf_axes_must_match_the_images(
 ) -> None:
     out = tmp_path / "bad.zarr"
     argv = ["simulate", str(out)] + [a for o in overrides for a in ("--set", o)]
-    code, _, err = run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, fragment)
     assert not out.exists()
 
