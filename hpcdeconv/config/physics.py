@@ -23,6 +23,18 @@ from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel
 _Spacing = Annotated[tuple[PositiveFloat, ...], Field(min_length=2, max_length=3)]
 
 
+def _check_na(na: float, n_immersion: float) -> None:
+    """Refuse a numerical aperture the immersion medium cannot carry (NA = n sin θ < n).
+
+    Raises
+    ------
+    ValueError
+        ``na >= n_immersion``.
+    """
+    if na >= n_immersion:
+        raise ValueError(f"na={na} must be smaller than n_immersion={n_immersion}")
+
+
 class _Optics(StrictModel):
     """Objective and sampling shared by the widefield PSF models.
 
@@ -38,8 +50,7 @@ class _Optics(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> _Optics:
-        if self.na >= self.n_immersion:
-            raise ValueError(f"na={self.na} must be smaller than n_immersion={self.n_immersion}")
+        _check_na(self.na, self.n_immersion)
         if len(self.voxel_size) != len(self.shape):
             raise ValueError(
                 f"voxel_size {self.voxel_size} needs one entry per axis of shape {self.shape}"
@@ -113,8 +124,7 @@ class ZernikePSF(StrictModel):
 
     @model_validator(mode="after")
     def _na_below_index(self) -> ZernikePSF:
-        if self.na >= self.n_immersion:
-            raise ValueError(f"na={self.na} must be smaller than n_immersion={self.n_immersion}")
+        _check_na(self.na, self.n_immersion)
         return self
 
 
