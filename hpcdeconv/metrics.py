@@ -14,11 +14,30 @@ from scipy import ndimage
 
 from hpcdeconv.errors import InputError
 
-__all__ = ["delta_snr", "pcc", "psnr", "r2_score", "snr", "ssim"]
+__all__ = [
+    "SSIM_WINDOW",
+    "delta_snr",
+    "fitted_win_size",
+    "pcc",
+    "psnr",
+    "r2_score",
+    "snr",
+    "ssim",
+    "ssim_as_seen",
+]
 
 _K1 = 0.01
 _K2 = 0.03
 _TRUNCATE = 3.5  # Gaussian kernel extent in sigmas, as skimage uses for SSIM
+
+
+def _kernel_width(sigma: float) -> int:
+    """Width ``2 int(3.5 sigma + 0.5) + 1`` of the truncated Gaussian SSIM window."""
+    return 2 * int(_TRUNCATE * sigma + 0.5) + 1
+
+
+#: The default SSIM window (sigma 1.5 voxels): 11 voxels per axis.
+SSIM_WINDOW = _kernel_width(1.5)
 
 
 def _pair(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +125,7 @@ def ssim(
     if x.ndim not in (2, 3):
         raise InputError(f"ssim needs 2D or 3D images, got {x.ndim} dimensions")
     if win_size is None:
-        win_size = 2 * int(_TRUNCATE * sigma + 0.5) + 1
+        win_size = _kernel_width(sigma)
     if win_size % 2 == 0 or win_size > min(x.shape):
         raise InputError(
             f"win_size must be odd and at most the smallest image side {min(x.shape)}, "
@@ -124,6 +143,52 @@ def ssim(
     pad = (win_size - 1) // 2
     core = tuple(slice(pad, n - pad) for n in ssim_map.shape)
     return float(ssim_map[core].mean())
+
+
+def fitted_win_size(shape: tuple[int, ...], sigma: float = 1.5) -> int:
+    """SSIM border-crop width for an image of spatial ``shape``: the Gaussian kernel width
+    ``2 int(3.5 sigma + 0.5) + 1``, or the largest odd width that fits the smallest side."""
+    side = min(shape)
+    return min(_kernel_width(sigma), side if side % 2 else side - 1)
+
+
+def ssim_as_seen(
+    x: ArrayLike, ref: ArrayLike, data_range: float, spatial_dims: int
+) -> tuple[float, int]:
+    """Mean SSIM of the images a ``spatial_dims``-D network sees, and the window used.
+
+    The last ``spatial_dims`` axes are one image; every leading axis (channels, or the
+    planes of a stack run by a 2D network) indexes images scored apart and averaged. An
+    image thinner than the default window (11 voxels) is scored with the largest odd
+    window that fits (:func:`fitted_win_size`).
+
+    Parameters
+    ----------
+    x, ref
+        Images, same shape ``(..., *S)``, ``len(S) == spatial_dims`` (2 or 3).
+    data_range
+        Peak-to-peak range ``L`` of valid intensities.
+    spatial_dims
+        Axes of one image, 2 (Y, X) or 3 (Z, Y, X).
+
+    Returns
+    -------
+    tuple[float, int]
+        The mean SSIM and the window (border-crop width) it used.
+
+    Raises
+    ------
+    InputError
+        Shapes differ, or the arrays have fewer than ``spatial_dims`` axes.
+    """
+    x, ref = _pair(x, ref)
+    if spatial_dims not in (2, 3) or x.ndim < spatial_dims:
+        raise InputError(f"cannot score {spatial_dims}D images in an array of shape {x.shape}")
+    image_shape = x.shape[x.ndim - spatial_dims :]
+    win_size = fitted_win_size(image_shape)
+    pairs = zip(x.reshape(-1, *image_shape), ref.reshape(-1, *image_shape), strict=True)
+    score = float(np.mean([ssim(a, b, data_range, win_size=win_size) for a, b in pairs]))
+    return score, win_size
 
 
 def pcc(x: ArrayLike, y: ArrayLike) -> float:

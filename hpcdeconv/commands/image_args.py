@@ -24,6 +24,25 @@ def _index(text: str) -> int:
     return int(text)
 
 
+class _VoxelSizeAction(argparse.Action):
+    """Stores 2 (DY DX) or 3 (DZ DY DX) sizes; argparse has no "2 or 3" count of its own."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        sizes = list(values)  # type: ignore[call-overload]
+        if len(sizes) not in (2, 3):
+            parser.error(
+                f"argument {option_string}: takes DZ DY DX (a volume) or DY DX (a 2D image) in "
+                f"µm, got {len(sizes)} values (put the input files before {option_string})"
+            )
+        setattr(namespace, self.dest, sizes)
+
+
 def add_inputs_argument(p: argparse.ArgumentParser) -> None:
     """The positional ``INPUT ...`` of the verbs that read several volumes."""
     p.add_argument(
@@ -39,14 +58,16 @@ def add_inputs_argument(p: argparse.ArgumentParser) -> None:
 def add_voxel_size_argument(
     p: argparse.ArgumentParser, what: str = "every input", flag: str = "--voxel-size"
 ) -> None:
-    """``--voxel-size DZ DY DX`` (µm, or ``flag``), overriding the metadata of ``what``."""
+    """``--voxel-size DZ DY DX`` or ``DY DX`` (µm, or ``flag``), overriding the metadata of
+    ``what``; the count is checked against each image's spatial axes when it is opened."""
     p.add_argument(
         flag,
         type=_positive_float,
-        nargs=3,
-        metavar=("DZ", "DY", "DX"),
-        help=f"voxel size of {what} in µm (default: read from the file; unknown sizes "
-        "stay unknown in the output)",
+        nargs="+",
+        action=_VoxelSizeAction,
+        metavar="D",
+        help=f"voxel size of {what} in µm: DZ DY DX for a volume, DY DX for a 2D image "
+        "(default: read from the file; unknown sizes stay unknown in the output)",
     )
 
 
@@ -58,10 +79,11 @@ def add_select_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def voxel_size(args: argparse.Namespace) -> tuple[float, float, float] | None:
-    """The ``--voxel-size`` given, or None."""
+def voxel_size(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """The ``--voxel-size`` given (2 or 3 sizes, checked against an image when it is opened:
+    :func:`hpcdeconv.data.opener.check_voxel_size`), or None."""
     value = getattr(args, "voxel_size", None)
-    return None if value is None else (value[0], value[1], value[2])
+    return None if value is None else tuple(value)
 
 
 def selection(args: argparse.Namespace) -> dict[str, int]:

@@ -73,10 +73,6 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(
                     f"--truth has shape {truth_source.shape}, the input {source.shape}"
                 )
-        if args.png is not None and "C" in source.dims:
-            raise InputError(
-                f"--png draws single-channel images; {args.input} has axes {source.dims}"
-            )
         device = resolve_device(cfg.device)
         model = load_model(args.checkpoint, device, weights=args.weights)
         how = check_layout(
@@ -123,40 +119,45 @@ def run(args: argparse.Namespace) -> int:
         panels = [("input", image), ("output", pred)]
         if truth_source is not None:
             truth = truth_source.load()
-            _print_scores(image, pred, truth, source.dims)
+            _print_scores(image, pred, truth, source.dims, model.spatial_dims)
             panels.append(("truth", truth))
         if args.png is not None:
             _save_png(args.png, panels, spacing)
         return 0
 
 
-def _print_scores(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, dims: str) -> None:
-    """PSNR and SSIM of input and output against the truth (SSIM averaged over channels)."""
-    from hpcdeconv.metrics import psnr, ssim
+def _print_scores(
+    image: np.ndarray, pred: np.ndarray, truth: np.ndarray, dims: str, spatial_dims: int
+) -> None:
+    """PSNR over the whole image and SSIM as the generator sees it, of input and output.
+
+    A 2D generator on a stack is scored plane by plane, channels one by one (averaged); an
+    image thinner than the SSIM window gets the largest window that fits, said in the line.
+    """
+    from hpcdeconv.metrics import SSIM_WINDOW, psnr, ssim_as_seen
 
     rng = float(truth.max() - truth.min()) or 1.0
-
-    def mean_ssim(x: np.ndarray) -> float:
-        if "C" not in dims:
-            return ssim(x, truth, rng)
-        return float(np.mean([ssim(x[c], truth[c], rng) for c in range(truth.shape[0])]))
-
+    ssim_in, window = ssim_as_seen(image, truth, rng, spatial_dims)
+    ssim_out, _ = ssim_as_seen(pred, truth, rng, spatial_dims)
+    notes = []
+    if spatial_dims == 2 and "Z" in dims:
+        notes.append("2D, per plane")
+    if window < SSIM_WINDOW:
+        notes.append(f"{spatial_dims}D, window {window}")
+    label = "SSIM" + (f" ({'; '.join(notes)})" if notes else "")
     print(
         f"PSNR input {psnr(image, truth, rng):.2f} dB -> output "
-        f"{psnr(pred, truth, rng):.2f} dB; SSIM input {mean_ssim(image):.4f} "
-        f"-> output {mean_ssim(pred):.4f}"
+        f"{psnr(pred, truth, rng):.2f} dB; {label} input {ssim_in:.4f} -> output {ssim_out:.4f}"
     )
 
 
 def _save_png(
     path: Path, panels: list[tuple[str, np.ndarray]], spacing: tuple[float | None, ...]
 ) -> None:
-    """Orthoviews (MIPs) of each panel; a 2D image is drawn as a single plane."""
+    """Orthoviews (MIPs) of each ``(*S)`` or ``(C, *S)`` panel; a 2D image is drawn as
+    itself, 3 channels as RGB, other channel counts by their first channel."""
     from hpcdeconv.viz import save_orthoviews
 
-    if len(spacing) == 2:
-        panels = [(title, image[None]) for title, image in panels]
-        spacing = (spacing[0], *spacing)
     # The figure needs an aspect ratio; an unknown size is drawn as one voxel.
     sizes = tuple(1.0 if v is None else v for v in spacing)
     save_orthoviews(path, panels, sizes, mode="mip")

@@ -64,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
         if args.png is not None:
             from hpcdeconv.viz import save_orthoviews
 
-            data = psf.data if psf.data.ndim == 3 else psf.data[None]
-            voxel = psf.voxel_size if psf.data.ndim == 3 else (1.0, *psf.voxel_size)
-            save_orthoviews(args.png, [(cfg.psf.model, data)], voxel, log=args.log)
+            save_orthoviews(args.png, [(cfg.psf.model, psf.data)], psf.voxel_size, log=args.log)
         print(f"{cfg.psf.model} PSF {psf.data.shape} voxel {psf.voxel_size} µm -> {out}")
         return 0

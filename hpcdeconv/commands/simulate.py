@@ -35,12 +35,9 @@ def run(args: argparse.Namespace) -> int:
         if args.png is not None:
             from hpcdeconv.viz import save_orthoviews
 
-            sharp, blurred, voxel = shown.sharp, shown.blurred, shown.voxel_size
-            if sharp.ndim == 2:
-                # One plane of unit depth: the orthoview's XY panel is the image itself.
-                sharp, blurred, voxel = sharp[None], blurred[None], (1.0, *voxel)
-            panels = [(f"sharp {shown.id}", sharp), (f"blurred {shown.id}", blurred)]
-            save_orthoviews(args.png, panels, voxel, mode="mip")
+            # A 2-entry voxel size draws a 2D image as itself, a 3-entry one orthoviews.
+            panels = [(f"sharp {shown.id}", shown.sharp), (f"blurred {shown.id}", shown.blurred)]
+            save_orthoviews(args.png, panels, shown.voxel_size, mode="mip")
             log.info("figure: %s", args.png)
         print(describe(args.output))
         return 0

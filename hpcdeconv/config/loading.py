@@ -152,10 +152,23 @@ def _format_error(model: type[BaseModel], data: Mapping[str, Any], exc: Validati
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
         return f"unknown configuration key '{path}'{hint}"
+    if err["type"] == "union_tag_invalid":
+        return _unknown_tag(path, err)
     msg = err["msg"].removeprefix("Value error, ")
     if not path:  # a rule across several keys: the message names them
         return f"invalid configuration: {msg}"
     return f"invalid configuration value at '{path}': {msg}"
+
+
+def _unknown_tag(path: str, err: Mapping[str, Any]) -> str:
+    """``method.generator.kind 'vit' is not one of unet, resnet``: an unknown tag of a tagged
+    union, named by its key (pydantic's message names our internal tag function)."""
+    tag = err["ctx"]["tag"]
+    given = err["input"] if isinstance(err["input"], Mapping) else {}
+    key = next((str(k) for k, v in given.items() if str(v) == tag), None)
+    where = ".".join(p for p in (path, key) if p)
+    expected = err["ctx"]["expected_tags"].replace("'", "")
+    return f"{where} '{tag}' is not one of {expected}"
 
 
 def build_config(model: type[M], data: Mapping[str, Any] | None = None) -> M:

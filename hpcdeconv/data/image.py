@@ -53,13 +53,20 @@ class Image:
     dims: str = "ZYX"
 
     @property
+    def spatial_axes(self) -> str:
+        """The spatial axes the image has: ``"ZYX"``, or ``"YX"`` for a 2D image."""
+        return "".join(a for a in self.dims if a in SPATIAL)
+
+    @property
     def unknown_axes(self) -> str:
-        """The axes whose voxel size is unknown, for messages, e.g. ``"Z, Y"`` ("" if none)."""
-        return ", ".join(a for a, v in zip(SPATIAL, self.voxel_size, strict=True) if v is None)
+        """The axes of the image whose voxel size is unknown, for messages, e.g. ``"Z, Y"``
+        ("" if none); a 2D image has no Z to know."""
+        by_axis = dict(zip(SPATIAL, self.voxel_size, strict=True))
+        return ", ".join(a for a in self.spatial_axes if by_axis[a] is None)
 
     @property
     def voxel_size_known(self) -> bool:
-        """Whether all three voxel sizes are known."""
+        """Whether the voxel size along every spatial axis of the image is known."""
         return not self.unknown_axes
 
 

@@ -62,12 +62,39 @@ logger = logging.getLogger(__name__)
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-def check_voxel_size(voxel_size: Sequence[float]) -> tuple[float, float, float]:
-    """A ``--voxel-size DZ DY DX`` given by the user, checked to be three positive sizes."""
+def check_voxel_size(
+    voxel_size: Sequence[float], axes: str = "ZYX", where: str = "the image"
+) -> tuple[float | None, float, float]:
+    """A ``--voxel-size`` given by the user, checked against the image's spatial ``axes``.
+
+    Parameters
+    ----------
+    voxel_size
+        Sizes in µm, one per spatial axis: ``(dz, dy, dx)`` for ``axes="ZYX"``, ``(dy, dx)``
+        for ``"YX"``.
+    axes
+        The spatial axes of the image, ``"ZYX"`` or ``"YX"``.
+    where
+        The image, named in the error.
+
+    Returns
+    -------
+    tuple
+        ``(dz, dy, dx)`` in µm, ``dz`` None for a 2D image.
+
+    Raises
+    ------
+    InputError
+        Not one positive, finite size per spatial axis.
+    """
     sizes = tuple(float(v) for v in voxel_size)
-    if len(sizes) != 3 or not all(np.isfinite(sizes)) or min(sizes) <= 0:
-        raise InputError(f"--voxel-size needs three positive sizes DZ DY DX in µm, got {sizes}")
-    return sizes  # type: ignore[return-value]
+    names = " ".join(f"D{a}" for a in axes)
+    if len(sizes) != len(axes) or not all(np.isfinite(sizes)) or min(sizes) <= 0:
+        raise InputError(
+            f"--voxel-size for {where} (axes {axes}) needs {len(axes)} positive sizes "
+            f"{names} in µm, got {' '.join(f'{v:g}' for v in sizes)}"
+        )
+    return (None, *sizes) if len(sizes) == 2 else sizes  # type: ignore[return-value]
 
 
 def open_image(
@@ -88,7 +115,8 @@ def open_image(
         (``IMAGE.zarr/0``), or an image/array inside an hpcdeconv dataset
         (``data.zarr/blurred/<id>``).
     voxel_size
-        ``(dz, dy, dx)`` in µm replacing whatever the file says (``--voxel-size``).
+        ``(dz, dy, dx)`` (a 2D image: ``(dy, dx)``) in µm replacing whatever the file says
+        (``--voxel-size``).
     select
         Index per non-spatial axis, e.g. ``{"T": 0}`` (``--time``), ``{"C": 1}`` (``--channel``).
     warn
@@ -126,13 +154,15 @@ def open_image(
         else:
             raise InputError(f"{path}: not a TIFF (.tif/.tiff), .npy, zarr array or OME-Zarr image")
     if voxel_size is not None:
-        image = dataclasses.replace(image, voxel_size=check_voxel_size(voxel_size), source=path)
+        sizes = check_voxel_size(voxel_size, image.spatial_axes, str(path))
+        image = dataclasses.replace(image, voxel_size=sizes, source=path)
     elif warn and not image.voxel_size_known:
         logger.warning(
             "%s: voxel size along %s not in the file's metadata; it stays unknown in the "
-            "output (pass --voxel-size DZ DY DX to set it)",
+            "output (pass --voxel-size %s to set it)",
             path,
             image.unknown_axes,
+            " ".join(f"D{a}" for a in image.spatial_axes),
         )
     return image
 

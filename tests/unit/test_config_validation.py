@@ -224,3 +224,21 @@ def test_shapes_with_other_axes_than_the_patch_are_one_error_line(
     line = one_error_line(capsys, "train")
     assert key in line and "data.patch" in line
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("method.generator.kind=vit", "method.generator.kind 'vit' is not one of unet, resnet"),
+        (
+            "method.name=pix2pix",
+            "method.name 'pix2pix' is not one of blind_cyclegan, nonblind_cyclegan, cyclegan, "
+            "supervised",
+        ),
+        ("data.kind=pairs", "data.kind 'pairs' is not one of domains, paired, psf_samples"),
+    ],
+)
+def test_an_unknown_tag_names_its_key_and_the_known_tags(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(ExperimentConfig, None, [override])
+    assert str(info.value) == expected

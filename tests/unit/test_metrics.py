@@ -10,7 +10,17 @@ from scipy.stats import linregress
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from hpcdeconv.errors import InputError
-from hpcdeconv.metrics import delta_snr, pcc, psnr, r2_score, snr, ssim
+from hpcdeconv.metrics import (
+    SSIM_WINDOW,
+    delta_snr,
+    fitted_win_size,
+    pcc,
+    psnr,
+    r2_score,
+    snr,
+    ssim,
+    ssim_as_seen,
+)
 
 
 def _pair(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,3 +176,27 @@ def test_accepts_dask_arrays(rng) -> None:
 def test_shape_mismatch_raises(rng) -> None:
     with pytest.raises(InputError):
         snr(rng.random((4, 4)), rng.random((4, 5)))
+
+
+def test_ssim_as_seen_scores_each_plane_of_a_stack_for_a_2d_network() -> None:
+    rng = np.random.default_rng(5)
+    ref = rng.random((5, 40, 40))
+    x = ref + 0.1 * rng.standard_normal(ref.shape)
+    score, window = ssim_as_seen(x, ref, 1.0, spatial_dims=2)
+    assert window == SSIM_WINDOW
+    expected = np.mean([structural_similarity(a, b, data_range=1.0, gaussian_weights=True,
+                        use_sample_covariance=False) for a, b in zip(x, ref)])  # fmt: skip
+    assert score == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(("planes", "window"), [(5, 5), (6, 5), (2, 1), (30, 11)])
+def test_ssim_as_seen_fits_the_window_to_a_thin_volume(planes: int, window: int) -> None:
+    rng = np.random.default_rng(6)
+    ref = rng.random((2, planes, 32, 32))  # (C, Z, Y, X): channels scored apart
+    x = ref + 0.1 * rng.standard_normal(ref.shape)
+    assert fitted_win_size(ref.shape[1:]) == window
+    score, used = ssim_as_seen(x, ref, 1.0, spatial_dims=3)
+    assert used == window
+    expected = np.mean([structural_similarity(a, b, data_range=1.0, gaussian_weights=True,
+                        use_sample_covariance=False, win_size=window) for a, b in zip(x, ref)])  # fmt: skip
+    assert score == pytest.approx(expected, abs=1e-4)
