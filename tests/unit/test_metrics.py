@@ -178,14 +178,21 @@ def test_shape_mismatch_raises(rng) -> None:
         snr(rng.random((4, 4)), rng.random((4, 5)))
 
 
+def skimage_ssim(a: np.ndarray, b: np.ndarray, win_size: int | None = None) -> float:
+    """skimage's Gaussian SSIM of one image pair with range 1."""
+    return structural_similarity(
+        a, b, data_range=1.0, gaussian_weights=True, use_sample_covariance=False,
+        win_size=win_size,
+    )  # fmt: skip
+
+
 def test_ssim_as_seen_scores_each_plane_of_a_stack_for_a_2d_network() -> None:
     rng = np.random.default_rng(5)
     ref = rng.random((5, 40, 40))
     x = ref + 0.1 * rng.standard_normal(ref.shape)
     score, window = ssim_as_seen(x, ref, 1.0, spatial_dims=2)
     assert window == SSIM_WINDOW
-    expected = np.mean([structural_similarity(a, b, data_range=1.0, gaussian_weights=True,
-                        use_sample_covariance=False) for a, b in zip(x, ref)])  # fmt: skip
+    expected = np.mean([skimage_ssim(a, b) for a, b in zip(x, ref, strict=True)])
     assert score == pytest.approx(expected, abs=1e-4)
 
 
@@ -197,6 +204,5 @@ def test_ssim_as_seen_fits_the_window_to_a_thin_volume(planes: int, window: int)
     assert fitted_win_size(ref.shape[1:]) == window
     score, used = ssim_as_seen(x, ref, 1.0, spatial_dims=3)
     assert used == window
-    expected = np.mean([structural_similarity(a, b, data_range=1.0, gaussian_weights=True,
-                        use_sample_covariance=False, win_size=window) for a, b in zip(x, ref)])  # fmt: skip
+    expected = np.mean([skimage_ssim(a, b, window) for a, b in zip(x, ref, strict=True)])
     assert score == pytest.approx(expected, abs=1e-4)
