@@ -89,9 +89,10 @@ def check_voxel_size(
     """
     sizes = tuple(float(v) for v in voxel_size)
     names = " ".join(f"D{a}" for a in axes)
+    count = {2: "two", 3: "three"}.get(len(axes), str(len(axes)))
     if len(sizes) != len(axes) or not all(np.isfinite(sizes)) or min(sizes) <= 0:
         raise InputError(
-            f"--voxel-size for {where} (axes {axes}) needs {len(axes)} positive sizes "
+            f"--voxel-size for {where} (axes {axes}) needs {count} positive sizes "
             f"{names} in µm, got {' '.join(f'{v:g}' for v in sizes)}"
         )
     return (None, *sizes) if len(sizes) == 2 else sizes  # type: ignore[return-value]

@@ -96,9 +96,9 @@ def test_png_draws_a_2d_image_as_itself_and_an_rgb_image_in_colour(
     argv = predict(runs["rgb"], tmp_path / "rgb.tif", tmp_path / "c.tif", "--png")
     code, _, err = run_cli([*argv, str(tmp_path / "c.png")], capsys)
     assert code == 0, err
-    # One view per row (no made-up XZ/YZ panels): the 2D figure is narrower than tall.
+    # One view per row (no made-up XZ/YZ panels): 4 in wide, 3.2 in per row, 2 rows.
     width, height = PILImage.open(tmp_path / "g.png").size
-    assert width < height / 2 * 1.5
+    assert width / height == pytest.approx(4.0 / 6.4, rel=0.05)
     colour = np.asarray(PILImage.open(tmp_path / "c.png").convert("RGB"), dtype=int)
     assert np.abs(colour[..., 0] - colour[..., 1]).max() > 50  # drawn in colour, not gray
 
@@ -115,7 +115,9 @@ def test_voxel_size_takes_one_size_per_spatial_axis(
     scale = group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert scale[0]["scale"] == pytest.approx([0.2, 0.1])
     code, _, err = run_cli([*argv, "--overwrite", "--voxel-size", "1", "0.2", "0.1"], capsys)
-    assert_one_line_error(code, err, "(axes YX) needs 2 positive sizes DY DX in µm, got 1 0.2 0.1")
+    assert_one_line_error(
+        code, err, "(axes YX) needs two positive sizes DY DX in µm, got 1 0.2 0.1"
+    )
 
 
 def test_a_2d_zarr_image_is_not_asked_for_a_z_voxel_size(
@@ -131,3 +133,23 @@ def test_a_2d_zarr_image_is_not_asked_for_a_z_voxel_size(
     warnings = [r.getMessage() for r in caplog.records if "voxel size" in r.getMessage()]
     assert warnings and all("along Y, X not" in w and "DY DX" in w for w in warnings)
     assert not any("Z" in w.split(":", 1)[1] for w in warnings)
+
+
+def test_psf_and_simulate_draw_a_2d_image_as_one_view(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    psf = ["psf", "--model", "gaussian", "--out", str(tmp_path / "p.npy"), "--png"]
+    psf += [str(tmp_path / "p.png"), "--set", "psf.shape=[33, 33]"]
+    psf += ["--set", "psf.voxel_size=[0.1, 0.1]", "--set", "psf.sigma=[2, 1]"]
+    code, _, err = run_cli(psf, capsys)
+    assert code == 0, err
+    sim = ["simulate", str(tmp_path / "d.zarr"), "--png", str(tmp_path / "d.png")]
+    sim += ["--set", "shape=[48, 56]", "--set", "psf.shape=[11, 11]"]
+    sim += ["--set", "psf.voxel_size=[0.05, 0.05]", "--set", "split={train: 1, val: 1, test: 1}"]
+    code, _, err = run_cli(sim, capsys)
+    assert code == 0, err
+    # A figure with XZ and YZ panels is three views wide (10 x 3.2 in per row); one view is
+    # 4 in wide.
+    for png, rows in (("p.png", 1), ("d.png", 2)):
+        width, height = PILImage.open(tmp_path / png).size
+        assert width / height == pytest.approx(4.0 / (3.2 * rows), rel=0.05)

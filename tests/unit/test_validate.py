@@ -160,3 +160,15 @@ def test_2d_images_with_and_without_channels(tmp_path: Path, channels: int) -> N
     )
     assert scores["ssim_input"] == pytest.approx(reference, abs=1e-4)
     assert scores["ssim"] == pytest.approx(ssim(pred, vol.sharp, rng, channel_axis=axis), abs=1e-4)
+
+
+def test_a_volume_thinner_than_the_ssim_window_is_scored_with_a_window_that_fits(
+    feed: TrainingFeed, net: torch.nn.Module
+) -> None:
+    data = ValidationSet.from_feed(feed, (5, 16, 16))
+    scores = validate(net, data, tile=(16, 16, 16), overlap=4, device=CPU, autocast_dtype=None)
+    blurred, sharp = feed.read_pair("val000")
+    cut = centre_crop_slices(sharp.shape, (5, 16, 16))
+    rng = float(sharp.max() - sharp.min())
+    expected = ssim(blurred[cut], sharp[cut], data_range=rng, win_size=5)
+    assert scores["ssim_input"] == pytest.approx(expected)
