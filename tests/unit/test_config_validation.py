@@ -242,3 +242,13 @@ def test_an_unknown_tag_names_its_key_and_the_known_tags(override: str, expected
     with pytest.raises(ConfigError) as info:
         load_config(ExperimentConfig, None, [override])
     assert str(info.value) == expected
+
+
+def test_an_unknown_psf_model_names_its_key() -> None:
+    from hpcdeconv.config import SimulateConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(SimulateConfig, None, ["psf.model=airy"])
+    assert str(info.value) == (
+        "psf.model 'airy' is not one of born_wolf, richards_wolf, gibson_lanni, gaussian, zernike"
+    )
