@@ -14,6 +14,7 @@ from hpcdeconv.data.ingest import ingest_images
 from hpcdeconv.data.opener import open_image
 from hpcdeconv.data.zarr_io import get_split, open_dataset, read_volume
 from hpcdeconv.errors import InputError, OutputExistsError
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def _imagej(path: Path, data: np.ndarray, dz: float, dxy: float, unit: str = "um") -> Path:
@@ -262,3 +263,40 @@ def test_voxel_size_must_match_the_image_dims(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="positive sizes"):
         ingest_images([vol], tmp_path / "out.zarr", voxel_size=(1.0,))
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_cli_builds_a_2d_pair_with_append(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rng: np.random.Generator
+) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "b").mkdir()
+    sharp = _plain(tmp_path / "s" / "p.tif", rng.random((20, 24)).astype(np.float32))
+    blurred = _plain(tmp_path / "b" / "p.tif", rng.random((20, 24)).astype(np.float32))
+    out = str(tmp_path / "pair.zarr")
+    common = ["--output", out, "--voxel-size", "0.1", "0.1", "--chunks", "8", "8"]
+    code, stdout, _ = run_cli(["ingest", str(blurred), *common], capsys)
+    assert code == 0 and "blurred/p" in stdout
+    code, _, err = run_cli(["ingest", str(sharp), *common, "--domain", "sharp"], capsys)
+    assert_one_line_error(code, err, "exists; pass --overwrite")
+    code, stdout, _ = run_cli(
+        ["ingest", str(sharp), *common, "--domain", "sharp", "--append"], capsys
+    )
+    assert code == 0 and "sharp/p" in stdout
+    volume, meta = read_volume(out, "sharp/p")
+    assert meta.axes == ("y", "x") and volume.chunksize == (8, 8)
+    code, _, err = run_cli(["ingest", str(sharp), *common, "--domain", "sharp", "--append"], capsys)
+    assert_one_line_error(code, err, "'p' is already in the dataset")
+    bad = [
+        "ingest",
+        str(sharp),
+        "--output",
+        str(tmp_path / "x.zarr"),
+        "--chunks",
+        "4",
+        "4",
+        "4",
+        "4",
+    ]
+    code, _, err = run_cli([*bad, "--voxel-size", "1", "1"], capsys)
+    assert_one_line_error(code, err, "--chunks takes 3 (Z Y X) or 2 (Y X) sizes")
+    assert not (tmp_path / "x.zarr").exists()
