@@ -10,10 +10,9 @@ from hpcdeconv.commands.common import locked_outputs, positive_int
 from hpcdeconv.commands.image_args import (
     add_inputs_argument,
     add_select_arguments,
-    add_voxel_size_argument,
     selection,
-    voxel_size,
 )
+from hpcdeconv.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +23,38 @@ HELP = "convert TIFF / OME-TIFF / zarr / OME-Zarr images to the hpcdeconv zarr l
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``hpcdeconv ingest``."""
     add_inputs_argument(p)
-    p.add_argument("--output", type=Path, required=True, help="zarr group to create")
-    add_voxel_size_argument(p)
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="zarr dataset to create (or add to, with --append)",
+    )
+    p.add_argument(
+        "--voxel-size",
+        type=float,
+        nargs="+",
+        metavar="D",
+        help="voxel size of every input in µm: DZ DY DX for volumes, DY DX for 2D images "
+        "(default: read from the file)",
+    )
     add_select_arguments(p)
     p.add_argument("--domain", choices=["blurred", "sharp"], default="blurred")
     p.add_argument("--split", choices=["train", "val", "test"], default="train")
-    p.add_argument("--chunks", type=positive_int, nargs=3, default=[64, 64, 64])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--chunks",
+        type=positive_int,
+        nargs="+",
+        default=[64, 64, 64],
+        metavar="N",
+        help="storage chunks (Z Y X or Y X); 2D images take the last two",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    group.add_argument(
+        "--append",
+        action="store_true",
+        help="add the images to an existing dataset (e.g. the sharp half of a pair)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,18 +63,23 @@ def run(args: argparse.Namespace) -> int:
     from hpcdeconv.data.ingest import ingest_images
     from hpcdeconv.data.summary import describe
 
+    if len(args.chunks) not in (2, 3):
+        raise InputError(f"--chunks takes 3 (Z Y X) or 2 (Y X) sizes, got {len(args.chunks)}")
     inputs = [("input", path) for path in args.inputs]
-    with locked_outputs(NAME, [("--output", args.output, "zarr")], inputs, args.overwrite):
+    # --append writes into the existing output, so only a new one is checked for replacement.
+    overwrite = None if args.append else args.overwrite
+    with locked_outputs(NAME, [("--output", args.output, "zarr")], inputs, overwrite):
         storage = StorageConfig(chunks=tuple(args.chunks), codec=CodecConfig())
         ids = ingest_images(
             args.inputs,
             args.output,
-            voxel_size=voxel_size(args),
+            voxel_size=args.voxel_size,
             select=selection(args),
             domain=args.domain,
             split=args.split,
             storage=storage,
             overwrite=args.overwrite,
+            append=args.append,
         )
         log.info("ingested %d volume(s): %s", len(ids), ", ".join(ids))
         print(describe(args.output))

@@ -80,9 +80,9 @@ def test_non_spatial_axes_are_named_by_the_opener(tmp_path: Path, axes: str) -> 
         (verb, axes)
         for verb in ["ingest", "rl", "deconvolve", "predict", "predict-truth"]
         for axes in ["TYX", "CYX", "YXS"]
-        # 2D images with channels are inputs of predict and deconvolve (2D generators,
-        # issue 14; tests/unit/test_predict_2d.py).
-        if axes == "TYX" or verb in ("ingest", "rl")
+        # 2D images with channels are inputs of predict, deconvolve and ingest (2D
+        # generators, issue 14; tests/unit/test_predict_2d.py, tests/unit/test_ingest.py).
+        if axes == "TYX" or verb == "rl"
     ],
 )
 def test_every_verb_refuses_non_spatial_axes_with_one_line(
