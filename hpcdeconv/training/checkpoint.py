@@ -17,6 +17,7 @@ refers to it) survives however long ago it was written.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -41,6 +42,24 @@ BEST = "best"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 #: Units of the validation metrics, for messages.
 _UNITS = {"psnr": " dB", "psnr_input": " dB"}
+
+
+def save_state(path: Path, state: Mapping[str, Any]) -> None:
+    """``torch.save`` of ``state`` to ``path``, atomically (:func:`atomic_write`).
+
+    The state is serialised in memory first and written in one call: torch's zip writer
+    turns a full disk into a ``RuntimeError`` ("unexpected pos …") when it fails while
+    finishing the archive, whereas a plain write reports it as the ``OSError`` (ENOSPC)
+    that the engine turns into one clear line and that leaves the previous checkpoint.
+
+    Raises
+    ------
+    OSError
+        The file could not be written (full disk, permissions).
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -134,7 +153,7 @@ def save_checkpoint(
     ckpt_dir = run_dir / CKPT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(run_dir, step)
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    save_state(path, state)
     atomic_write(ckpt_dir / LATEST, lambda fh: fh.write(path.name.encode()))
     if best is not None:
         mark_best(run_dir, path, best, metric=metric)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hpcdeconv.errors import InputError
-from hpcdeconv.training.checkpoint import CKPT_DIR, atomic_write, prune_unreferenced, step_tag
+from hpcdeconv.training.checkpoint import CKPT_DIR, prune_unreferenced, save_state, step_tag
 
 RANK_DIR = "ranks"
 
@@ -33,7 +33,7 @@ def save_rank_state(run_dir: Path, step: int, rank: int, state: dict[str, Any]) 
     """Write this rank's part of the checkpoint of ``step`` atomically."""
     path = rank_state_path(run_dir, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    save_state(path, state)
     return path
 
 

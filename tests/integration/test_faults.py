@@ -7,6 +7,7 @@ per-rank history pools and random streams of every rank.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -197,6 +198,28 @@ def _mount_tmpfs(path: Path, size: int) -> None:
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+
+def test_a_state_that_does_not_fit_is_an_oserror_and_leaves_no_file(tmp_path: Path) -> None:
+    """torch's zip writer reports a disk that fills while it finishes the archive as a
+    RuntimeError; checkpoints and rank states are written as one buffer, so the full disk
+    reaches the engine as the OSError it turns into one line (found by CI: a checkpoint
+    grown by its artefact record filled the disk at exactly that point)."""
+    from hpcdeconv.training.checkpoint import save_state
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, 64 * 1024)
+    state = {"weights": torch.rand(30_000)}  # 120 kB
+    try:
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            torch.save(state, disk / "plain.pt")
+        (disk / "plain.pt").unlink(missing_ok=True)
+        with pytest.raises(OSError) as caught:
+            save_state(disk / "state.pt", state)
+        assert caught.value.errno == errno.ENOSPC
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
