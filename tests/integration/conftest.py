@@ -91,6 +91,24 @@ def check_allreduce() -> Callable[[str, int, str], list[dict]]:
     return _allreduce_reports
 
 
+def run_sbatch(
+    command: list[str], env: dict[str, str], cwd: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run an ``sbatch --parsable`` command; a job still running when ``timeout`` expires
+    is cancelled before the test fails, so that it cannot hold the one dev node for every
+    test after it (a hang in MPI_Init under srun once kept it for 20 minutes)."""
+    try:
+        return subprocess.run(
+            command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        job = out.strip().split(";")[0]
+        if job.isdigit():
+            subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+        raise
+
+
 @dataclass(frozen=True)
 class SlurmCluster:
     """Handle on the running dev cluster.
@@ -116,14 +134,8 @@ class SlurmCluster:
 
     def sbatch_wait(self, script: Path, timeout: float = 120.0) -> tuple[int, int]:
         """Submit ``script`` with ``sbatch --wait``; return (job id, sbatch exit status)."""
-        proc = subprocess.run(
-            ["sbatch", "--parsable", "--wait", str(script)],
-            env=self.env,
-            cwd=script.parent,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        command = ["sbatch", "--parsable", "--wait", str(script)]
+        proc = run_sbatch(command, self.env, script.parent, timeout)
         job_id = int(proc.stdout.strip().splitlines()[0].split(";")[0])
         return job_id, proc.returncode
 

@@ -21,6 +21,7 @@ from hpcdeconv.data.zarr_io import create_dataset, write_volume
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.training.engine import train
 from tests.conftest import TINY_TRAINING
+from tests.integration.conftest import run_sbatch
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -113,7 +114,7 @@ def _sbatch(
     env = cluster.env | {"PATH": f"{Path(sys.executable).parent}:{cluster.env['PATH']}"}
     command = ["sbatch", "--parsable", "--wait", f"--chdir={workdir}"]
     command += [f"--output={workdir / 'job.out'}", *options, str(SCRIPT), *args]
-    proc = run(command, env, REPO)
+    proc = run_sbatch(command, env, REPO, timeout=240)
     return int(proc.stdout.strip().split(";")[0]), proc.returncode
 
 

@@ -16,6 +16,7 @@ import pytest
 from hpcdeconv.training.checkpoint import list_checkpoints, load_checkpoint
 from hpcdeconv.training.runlog import read_metrics
 from tests.conftest import TINY_TRAINING
+from tests.integration.conftest import run_sbatch
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -54,14 +55,7 @@ def _sbatch(
 ) -> tuple[int, int]:
     """Submit the script on a CPU node from ``workdir``; return (job id, sbatch status)."""
     options = ["--parsable", *CPU_NODE, *(["--wait"] if wait else [])]
-    proc = subprocess.run(
-        ["sbatch", *options, str(SCRIPT), *script_args],
-        env=env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_sbatch(["sbatch", *options, str(SCRIPT), *script_args], env, workdir, timeout)
     assert proc.stdout.strip(), f"sbatch printed no job id: {proc.stderr}"
     return int(proc.stdout.strip().split(";")[0]), proc.returncode
 
