@@ -17,8 +17,14 @@ from hpcdeconv.errors import HpcdeconvError
 
 
 def print_error(verb: str, exc: HpcdeconvError) -> None:
-    """The one line a user error ends a command with (on standard error)."""
-    print(f"hpcdeconv {verb}: error: {exc}", file=sys.stderr, flush=True)
+    """The one line a user error ends a command with (on standard error).
+
+    Written with its newline in one call: ``print`` writes the text and the newline
+    separately, and the ranks of one job share a pipe, so two ranks' lines could be
+    joined into one (seen in CI with two mpirun ranks).
+    """
+    sys.stderr.write(f"hpcdeconv {verb}: error: {exc}\n")
+    sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
