@@ -128,7 +128,8 @@ check_ports_free() {
 render() {
 	sed -e "s|@STATE_DIR@|$STATE_DIR|g" -e "s|@HOST@|$HOST|g" -e "s|@CLUSTER@|$CLUSTER|g" \
 		-e "s|@CPUS@|$CPUS|g" -e "s|@MEM_MB@|$MEM_MB|g" -e "s|@DB_PORT@|$DB_PORT|g" \
-		-e "s|@DB_PASS@|$DB_PASS|g" "$HERE/$1" >"$STATE_DIR/etc/$2"
+		-e "s|@DB_PASS@|$DB_PASS|g" -e "s|@FIRST_JOB_ID@|$FIRST_JOB_ID|g" \
+		"$HERE/$1" >"$STATE_DIR/etc/$2"
 }
 
 write_configs() {
@@ -137,6 +138,12 @@ write_configs() {
 	# Below what slurmd measures, or it drains the node for "Low RealMemory".
 	MEM_MB=$(awk '/^MemAvailable:/ { print int($2 / 1024 * 0.9) }' /proc/meminfo)
 	DB_PASS=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+	# Job ids must not repeat across starts, as on a real cluster: mpich names its node's
+	# shared-memory segment after the PMI job (SLURM "<job>.<step>"), so a segment left in
+	# /dev/shm by a killed rank of job 3 made every later job 3 hang inside MPI_Init. One id
+	# per second since 2026 (wrapping below SLURM's maximum of 67108863) starts each cluster
+	# above the ids of any earlier one that ran fewer jobs than it lived seconds.
+	FIRST_JOB_ID=$((($(date +%s) - 1767225600) % 67000000 + 1000))
 	umask 077
 	render slurm.conf.in slurm.conf
 	render slurmdbd.conf.in slurmdbd.conf
@@ -191,7 +198,7 @@ start_slurm() {
 	wait_for slurmdbd 60 timeout 10 sacctmgr -n -P show cluster
 	timeout 20 sacctmgr -i add cluster "$CLUSTER" >/dev/null ||
 		fail "sacctmgr could not add cluster $CLUSTER"
-	# -c: start from empty state; job ids restart at 1, matching the fresh accounting DB.
+	# -c: start from empty state (FirstJobId in slurm.conf keeps job ids from repeating).
 	start_daemon slurmctld slurmctld -D -c
 	wait_for slurmctld 60 timeout 10 scontrol ping
 	start_daemon slurmd slurmd -D -N "$HOST"

@@ -139,6 +139,19 @@ class SlurmCluster:
         job_id = int(proc.stdout.strip().splitlines()[0].split(";")[0])
         return job_id, proc.returncode
 
+    def restart(self) -> None:
+        """Stop the cluster with ``down.sh`` and start a fresh one with ``up.sh``, as a new
+        session would; the state directory and ``SLURM_CONF`` stay where they were."""
+        for script in ("down.sh", "up.sh"):
+            proc = subprocess.run(
+                ["bash", str(SLURM_DEV / script)],
+                env=_without_launcher(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert proc.returncode == 0, f"{script} exited {proc.returncode}: {proc.stderr}"
+
     def job_states(self, job_id: int, timeout: float = 30.0) -> dict[str, str]:
         """States of a job and its steps as accounting records them, keyed by sacct JobID.
 

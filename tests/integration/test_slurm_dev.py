@@ -1,10 +1,12 @@
 """The dev SLURM from slurm/dev: a 2-task job step finds its ranks and all-reduces over gloo,
-accounting records the outcome, and a cancelled job is seen to end."""
+accounting records the outcome, a cancelled job is seen to end, and a restarted cluster does
+not reuse job ids (an MPI job that shared an id with a killed one hung in MPI_Init)."""
 
 from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,3 +74,39 @@ def test_cancelled_job_is_accounted(slurm_cluster: SlurmCluster, tmp_path: Path)
         time.sleep(0.2)
     slurm_cluster.run("scancel", str(job_id))
     assert slurm_cluster.job_states(job_id)[str(job_id)] == "CANCELLED"
+
+
+def _first_job(cluster: SlurmCluster, tmp_path: Path, name: str, body: str) -> tuple[int, int]:
+    script = tmp_path / f"{name}.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --overcommit\n"
+        f"#SBATCH --output={tmp_path / name}.out\n"
+        f"srun --mpi=pmi2 {shlex.quote(sys.executable)} -c {shlex.quote(body)}\n"
+    )
+    return cluster.sbatch_wait(script, timeout=90)
+
+
+def test_restarted_cluster_does_not_reuse_the_job_id_of_a_killed_mpi_job(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    # Ranks killed after MPI_Init leave mpich's node segment in /dev/shm, named after the
+    # SLURM job and step. When every start of the dev cluster began at job 1, the first MPI job
+    # of the next start attached to that stale segment and waited in MPI_Init forever.
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir())
+    killed = "import os; from mpi4py import MPI; MPI.COMM_WORLD.Barrier(); os.kill(os.getpid(), 9)"
+    reduce = "from mpi4py import MPI; print('sum', MPI.COMM_WORLD.allreduce(1))"
+    try:
+        slurm_cluster.restart()
+        first_id, _ = _first_job(slurm_cluster, tmp_path, "killed", killed)
+        assert "Killed" in (tmp_path / "killed.out").read_text()
+        slurm_cluster.restart()
+        second_id, status = _first_job(slurm_cluster, tmp_path, "reduce", reduce)
+        log = (tmp_path / "reduce.out").read_text()
+        assert status == 0, log
+        assert log.count("sum 2") == 2
+        assert second_id > first_id
+    finally:
+        for stale in set(shm.iterdir()) - before:
+            if stale.name.startswith("mpich_shm_"):
+                stale.unlink(missing_ok=True)
