@@ -7,6 +7,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hpcdeconv.commands import deconvolve, info, ingest, predict, psf, rl, simulate, train
+from hpcdeconv.commands import deconvolve, info, ingest, predict, psf, rl, simulate, sweep, train
 
-COMMANDS: tuple[ModuleType, ...] = (simulate, psf, ingest, info, train, predict, deconvolve, rl)
+COMMANDS: tuple[ModuleType, ...] = (
+    simulate,
+    psf,
+    ingest,
+    info,
+    train,
+    sweep,
+    predict,
+    deconvolve,
+    rl,
+)

@@ -56,6 +56,12 @@ class TrainConfig(StrictModel):
     #: Fixed centred (Z, Y, X) or (Y, X) crop of every validation image (clamped to it), so
     #: each evaluation scores the same voxels at a fraction of the cost; ``None``: whole images.
     val_crop: Shape | None = None
+    #: Who requeues the SLURM job after a time-limit or preemption signal (SIGUSR1/SIGUSR2)
+    #: once the trainer has written its checkpoint: ``trainer`` runs ``scontrol requeue``;
+    #: ``submitit`` hands the signal on to the handler installed before the trainer's
+    #: (submitit's, which pickles the job's next call and requeues it); ``none``: nobody
+    #: (the run stops after its checkpoint). Exactly one of them acts.
+    requeue: Literal["trainer", "submitit", "none"] = "trainer"
 
     @model_validator(mode="after")
     def _val_crop_fits_ssim(self) -> TrainConfig:

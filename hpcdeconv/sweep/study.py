@@ -43,7 +43,9 @@ def open_storage(cfg: SweepConfig, layout: SweepLayout) -> optuna.storages.BaseS
         raise ConfigError(f"storage {cfg.storage!r} cannot be opened ({first})") from None
 
 
-def build_sampler(cfg: SweepConfig, grid: dict[str, list[object]] | None) -> optuna.samplers.BaseSampler:
+def build_sampler(
+    cfg: SweepConfig, grid: dict[str, list[object]] | None
+) -> optuna.samplers.BaseSampler:
     """Optuna's sampler for ``cfg.search``; ``grid`` maps each parameter to its encoded
     values (needed by the grid sampler only)."""
     import optuna

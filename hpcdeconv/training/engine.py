@@ -11,7 +11,7 @@ validation (:mod:`~hpcdeconv.training.evaluation`) each live in their own module
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,12 @@ class RunSummary:
     exports: dict[str, Path] = field(default_factory=dict)
     #: Set when a stop signal ended the run early (after a checkpoint).
     stopped_at: int | None = None
+    #: Set when ``on_validation`` stopped the run (a sweep's pruner), after a checkpoint.
+    pruned_at: int | None = None
+
+
+#: Called on rank 0 after each validation with (step, scores); True stops the run there.
+ValidationHook = Callable[[int, Mapping[str, float]], bool]
 
 
 def default_strategy(cfg: ExperimentConfig) -> Strategy:
@@ -94,6 +100,9 @@ class Trainer:
     method
         The method to train; by default the one ``cfg.method`` configures
         (:func:`~hpcdeconv.methods.build_method`). It must train on ``cfg.data.kind``.
+    on_validation
+        Told every validation's scores on rank 0 (a sweep reports them to its pruner);
+        returning True ends the run there, after a checkpoint (``RunSummary.pruned_at``).
 
     Raises
     ------
@@ -111,8 +120,10 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = True,
         method: Method | None = None,
+        on_validation: ValidationHook | None = None,
     ) -> None:
         self.cfg = cfg
+        self.on_validation = on_validation
         self.strategy = strategy
         self.progress = progress and strategy.is_main
         check_precision(cfg.train.precision, strategy.device)
@@ -318,6 +329,15 @@ class Trainer:
         self.val_metrics = metrics
         return metrics, improved
 
+    def _pruned(self, metrics: Mapping[str, float]) -> bool:
+        """Collective: whether ``on_validation`` (asked on rank 0) ends the run here."""
+        if self.on_validation is None:
+            return False
+        hook, step = self.on_validation, self.step
+        verdict = self.strategy.agree(lambda: hook(step, metrics), True)
+        flag = torch.tensor(float(bool(verdict)), device=self.strategy.device)
+        return float(self.strategy.all_reduce_max(flag)) > 0
+
     def fit(self) -> RunSummary:
         """Train until ``cfg.train.steps``; returns the final losses and validation.
 
@@ -335,6 +355,7 @@ class Trainer:
             total=tc.steps, initial=self.step, disable=not self.progress, desc="train", unit="step"
         )
         batches = self._batches()
+        hand_over = False
         stop = StopRequest().install()
         try:
             while self.step < tc.steps:
@@ -354,16 +375,24 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in summary.losses.items() if k != "lr"})
                 if self.step % tc.image_every == 0:
                     self.report.images(self.step, self.method.images())
-                improved = False
+                improved = pruned = False
                 if self.step % tc.val_every == 0 or self.step == tc.steps:
                     metrics, improved = self.validate()
                     summary.validation = metrics or summary.validation
-                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or level > 0 or improved:
+                    pruned = self._pruned(metrics) and self.step < tc.steps
+                stopping = level > 0 or pruned
+                if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stopping or improved:
                     self.save(best=improved)
+                if pruned:
+                    summary.pruned_at = self.step
+                    log.info("stopped by the validation hook at step %d", self.step)
+                    return summary
                 if level > 0 and self.step < tc.steps:
                     summary.stopped_at = self.step
-                    if level >= 2 and self.strategy.is_main:
+                    requeue = level >= 2 and tc.requeue
+                    if requeue == "trainer" and self.strategy.is_main:
                         requeue_slurm_job()
+                    hand_over = requeue == "submitit"
                     log.warning("stop signal: checkpoint at step %d written", self.step)
                     return summary
         finally:
@@ -371,6 +400,10 @@ class Trainer:
             bar.close()
             self.report.close()
             self.run.release()
+            if hand_over:
+                # After the run directory's lock is released: submitit's handler requeues
+                # the job and exits the process.
+                stop.pass_on()
         psf = self.data.psf
         truth = None if psf is None else torch.from_numpy(psf)
         exports = self.strategy.agree(
@@ -387,8 +420,26 @@ def train(
     overwrite: bool = False,
     strategy: Strategy | None = None,
     progress: bool = True,
+    on_validation: ValidationHook | None = None,
 ) -> RunSummary:
-    """Build the method and strategy from ``cfg`` and train it."""
+    """Build the method and strategy from ``cfg`` and train it.
+
+    A strategy built here is closed here (its process group left), whatever happens, so
+    one process can train several runs in turn (a sweep worker's trials); a ``strategy``
+    passed in stays the caller's to close.
+    """
+    owned = strategy is None
     strategy = strategy or default_strategy(cfg)
-    trainer = Trainer(cfg, strategy, resume=resume, overwrite=overwrite, progress=progress)
-    return trainer.fit()
+    try:
+        trainer = Trainer(
+            cfg,
+            strategy,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            on_validation=on_validation,
+        )
+        return trainer.fit()
+    finally:
+        if owned:
+            strategy.close()

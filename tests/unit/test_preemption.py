@@ -182,8 +182,9 @@ def test_sigusr1_checkpoints_then_auto_resume_finishes(
     assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, STEPS + 1))
 
 
-def test_only_usr1_asks_for_a_requeue() -> None:
-    """scancel (SIGTERM) stops after a checkpoint; the time-limit warning (USR1) requeues."""
+def test_only_usr1_and_usr2_ask_for_a_requeue() -> None:
+    """scancel (SIGTERM) stops after a checkpoint; the time-limit warnings (USR1: our batch
+    scripts, USR2: submitit's) requeue."""
     stop = StopRequest()
     assert stop.level == 0
     stop._handle(signal.SIGTERM, None)
@@ -191,3 +192,87 @@ def test_only_usr1_asks_for_a_requeue() -> None:
     usr1 = StopRequest()
     usr1._handle(signal.SIGUSR1, None)
     assert usr1.level == 2
+    usr2 = StopRequest()
+    usr2._handle(signal.SIGUSR2, None)
+    assert usr2.level == 2
+
+
+@pytest.fixture
+def usr2_owner() -> Iterator[list[int]]:
+    """A SIGUSR2 handler standing where submitit's checkpoint-and-requeue handler stands:
+    installed before training; records each call."""
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    yield calls
+    signal.signal(signal.SIGUSR2, previous)
+
+
+@pytest.mark.parametrize("owner", ["trainer", "submitit", "none"])
+def test_exactly_the_configured_owner_requeues(
+    owner: str,
+    tiny_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    usr2_owner: list[int],
+) -> None:
+    """SIGUSR2 during training: the trainer checkpoints, then exactly one of scontrol
+    (trainer), the handler installed before the trainer's (submitit) or nobody requeues."""
+    from hpcdeconv.config import ExperimentConfig, load_config
+    from hpcdeconv.training.engine import train
+
+    calls = _fake_scontrol(tmp_path, monkeypatch, status=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    overrides = [
+        *_train_argv(tiny_dataset, run)[4::2],
+        f"output={run}",
+        f"train.requeue={owner}",
+        "train.val_every=2",
+        "train.val_crop=[16, 16, 16]",
+    ]
+    cfg = load_config(ExperimentConfig, None, overrides)
+
+    def signal_at_first_validation(step: int, scores: object) -> bool:
+        # Delivered now, in the main thread: the next step's agreement sees it.
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return False
+
+    summary = train(cfg, progress=False, on_validation=signal_at_first_validation)
+    assert summary.stopped_at == 3
+    assert load_checkpoint(run)["step"] == 3
+    scontrol = calls.read_text().splitlines() if calls.exists() else []
+    assert scontrol == (["requeue 77"] if owner == "trainer" else [])
+    assert usr2_owner == ([signal.SIGUSR2] if owner == "submitit" else [])
+
+
+def test_validation_hook_stops_the_run_after_a_checkpoint(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A sweep's pruner: the hook sees each validation on rank 0; True ends the run there."""
+    from hpcdeconv.config import ExperimentConfig, load_config
+    from hpcdeconv.training.engine import train
+
+    run = tmp_path / "run"
+    overrides = [
+        *_train_argv(tiny_dataset, run)[4::2],
+        f"output={run}",
+        "train.val_every=2",
+        "train.val_crop=[16, 16, 16]",
+    ]
+    seen: list[tuple[int, float]] = []
+
+    def prune_at_four(step: int, scores: dict[str, float]) -> bool:
+        seen.append((step, scores["psnr"]))
+        return step == 4
+
+    summary = train(
+        load_config(ExperimentConfig, None, overrides), progress=False, on_validation=prune_at_four
+    )
+    assert summary.pruned_at == 4 and summary.stopped_at is None
+    assert [step for step, _ in seen] == [2, 4]
+    assert all(psnr == psnr for _, psnr in seen)  # real scores, not NaN
+    assert load_checkpoint(run)["step"] == 4
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3, 4]

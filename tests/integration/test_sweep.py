@@ -1,0 +1,245 @@
+"""Hyperparameter sweeps on the dev SLURM (slurm/dev): a grid submitted as job arrays split at
+MaxArraySize, the results table and best config, the same trials from local workers, a
+preempted trial requeued by submitit and finished from its checkpoint, a failing trial
+reported while the others succeed, and a SIGKILLed trial found from sacct and retried."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_TRAINING
+
+if TYPE_CHECKING:
+    from conftest import SlurmCluster
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "data" / "sweep_submission.sh"
+
+
+def hpcdeconv() -> list[str]:
+    script = Path(sys.executable).with_name("hpcdeconv")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "hpcdeconv.cli"]
+
+
+def sweep_yaml(
+    tmp_path: Path,
+    data: Path,
+    parameters: dict[str, Any],
+    *,
+    steps: int = 4,
+    executor: dict[str, Any] | None = None,
+    name: str = "sweep",
+    extra: list[str] = (),  # type: ignore[assignment]
+) -> Path:
+    """A sweep of tiny supervised trainings (validation every 2 steps) over ``parameters``."""
+    overrides = [
+        "method.name=supervised",
+        *TINY_TRAINING,
+        f"data.path={data}",
+        f"train.steps={steps}",
+        "train.val_every=2",
+        "train.val_crop=[16, 16, 16]",
+        "train.image_every=1000",
+        "train.ckpt_every=1000",
+        *extra,
+    ]
+    doc = {
+        "overrides": overrides,
+        "parameters": parameters,
+        "search": {"sampler": "grid"},
+        "objective": {"metric": "psnr", "direction": "maximize"},
+        "executor": {"kind": "slurm", "workers": 2, "time_min": 10, "mem_gb": 1.0}
+        | (executor or {}),
+        "output": str(tmp_path / name),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_sweep(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 420):
+    env = env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    return subprocess.run(
+        [*hpcdeconv(), "sweep", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def table(sweep: Path) -> list[dict[str, str]]:
+    with (sweep / "results" / "table.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def study_of(sweep: Path):
+    from hpcdeconv.commands.sweep import _open
+    from hpcdeconv.sweep.layout import SweepLayout
+
+    return _open(SweepLayout(sweep))[1]
+
+
+GRID = {"optim.lr": {"values": [0.0001, 0.001]}, "method.generator.channels": {"values": [2, 4]}}
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_grid_as_split_arrays_table_best_config_and_local_twin(
+    slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # Two workers, arrays of at most one task: two arrays.
+    config = sweep_yaml(
+        tmp_path, tiny_dataset, GRID, executor={"max_array_size": 1, "parallelism": 2}
+    )
+    proc = run_sweep(["--config", str(config), "--poll", "1"], slurm_cluster.env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    rows = table(sweep)
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
+    values = [float(r["value"]) for r in rows]
+    assert values == sorted(values, reverse=True) and all(v == v for v in values)
+    params = {(float(r["optim.lr"]), int(r["method.generator.channels"])) for r in rows}
+    assert params == {(1e-4, 2), (1e-4, 4), (1e-3, 2), (1e-3, 4)}
+    # Split: the two workers ran as two arrays (different array job ids).
+    jobs = yaml.safe_load((sweep / "jobs" / "jobs.json").read_text())
+    assert len(jobs) == 2 and len({j["job_id"].split("_")[0] for j in jobs}) == 2
+    # submitit's script, golden (paths and ids normalised).
+    script = next((sweep / "jobs").rglob("*_submission.sh")).read_text()
+    assert normalise(script, sweep) == GOLDEN.read_text()
+    # The best config trains as it is.
+    best = sweep / "results" / "best.yaml"
+    run = tmp_path / "best-run"
+    train = subprocess.run(
+        [*hpcdeconv(), "train", "--config", str(best), "--output", str(run)],
+        env=slurm_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "trained supervised for 4 steps" in train.stdout
+    best_row = rows[0]
+    trained = yaml.safe_load((run / "config.yaml").read_text())
+    assert trained["optim"]["lr"] == float(best_row["optim.lr"])
+    # The same grid from local workers: the same trials.
+    local = run_sweep(
+        ["--config", str(config), "--executor", "local", "--set", f"output={tmp_path / 'local'}",
+         "--poll", "1"],
+        slurm_cluster.env, tmp_path,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    local_rows = table(tmp_path / "local")
+    assert {(float(r["optim.lr"]), int(r["method.generator.channels"])) for r in local_rows} == params
+    assert {r["state"] for r in local_rows} == {"COMPLETE"}
+
+
+def normalise(script: str, sweep: Path) -> str:
+    """submitit's sbatch script with this run's paths and ids replaced by placeholders."""
+    script = script.replace(str(sweep), "SWEEP").replace(sys.executable, "PYTHON")
+    return re.sub(r"(#SBATCH --array=)\S+", r"\1ARRAY", script)
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_preempted_trial_is_requeued_by_submitit_and_finishes_from_its_checkpoint(
+    slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    steps = 60
+    config = sweep_yaml(
+        tmp_path, tiny_dataset, {"optim.lr": {"values": [0.0001]}}, steps=steps,
+        executor={"workers": 1}, extra=["train.val_every=30"],
+    )
+    sweep = tmp_path / "sweep"
+    env = slurm_cluster.env
+    sweeping = subprocess.Popen(
+        [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
+        env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        job = wait_for_training(sweep, min_step=5)
+        # What the time limit does: submitit's USR2 to the job's tasks.
+        slurm_cluster.run("scancel", "--signal=USR2", job)
+        out, err = sweeping.communicate(timeout=400)
+    finally:
+        sweeping.kill()
+    assert sweeping.returncode == 0, err[-3000:]
+    rows = table(sweep)
+    assert [r["state"] for r in rows] == ["COMPLETE"] and int(rows[0]["steps"]) == steps
+    log = "".join(p.read_text() for p in (sweep / "jobs").rglob("*_log.err"))
+    stopped = re.findall(r"stop signal: checkpoint at step (\d+) written", log)
+    resumed = re.findall(r"resumed \S+ at step (\d+)", log)
+    # One stop, one resume at that very step: every step trained once.
+    assert len(stopped) == 1 and resumed == stopped, log[-3000:]
+    assert "Requeued job" in log
+
+
+def wait_for_training(sweep: Path, min_step: int, timeout: float = 240) -> str:
+    """The job id of the first trial once its metrics.jsonl logged ``min_step``."""
+    from hpcdeconv.sweep import layout as attrs
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in (sweep / "trials").glob("*") if (sweep / "trials").is_dir() else []:
+            metrics = run / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= min_step:
+                trial = next(
+                    t for t in study_of(sweep).get_trials()
+                    if t.user_attrs.get(attrs.RUN_DIR) == str(run)
+                )
+                return str(trial.user_attrs[attrs.JOB_ID])
+        time.sleep(0.5)
+    raise AssertionError("no trial started training")
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_failing_trial_reported_and_killed_trial_retried(
+    slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from hpcdeconv.sweep import layout as attrs
+
+    # best_metric "sharpness" is no score of the method: that trial raises at its start.
+    parameters = {"train.best_metric": {"values": ["psnr", "sharpness"]}}
+    config = sweep_yaml(
+        tmp_path, tiny_dataset, parameters, steps=60, executor={"workers": 1},
+        extra=["train.val_every=30"],
+    )
+    sweep = tmp_path / "sweep"
+    env = slurm_cluster.env
+    sweeping = subprocess.Popen(
+        [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
+        env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_training(sweep, min_step=3)
+        victim = next(t for t in study_of(sweep).get_trials() if t.state.name == "RUNNING")
+        # The out-of-memory killer's way: SIGKILL, no chance to report.
+        os.kill(int(victim.user_attrs["pid"]), signal.SIGKILL)
+        out, err = sweeping.communicate(timeout=400)
+    finally:
+        sweeping.kill()
+    assert sweeping.returncode == 0, err[-3000:]
+    trials = study_of(sweep).get_trials()
+    by_metric: dict[str, list[Any]] = {}
+    for t in trials:
+        by_metric.setdefault(t.user_attrs[attrs.PARAMS]["train.best_metric"], []).append(t)
+    failed = by_metric["sharpness"]
+    assert [t.state.name for t in failed] == ["FAIL"]
+    assert "sharpness" in failed[0].user_attrs[attrs.ERROR]
+    good = sorted(by_metric["psnr"], key=lambda t: t.number)
+    assert [t.state.name for t in good] == ["FAIL", "COMPLETE"]
+    assert "without reporting" in good[0].user_attrs[attrs.ERROR]
+    assert good[1].user_attrs[attrs.RETRY_OF] == good[0].number
+    assert good[1].user_attrs[attrs.RETRIES] == 1
+    # The retry continued the dead attempt's run directory.
+    assert good[1].user_attrs[attrs.RUN_DIR] == good[0].user_attrs[attrs.RUN_DIR]
+    rows = table(sweep)
+    assert {r["state"] for r in rows} == {"COMPLETE", "FAIL"}
