@@ -199,9 +199,9 @@ def _collect(root: Path) -> int:
         direction=objective.direction,
         param_names=names,
     )
-    print(results.markdown_path.read_text().rstrip())
-    print(f"table: {results.csv_path}, {results.markdown_path}")
-    if results.best_config_path is not None:
-        print(f"best config: {results.best_config_path} (hpcdeconv train --config it)")
+    print(results.table_md.read_text().rstrip())
+    print(f"table: {results.table_csv}, {results.table_md}")
+    if results.best_yaml is not None:
+        print(f"best config: {results.best_yaml} (hpcdeconv train --config it)")
     print(f"plots: {len(plots)} in {layout.results / 'plots'}")
     return 0

@@ -105,7 +105,7 @@ def test_grid_as_split_arrays_table_best_config_and_local_twin(
     sweep = tmp_path / "sweep"
     rows = table(sweep)
     assert len(rows) == 4 and {r["state"] for r in rows} == {"COMPLETE"}
-    values = [float(r["value"]) for r in rows]
+    values = [float(r["objective"]) for r in rows]
     assert values == sorted(values, reverse=True) and all(v == v for v in values)
     params = {(float(r["optim.lr"]), int(r["method.generator.channels"])) for r in rows}
     assert params == {(1e-4, 2), (1e-4, 4), (1e-3, 2), (1e-3, 4)}
