@@ -79,10 +79,9 @@ def _start(args: argparse.Namespace) -> int:
     from hpcdeconv.errors import OutputExistsError
     from hpcdeconv.sweep.config import SweepConfig
     from hpcdeconv.sweep.layout import SweepLayout
-    from hpcdeconv.sweep.space import check_parameters, describe, encoded_grid
+    from hpcdeconv.sweep.space import budget, check_parameters, describe, encoded_grid
     from hpcdeconv.sweep.study import open_study
     from hpcdeconv.sweep.submit import check_slurm_reachable, job_parameters
-    from hpcdeconv.sweep.worker import budget
 
     cfg = load_config(SweepConfig, args.config, args.set)
     if args.executor is not None:
@@ -109,7 +108,7 @@ def _start(args: argparse.Namespace) -> int:
     layout.root.mkdir(parents=True)
     dump_config(cfg, layout.config)
     grid = encoded_grid(cfg) if cfg.search.sampler == "grid" else None
-    study = open_study(cfg, layout, create=True, grid=grid)
+    study = open_study(cfg, layout, create=True)
     if grid is not None:
         # Every grid point waits in the study: workers take them one by one, none twice.
         for point in itertools.islice(itertools.product(*grid.values()), budget(cfg)):
@@ -142,8 +141,8 @@ def _submit_and_watch(
     workers: int,
     executor: str,
 ) -> int:
+    from hpcdeconv.sweep.space import budget
     from hpcdeconv.sweep.submit import submit_workers
-    from hpcdeconv.sweep.worker import budget
 
     subs = submit_workers(layout, cfg.executor, list(range(workers)), executor=executor)
     jobs = ", ".join(s.job_id for s in subs)
@@ -166,12 +165,10 @@ def _watch_and_collect(
 def _open(layout: SweepLayout) -> tuple[SweepConfig, optuna.Study]:
     from hpcdeconv.config import load_config
     from hpcdeconv.sweep.config import SweepConfig
-    from hpcdeconv.sweep.space import encoded_grid
     from hpcdeconv.sweep.study import open_study
 
     cfg = load_config(SweepConfig, layout.config)
-    grid = encoded_grid(cfg) if cfg.search.sampler == "grid" else None
-    return cfg, open_study(cfg, layout, grid=grid)
+    return cfg, open_study(cfg, layout)
 
 
 def _collect(root: Path) -> int:

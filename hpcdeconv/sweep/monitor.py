@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hpcdeconv.sweep import layout as attrs
+from hpcdeconv.sweep.space import budget
 from hpcdeconv.sweep.submit import Submission, submissions, submit_workers
-from hpcdeconv.sweep.worker import budget
 
 if TYPE_CHECKING:
     import optuna

@@ -379,7 +379,7 @@ def describe(cfg: SweepConfig, job_parameters: Mapping[str, Any]) -> str:
     lines += [_space_line(path, space) for path, space in cfg.parameters.items()]
     if search.sampler == "grid":
         points = grid_points(cfg)
-        lines.append(f"grid trials ({len(points)}; the sampler runs them in a seeded order):")
+        lines.append(f"grid trials ({len(points)}; workers take them in this order):")
         width = len(str(len(points) - 1))
         for i, point in enumerate(points):
             shown = ", ".join(f"{path}={encode_value(v)}" for path, v in point.items())

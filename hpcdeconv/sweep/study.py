@@ -43,18 +43,19 @@ def open_storage(cfg: SweepConfig, layout: SweepLayout) -> optuna.storages.BaseS
         raise ConfigError(f"storage {cfg.storage!r} cannot be opened ({first})") from None
 
 
-def build_sampler(
-    cfg: SweepConfig, grid: dict[str, list[object]] | None
-) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler for ``cfg.search``; ``grid`` maps each parameter to its encoded
-    values (needed by the grid sampler only)."""
+def build_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for ``cfg.search``.
+
+    A grid's points are enqueued in the study when the sweep starts (every parameter
+    fixed), so workers take them one by one and none twice; the sampler behind them is
+    never asked. Optuna's ``GridSampler`` is not used: it picks points itself, may give
+    two concurrent workers the same one, and calls ``study.stop()`` after the last, which
+    raises outside ``study.optimize``.
+    """
     import optuna
 
     seed = cfg.search.seed
-    if cfg.search.sampler == "grid":
-        assert grid is not None
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    if cfg.search.sampler == "random":
+    if cfg.search.sampler in ("grid", "random"):
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
@@ -83,7 +84,6 @@ def open_study(
     layout: SweepLayout,
     *,
     create: bool = False,
-    grid: dict[str, list[object]] | None = None,
 ) -> optuna.Study:
     """The sweep's study, created when ``create``.
 
@@ -98,7 +98,7 @@ def open_study(
     optuna.logging.set_verbosity(logging.WARNING)
     storage = open_storage(cfg, layout)
     direction = cfg.objective.direction
-    sampler = build_sampler(cfg, grid)
+    sampler = build_sampler(cfg)
     pruner = build_pruner(cfg.pruner)
     if create:
         return optuna.create_study(

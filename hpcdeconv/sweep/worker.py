@@ -36,7 +36,7 @@ from hpcdeconv.errors import ConfigError
 from hpcdeconv.sweep import layout as attrs
 from hpcdeconv.sweep.config import SweepConfig
 from hpcdeconv.sweep.layout import SweepLayout
-from hpcdeconv.sweep.space import encoded_grid, suggest, trial_config, trial_dir_name
+from hpcdeconv.sweep.space import budget, suggest, trial_config, trial_dir_name
 from hpcdeconv.sweep.study import open_study
 
 if TYPE_CHECKING:
@@ -46,17 +46,6 @@ log = logging.getLogger(__name__)
 
 #: How often tasks other than 0 look for the trial task 0 took, seconds.
 _FOLLOW_POLL_S = 0.5
-
-
-def budget(cfg: SweepConfig) -> int:
-    """The number of trials the sweep runs (retries of dead trials not counted)."""
-    if cfg.search.sampler == "grid":
-        points = 1
-        for space in cfg.parameters.values():
-            points *= len(space.values or ())
-        return min(points, cfg.search.trials or points)
-    assert cfg.search.trials is not None  # checked when the sweep is made
-    return cfg.search.trials
 
 
 def task_rank(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -80,6 +69,49 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+#: What joining a process group exports (dist.init_process_group); a trial's must not be
+#: seen by the next trial's launcher discovery (it would read them as torchrun's).
+_GROUP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: Trials of one multi-task worker take consecutive rendezvous ports, cycling after this many:
+#: the previous trial's store may still hold its port.
+_PORT_CYCLE = 50
+
+
+@contextmanager
+def _trial_environment(seq: int) -> Iterator[None]:
+    """The process environment for trial ``seq`` of this worker, restored afterwards.
+
+    Several tasks (a DDP/DeepSpeed trial): every task sets the same ``MASTER_PORT``, the
+    step's SLURM port moved on by ``seq``, so consecutive trials of one job step never meet
+    the store of the one before.
+    """
+    from hpcdeconv.training.slurm_env import slurm_master_port
+
+    saved = {name: os.environ.get(name) for name in _GROUP_VARIABLES}
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+        step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")))
+        port = slurm_master_port(int(env["SLURM_JOB_ID"]), step) + seq % _PORT_CYCLE
+        env["MASTER_PORT"] = str(port)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+
+
+def _log_path() -> str:
+    """The submitit job's error log (where tracebacks go), or "" outside submitit."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return ""
+    import submitit
+
+    return str(submitit.JobEnvironment().paths.stderr)
 
 
 def _visible_gpus() -> int:
@@ -122,15 +154,22 @@ class SweepWorker(Checkpointable):
 
     def __call__(self) -> int:
         """Run trials until none is left; returns how many this worker finished."""
+        # This call is the job process's entry point (submitit's runner configures no
+        # logging): the job log records trials taken, resumed, pruned and failed.
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
         layout = SweepLayout(self.sweep_dir).require()
         cfg = load_config(SweepConfig, layout.config)
         # DeepSpeed trials compile their ops once for the whole sweep.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(layout.root / "torch_extensions"))
+        layout.workers.mkdir(exist_ok=True)
         rank, tasks = task_rank()
         if rank > 0:
             return self._follow(cfg, layout)
-        grid = encoded_grid(cfg) if cfg.search.sampler == "grid" else None
-        study = open_study(cfg, layout, grid=grid)
+        study = open_study(cfg, layout)
         done = 0
         state = layout.worker_state(self.worker)
         seq = int(_read_json(state).get("seq", 0))
@@ -139,7 +178,8 @@ class SweepWorker(Checkpointable):
             run_dir, params = self._prepare(trial, cfg, layout)
             record = {"trial": trial.number, "seq": seq, "params": params, "run_dir": str(run_dir)}
             _write_json(state, record)
-            finished = self._run(trial, cfg, params, run_dir, tasks)
+            with _trial_environment(seq):
+                finished = self._run(trial, cfg, params, run_dir, tasks)
             if not finished:
                 return done  # stopped by a signal: the trial stays RUNNING for the next call
             done += 1
@@ -181,14 +221,12 @@ class SweepWorker(Checkpointable):
             # A retry continues the dead attempt's run directory (and its checkpoint).
             first = int(user.get(attrs.RETRY_OF, trial.number))
             run_dir = layout.trials / trial_dir_name(first, params)
-        env = os.environ
-        log_path = env.get("SUBMITIT_LOG", "")
         for key, value in {
             attrs.PARAMS: params,
             attrs.RUN_DIR: str(run_dir),
             attrs.JOB_ID: job_id(),
             attrs.WORKER: self.worker,
-            attrs.LOG: log_path,
+            attrs.LOG: _log_path(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }.items():
@@ -223,7 +261,10 @@ class SweepWorker(Checkpointable):
 
         try:
             tc = self._config(cfg, params, run_dir)
-            summary = train(tc, resume="auto", progress=False, on_validation=report)
+            # The run directory is this trial's own (its number is in the name): continued
+            # from its checkpoint, or started again when an earlier attempt died before
+            # writing one.
+            summary = train(tc, resume="auto", overwrite=True, progress=False, on_validation=report)
         except Exception as exc:  # a failed trial must not stop the sweep
             line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             self._account(trial, started, None, tasks)
@@ -286,7 +327,14 @@ class SweepWorker(Checkpointable):
             tc = self._config(cfg, record["params"], Path(record["run_dir"]))
             try:
                 # A hook on every rank: the pruning verdict is a collective (task 0 decides).
-                train(tc, resume="auto", progress=False, on_validation=lambda *_: False)
+                with _trial_environment(seq):
+                    train(
+                        tc,
+                        resume="auto",
+                        overwrite=True,
+                        progress=False,
+                        on_validation=lambda *_: False,
+                    )
             except Exception:  # task 0 records the error
                 log.exception("trial %s failed on this task", record["trial"])
             done += 1

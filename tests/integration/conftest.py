@@ -29,6 +29,8 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 # launcher must not pass on the ones of whatever launched pytest.
 _LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 _LAUNCHER_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_", "MPI_")
+#: Seconds a requeued job stays held before a test moves its start to now.
+REQUEUE_HOLD_S = 2.0
 _TERMINAL_STATES = {
     "BOOT_FAIL",
     "CANCELLED",
@@ -138,6 +140,31 @@ class SlurmCluster:
         proc = run_sbatch(command, self.env, script.parent, timeout)
         job_id = int(proc.stdout.strip().splitlines()[0].split(";")[0])
         return job_id, proc.returncode
+
+    def wait_until_gone(self, job_id: int | str, timeout: float = 240.0) -> None:
+        """Wait for the job to finish, cutting the requeue hold short.
+
+        SLURM 22.05 holds a requeued job with ``Reason=BeginTime`` for 120 s (measured here);
+        on a real cluster that wait is harmless, in a test it is moved to now, but not at
+        once: slurmd refuses a credential issued in the same second as the revocation of the
+        previous run's ("Killing non-startable batch JobId=…: Job credential revoked"; seen
+        when the start was moved 0.2 s after the requeue), so the job stays held for
+        ``REQUEUE_HOLD_S`` first.
+        """
+        deadline = time.monotonic() + timeout
+        held_since: float | None = None
+        while True:
+            out = self.run("squeue", "-h", "-j", str(job_id), "-o", "%T %r").split()
+            if not out:
+                return
+            if out != ["PENDING", "BeginTime"]:
+                held_since = None
+            elif held_since is None:
+                held_since = time.monotonic()
+            elif time.monotonic() - held_since >= REQUEUE_HOLD_S:
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            assert time.monotonic() < deadline, f"job {job_id} still queued: {out}"
+            time.sleep(0.5)
 
     def restart(self) -> None:
         """Stop the cluster with ``down.sh`` and start a fresh one with ``up.sh``, as a new

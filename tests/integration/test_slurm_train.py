@@ -129,35 +129,6 @@ def _wait_for_step(run: Path, step: int, cluster: SlurmCluster, job_id: int) -> 
         time.sleep(0.1)
 
 
-#: Seconds a requeued job stays held before the test moves its start to now.
-REQUEUE_HOLD_S = 2.0
-
-
-def _wait_until_gone(cluster: SlurmCluster, job_id: int, timeout: float = 240.0) -> None:
-    """Wait for the job to finish, cutting the requeue hold short.
-
-    SLURM 22.05 holds a requeued job with ``Reason=BeginTime`` for 120 s (measured here);
-    on a real cluster that wait is harmless, in a test it is moved to now, but not at once:
-    slurmd refuses a credential issued in the same second as the revocation of the previous
-    run's ("Killing non-startable batch JobId=…: Job credential revoked"; seen when the
-    start was moved 0.2 s after the requeue), so the job stays held for 2 s first.
-    """
-    deadline = time.monotonic() + timeout
-    held_since: float | None = None
-    while True:
-        out = cluster.run("squeue", "-h", "-j", str(job_id), "-o", "%T %r").split()
-        if not out:
-            return
-        if out != ["PENDING", "BeginTime"]:
-            held_since = None
-        elif held_since is None:
-            held_since = time.monotonic()
-        elif time.monotonic() - held_since >= REQUEUE_HOLD_S:
-            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-        assert time.monotonic() < deadline, f"job {job_id} still queued: {out}"
-        time.sleep(0.5)
-
-
 def _job_report(cluster: SlurmCluster, job_id: int) -> str:
     """sacct's account of every run of a job and the daemons' last log lines, for a failure."""
     runs = cluster.run(
@@ -190,7 +161,7 @@ def test_usr1_checkpoints_requeues_and_resumes(
     _wait_for_step(run, 2, slurm_cluster, job_id)
     # What --signal=USR1@120 does: SIGUSR1 to the tasks of the job steps, not the batch shell.
     slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
-    _wait_until_gone(slurm_cluster, job_id)
+    slurm_cluster.wait_until_gone(job_id)
     log = _log(tmp_path, job_id)
 
     runs = _sacct_runs(slurm_cluster, job_id)

@@ -71,7 +71,11 @@ def sweep_yaml(
 def run_sweep(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 420):
     env = env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     return subprocess.run(
-        [*hpcdeconv(), "sweep", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        [*hpcdeconv(), "sweep", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -96,9 +100,12 @@ GRID = {"optim.lr": {"values": [0.0001, 0.001]}, "method.generator.channels": {"
 def test_grid_as_split_arrays_table_best_config_and_local_twin(
     slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    # Two workers, arrays of at most one task: two arrays.
+    # Three workers, arrays of at most two tasks: an array of two and a job of one.
     config = sweep_yaml(
-        tmp_path, tiny_dataset, GRID, executor={"max_array_size": 1, "parallelism": 2}
+        tmp_path,
+        tiny_dataset,
+        GRID,
+        executor={"workers": 3, "max_array_size": 2, "parallelism": 2},
     )
     proc = run_sweep(["--config", str(config), "--poll", "1"], slurm_cluster.env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,18 +116,25 @@ def test_grid_as_split_arrays_table_best_config_and_local_twin(
     assert values == sorted(values, reverse=True) and all(v == v for v in values)
     params = {(float(r["optim.lr"]), int(r["method.generator.channels"])) for r in rows}
     assert params == {(1e-4, 2), (1e-4, 4), (1e-3, 2), (1e-3, 4)}
-    # Split: the two workers ran as two arrays (different array job ids).
+    # Split: workers 0 and 1 are tasks 0 and 1 of one array, worker 2 a job of its own.
     jobs = yaml.safe_load((sweep / "jobs" / "jobs.json").read_text())
-    assert len(jobs) == 2 and len({j["job_id"].split("_")[0] for j in jobs}) == 2
-    # submitit's script, golden (paths and ids normalised).
-    script = next((sweep / "jobs").rglob("*_submission.sh")).read_text()
+    ids = [j["job_id"] for j in sorted(jobs, key=lambda j: j["worker"])]
+    array = ids[0].split("_")[0]
+    assert ids[:2] == [f"{array}_0", f"{array}_1"] and "_" not in ids[2] and ids[2] != array
+    # submitit's script for the array, golden (paths and ids normalised).
+    scripts = [p.read_text() for p in (sweep / "jobs").rglob("*_submission.sh")]
+    script = next(s for s in scripts if "--array" in s)
     assert normalise(script, sweep) == GOLDEN.read_text()
     # The best config trains as it is.
     best = sweep / "results" / "best.yaml"
     run = tmp_path / "best-run"
     train = subprocess.run(
         [*hpcdeconv(), "train", "--config", str(best), "--output", str(run)],
-        env=slurm_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=slurm_cluster.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert train.returncode == 0, train.stderr[-2000:]
     assert "trained supervised for 4 steps" in train.stdout
@@ -129,20 +143,30 @@ def test_grid_as_split_arrays_table_best_config_and_local_twin(
     assert trained["optim"]["lr"] == float(best_row["optim.lr"])
     # The same grid from local workers: the same trials.
     local = run_sweep(
-        ["--config", str(config), "--executor", "local", "--set", f"output={tmp_path / 'local'}",
-         "--poll", "1"],
-        slurm_cluster.env, tmp_path,
+        [
+            "--config",
+            str(config),
+            "--executor",
+            "local",
+            "--set",
+            f"output={tmp_path / 'local'}",
+            "--poll",
+            "1",
+        ],
+        slurm_cluster.env,
+        tmp_path,
     )
     assert local.returncode == 0, local.stderr[-3000:]
     local_rows = table(tmp_path / "local")
-    assert {(float(r["optim.lr"]), int(r["method.generator.channels"])) for r in local_rows} == params
+    assert {
+        (float(r["optim.lr"]), int(r["method.generator.channels"])) for r in local_rows
+    } == params
     assert {r["state"] for r in local_rows} == {"COMPLETE"}
 
 
 def normalise(script: str, sweep: Path) -> str:
-    """submitit's sbatch script with this run's paths and ids replaced by placeholders."""
-    script = script.replace(str(sweep), "SWEEP").replace(sys.executable, "PYTHON")
-    return re.sub(r"(#SBATCH --array=)\S+", r"\1ARRAY", script)
+    """submitit's sbatch script with this run's paths replaced by placeholders."""
+    return script.replace(str(sweep), "SWEEP").replace(sys.executable, "PYTHON")
 
 
 @pytest.mark.slurm
@@ -152,21 +176,29 @@ def test_preempted_trial_is_requeued_by_submitit_and_finishes_from_its_checkpoin
 ) -> None:
     steps = 60
     config = sweep_yaml(
-        tmp_path, tiny_dataset, {"optim.lr": {"values": [0.0001]}}, steps=steps,
-        executor={"workers": 1}, extra=["train.val_every=30"],
+        tmp_path,
+        tiny_dataset,
+        {"optim.lr": {"values": [0.0001]}},
+        steps=steps,
+        executor={"workers": 1},
+        extra=["train.val_every=30"],
     )
     sweep = tmp_path / "sweep"
     env = slurm_cluster.env
     sweeping = subprocess.Popen(
         [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
         env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         job = wait_for_training(sweep, min_step=5)
         # What the time limit does: submitit's USR2 to the job's tasks.
         slurm_cluster.run("scancel", "--signal=USR2", job)
-        out, err = sweeping.communicate(timeout=400)
+        slurm_cluster.wait_until_gone(job)
+        _out, err = sweeping.communicate(timeout=400)
     finally:
         sweeping.kill()
     assert sweeping.returncode == 0, err[-3000:]
@@ -190,7 +222,8 @@ def wait_for_training(sweep: Path, min_step: int, timeout: float = 240) -> str:
             metrics = run / "metrics.jsonl"
             if metrics.is_file() and metrics.read_text().count('"kind": "train"') >= min_step:
                 trial = next(
-                    t for t in study_of(sweep).get_trials()
+                    t
+                    for t in study_of(sweep).get_trials()
                     if t.user_attrs.get(attrs.RUN_DIR) == str(run)
                 )
                 return str(trial.user_attrs[attrs.JOB_ID])
@@ -208,7 +241,11 @@ def test_failing_trial_reported_and_killed_trial_retried(
     # best_metric "sharpness" is no score of the method: that trial raises at its start.
     parameters = {"train.best_metric": {"values": ["psnr", "sharpness"]}}
     config = sweep_yaml(
-        tmp_path, tiny_dataset, parameters, steps=60, executor={"workers": 1},
+        tmp_path,
+        tiny_dataset,
+        parameters,
+        steps=60,
+        executor={"workers": 1},
         extra=["train.val_every=30"],
     )
     sweep = tmp_path / "sweep"
@@ -216,14 +253,17 @@ def test_failing_trial_reported_and_killed_trial_retried(
     sweeping = subprocess.Popen(
         [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
         env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for_training(sweep, min_step=3)
         victim = next(t for t in study_of(sweep).get_trials() if t.state.name == "RUNNING")
         # The out-of-memory killer's way: SIGKILL, no chance to report.
         os.kill(int(victim.user_attrs["pid"]), signal.SIGKILL)
-        out, err = sweeping.communicate(timeout=400)
+        _out, err = sweeping.communicate(timeout=400)
     finally:
         sweeping.kill()
     assert sweeping.returncode == 0, err[-3000:]
@@ -243,3 +283,31 @@ def test_failing_trial_reported_and_killed_trial_retried(
     assert good[1].user_attrs[attrs.RUN_DIR] == good[0].user_attrs[attrs.RUN_DIR]
     rows = table(sweep)
     assert {r["state"] for r in rows} == {"COMPLETE", "FAIL"}
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_trial_as_a_two_task_ddp_run(
+    slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # Each trial is one DDP run over the job's two tasks: task 0 asks and tells, task 1
+    # follows; two trials in turn in one job (the process group is made and left twice).
+    config = sweep_yaml(
+        tmp_path,
+        tiny_dataset,
+        {"optim.lr": {"values": [0.0001, 0.001]}},
+        executor={"workers": 1, "tasks_per_node": 2},
+        extra=["strategy.name=ddp", "strategy.backend=gloo", "data.batch_size=2"],
+    )
+    proc = run_sweep(["--config", str(config), "--poll", "1"], slurm_cluster.env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    rows = table(sweep)
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    for row in rows:
+        config_yaml = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
+        assert config_yaml["strategy"]["name"] == "ddp"
+    log = "".join(p.read_text() for p in (sweep / "jobs").rglob("*_log.err"))
+    # Both tasks joined a process group of two for each trial, on a port of its own.
+    ports = re.findall(r"rank [01]/2 joined the gloo process group at \S+:(\d+)", log)
+    assert len(ports) == 4 and len(set(ports)) == 2, log[-2000:]

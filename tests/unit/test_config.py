@@ -19,6 +19,7 @@ from hpcdeconv.config import (
     parse_overrides,
 )
 from hpcdeconv.errors import ConfigError
+from hpcdeconv.sweep.config import SweepConfig
 
 
 def test_overrides_parse_yaml_values_into_nested_dicts() -> None:
@@ -110,6 +111,7 @@ def test_repo_configs_all_load() -> None:
         "psf": PSFFileConfig,
         "deconvolve": DeconvolveConfig,
         "rl": RLConfig,
+        "sweep": SweepConfig,
     }
     paths = sorted(root.glob("*.yaml"))
     assert len(paths) >= 10
