@@ -138,6 +138,7 @@ def submit_workers(
 
 def record_submissions(layout: SweepLayout, new: list[Submission]) -> None:
     """Append ``new`` to ``jobs/jobs.json`` (atomically replaced)."""
+    layout.jobs.mkdir(parents=True, exist_ok=True)
     path = layout.jobs / "jobs.json"
     entries = [*(asdict(s) | {"time": time.time()} for s in new)]
     old = json.loads(path.read_text()) if path.is_file() else []

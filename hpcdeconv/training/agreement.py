@@ -2,18 +2,34 @@
 
 A NaN on one rank must end every rank with the same line before anything of the step is
 written; a stop signal seen by one rank must stop all of them at the same step. Both are
-decided by one all-reduce (max) per step.
+decided by one all-reduce (max) per step. After a validation, rank 0's validation hook (a
+sweep's pruner) decides for every rank whether the run ends there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from hpcdeconv.errors import HpcdeconvError
 from hpcdeconv.training.checkpoint import count_nonfinite
 from hpcdeconv.training.strategy import Strategy, Trainable, agreed
+
+#: Called on rank 0 after each validation with (step, scores); True stops the run there.
+ValidationHook = Callable[[int, Mapping[str, float]], bool]
+
+
+def agree_on_hook(
+    strategy: Strategy, hook: ValidationHook | None, step: int, scores: Mapping[str, float]
+) -> bool:
+    """Collective when ``hook`` is set: its verdict on rank 0 (where the scores are), on
+    every rank. Every rank must pass a hook when one does."""
+    if hook is None:
+        return False
+    verdict = strategy.agree(lambda: hook(step, scores), True)
+    flag = torch.tensor(float(bool(verdict)), device=strategy.device)
+    return float(strategy.all_reduce_max(flag)) > 0
 
 
 class TrainingDivergedError(HpcdeconvError):

@@ -11,7 +11,7 @@ validation (:mod:`~hpcdeconv.training.evaluation`) each live in their own module
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,12 @@ from hpcdeconv.config import ExperimentConfig, dump_config
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import Artefact, Method
-from hpcdeconv.training.agreement import agree_on_step, check_weights_finite
+from hpcdeconv.training.agreement import (
+    ValidationHook,
+    agree_on_hook,
+    agree_on_step,
+    check_weights_finite,
+)
 from hpcdeconv.training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -71,10 +76,6 @@ class RunSummary:
     stopped_at: int | None = None
     #: Set when ``on_validation`` stopped the run (a sweep's pruner), after a checkpoint.
     pruned_at: int | None = None
-
-
-#: Called on rank 0 after each validation with (step, scores); True stops the run there.
-ValidationHook = Callable[[int, Mapping[str, float]], bool]
 
 
 def default_strategy(cfg: ExperimentConfig) -> Strategy:
@@ -329,15 +330,6 @@ class Trainer:
         self.val_metrics = metrics
         return metrics, improved
 
-    def _pruned(self, metrics: Mapping[str, float]) -> bool:
-        """Collective: whether ``on_validation`` (asked on rank 0) ends the run here."""
-        if self.on_validation is None:
-            return False
-        hook, step = self.on_validation, self.step
-        verdict = self.strategy.agree(lambda: hook(step, metrics), True)
-        flag = torch.tensor(float(bool(verdict)), device=self.strategy.device)
-        return float(self.strategy.all_reduce_max(flag)) > 0
-
     def fit(self) -> RunSummary:
         """Train until ``cfg.train.steps``; returns the final losses and validation.
 
@@ -379,7 +371,9 @@ class Trainer:
                 if self.step % tc.val_every == 0 or self.step == tc.steps:
                     metrics, improved = self.validate()
                     summary.validation = metrics or summary.validation
-                    pruned = self._pruned(metrics) and self.step < tc.steps
+                    pruned = self.step < tc.steps and agree_on_hook(
+                        self.strategy, self.on_validation, self.step, metrics
+                    )
                 stopping = level > 0 or pruned
                 if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stopping or improved:
                     self.save(best=improved)
