@@ -371,9 +371,10 @@ class Trainer:
                 if self.step % tc.val_every == 0 or self.step == tc.steps:
                     metrics, improved = self.validate()
                     summary.validation = metrics or summary.validation
-                    pruned = self.step < tc.steps and agree_on_hook(
-                        self.strategy, self.on_validation, self.step, metrics
-                    )
+                    # Told every validation, the last one included; it can stop only
+                    # a run that has steps left.
+                    verdict = agree_on_hook(self.strategy, self.on_validation, self.step, metrics)
+                    pruned = verdict and self.step < tc.steps
                 stopping = level > 0 or pruned
                 if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stopping or improved:
                     self.save(best=improved)
