@@ -71,9 +71,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-#: What joining a process group exports (dist.init_process_group); a trial's must not be
-#: seen by the next trial's launcher discovery (it would read them as torchrun's).
-_GROUP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 #: Trials of one multi-task worker take consecutive rendezvous ports, cycling after this many:
 #: the previous trial's store may still hold its port.
 _PORT_CYCLE = 50
@@ -81,16 +78,17 @@ _PORT_CYCLE = 50
 
 @contextmanager
 def _trial_environment(seq: int) -> Iterator[None]:
-    """The process environment for trial ``seq`` of this worker, restored afterwards.
+    """The rendezvous port of trial ``seq`` of this worker, restored afterwards.
 
     Several tasks (a DDP/DeepSpeed trial): every task sets the same ``MASTER_PORT``, the
     step's SLURM port moved on by ``seq``, so consecutive trials of one job step never meet
-    the store of the one before.
+    the store of the one before. (What joining a group exports is put back when the
+    trial's strategy closes.)
     """
     from hpcdeconv.training.slurm_env import slurm_master_port
 
-    saved = {name: os.environ.get(name) for name in _GROUP_VARIABLES}
     env = os.environ
+    saved = env.get("MASTER_PORT")
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
         step = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")))
         port = slurm_master_port(int(env["SLURM_JOB_ID"]), step) + seq % _PORT_CYCLE
@@ -98,11 +96,10 @@ def _trial_environment(seq: int) -> Iterator[None]:
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
+        if saved is None:
+            env.pop("MASTER_PORT", None)
+        else:
+            env["MASTER_PORT"] = saved
 
 
 def _log_path() -> str:

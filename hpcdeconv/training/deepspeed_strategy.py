@@ -334,6 +334,16 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.trainables[name] = trainable
         return trainable
 
+    def close(self) -> None:
+        """Leave the process group through DeepSpeed, which drops its own references to the
+        world and data-parallel groups: a later DeepSpeed run in this process (the next trial
+        of a sweep worker) builds new ones instead of reusing the destroyed group's."""
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        super().close()
+
     def save_shards(self, run_dir: Path, step: int) -> None:
         """Every rank writes its engine state under the tag of ``step``, then all meet."""
         tag = step_tag(step)

@@ -114,6 +114,11 @@ def discover(env: Mapping[str, str] = os.environ, use_mpi: bool | None = None) -
     return found
 
 
+#: What init_process_group exports, and what those variables held before (for destroy()).
+_EXPORTED = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+_before_export: dict[str, str | None] = {}
+
+
 def init_process_group(
     dist_env: DistEnv, backend: Backend = "auto", timeout_s: float = 60.0
 ) -> None:
@@ -150,6 +155,7 @@ def init_process_group(
         raise RuntimeError("the torch process group is already initialised; call destroy() first")
     resolved = _resolve_backend(backend)
     port = dist_env.master_port or free_port()
+    _before_export.update({name: os.environ.get(name) for name in _EXPORTED})
     os.environ.update(
         MASTER_ADDR=dist_env.master_addr,
         MASTER_PORT=str(port),
@@ -184,9 +190,18 @@ def init_process_group(
 
 
 def destroy() -> None:
-    """Leave the process group if one was joined."""
+    """Leave the process group if one was joined, and put back the variables
+    :func:`init_process_group` exported: a later group in this process (the next trial of a
+    sweep worker) must be found from its launcher again, not from this group's rank and
+    port (whose store may still hold the port)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    for name, value in _before_export.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _before_export.clear()
 
 
 def is_main() -> bool:

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hpcdeconv.config import OptimConfig
 from hpcdeconv.errors import HpcdeconvError
 from hpcdeconv.precision import autocast_dtype
+from hpcdeconv.training.dist import destroy as leave_process_group
 from hpcdeconv.training.optim import build_optimizer
 
 T = TypeVar("T")
@@ -386,8 +387,7 @@ class DistributedStrategy(Strategy):
                 dist.broadcast(tensor.data, src=0)
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 class DDPStrategy(DistributedStrategy):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from hpcdeconv.sweep.monitor import ENDED
+
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DEV = REPO / "slurm" / "dev"
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -31,17 +33,8 @@ _LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTE
 _LAUNCHER_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_", "MPI_")
 #: Seconds a requeued job stays held before a test moves its start to now.
 REQUEUE_HOLD_S = 2.0
-_TERMINAL_STATES = {
-    "BOOT_FAIL",
-    "CANCELLED",
-    "COMPLETED",
-    "DEADLINE",
-    "FAILED",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "TIMEOUT",
-}
+#: sacct states of a job that will not run again (the sweep monitor's list).
+_TERMINAL_STATES = ENDED
 
 
 def _without_launcher() -> dict[str, str]:

@@ -191,3 +191,40 @@ def test_zero_trains_checkpoints_and_resumes_like_the_uninterrupted_run(
     assert {t.dtype for t in a.values() if t.is_floating_point()} == {torch.float32}
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+_TWO_TRAININGS = """
+import sys
+import torch.distributed as dist
+from hpcdeconv.config import ExperimentConfig, load_config
+from hpcdeconv.training.engine import train
+for i in range(2):
+    cfg = load_config(ExperimentConfig, None, [*sys.argv[2:], f"output={sys.argv[1]}/run{i}"])
+    summary = train(cfg, progress=False)
+    print("trained", summary.steps, "group left:", not dist.is_initialized())
+"""
+
+
+@pytest.mark.distributed
+def test_train_leaves_the_process_group_it_joined(
+    tiny_dataset: Path, tmp_path: Path, launch_env: dict[str, str]
+) -> None:
+    """A sweep worker trains its trials one after the other in one process: ``train()``
+    closes the strategy it built, so the second DeepSpeed run can join a group again
+    (it failed with "process group already initialised")."""
+    overrides = [
+        *TINY_TRAINING,
+        "method.name=supervised",
+        f"data.path={tiny_dataset}",
+        "train.steps=2",
+        "strategy.name=deepspeed",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_TRAININGS, str(tmp_path), *overrides],
+        env=launch_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 2 group left: True") == 2, proc.stdout

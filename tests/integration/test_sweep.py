@@ -80,6 +80,18 @@ def run_sweep(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
     )
 
 
+def start_sweep(config: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """``hpcdeconv sweep --config`` running in the background (the test acts meanwhile)."""
+    return subprocess.Popen(
+        [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
+        env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def table(sweep: Path) -> list[dict[str, str]]:
     with (sweep / "results" / "table.csv").open() as fh:
         return list(csv.DictReader(fh))
@@ -184,15 +196,7 @@ def test_preempted_trial_is_requeued_by_submitit_and_finishes_from_its_checkpoin
         extra=["train.val_every=30"],
     )
     sweep = tmp_path / "sweep"
-    env = slurm_cluster.env
-    sweeping = subprocess.Popen(
-        [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
-        env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
     try:
         job = wait_for_training(sweep, min_step=5)
         # What the time limit does: submitit's USR2 to the job's tasks.
@@ -249,15 +253,7 @@ def test_failing_trial_reported_and_killed_trial_retried(
         extra=["train.val_every=30"],
     )
     sweep = tmp_path / "sweep"
-    env = slurm_cluster.env
-    sweeping = subprocess.Popen(
-        [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
-        env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
     try:
         wait_for_training(sweep, min_step=3)
         victim = next(t for t in study_of(sweep).get_trials() if t.state.name == "RUNNING")
