@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.sweep import layout as keys
+from hpcdeconv.sweep.config import decode_value
 from hpcdeconv.sweep.layout import SweepLayout
 
 if TYPE_CHECKING:
@@ -165,7 +166,15 @@ def _trial_row(
 ) -> TrialRow:
     attrs = trial.user_attrs
     decoded = attrs.get(keys.PARAMS)
-    source = decoded if isinstance(decoded, dict) else trial.params
+    if isinstance(decoded, dict):
+        source = decoded
+    elif trial.params:
+        source = trial.params
+    else:
+        # A queued trial (grid point, retry): its parameters are fixed but not yet set;
+        # categorical values are stored in their encoded (YAML) form.
+        fixed = trial.system_attrs.get("fixed_params") or {}
+        source = {k: decode_value(v) if isinstance(v, str) else v for k, v in fixed.items()}
     params = {name: source.get(name) for name in param_names}
 
     run_dir = _run_dir(layout, attrs.get(keys.RUN_DIR))

@@ -17,6 +17,7 @@ from hpcdeconv.sweep import layout as attrs
 from hpcdeconv.sweep.config import SweepConfig
 from hpcdeconv.sweep.layout import SweepLayout
 from hpcdeconv.sweep.monitor import dead_trials, live_workers, retry_dead
+from hpcdeconv.sweep.results import collect
 from hpcdeconv.sweep.study import open_study
 from hpcdeconv.sweep.submit import Submission, job_parameters, record_submissions
 
@@ -76,6 +77,19 @@ def test_dead_local_worker_fails_its_trial_and_enqueues_a_retry(tmp_path: Path) 
         assert retry.user_attrs[attrs.RETRIES] == 1
         assert retry.user_attrs[attrs.RUN_DIR] == str(run_dir)
         assert retry.system_attrs["fixed_params"] == {"optim.lr": "0.0001"}
+        # The table shows the queued retry with its (decoded) parameters.
+        rows = collect(
+            layout,
+            study,
+            metric="psnr",
+            direction="maximize",
+            value="best",
+            param_names=["optim.lr"],
+        ).rows
+        assert {(r.number, r.state, r.params["optim.lr"]) for r in rows} == {
+            (number, "FAIL", 0.0001),
+            (retry.number, "WAITING", 0.0001),
+        }
         # The live worker was not replaced.
         assert [s.job_id for s in live_workers(layout)] == [f"pid:{sleeper.pid}"]
         assert dead_trials(study) == []
