@@ -64,6 +64,23 @@ def run(args: argparse.Namespace) -> int:
     """Start, resume or collect a sweep."""
     from hpcdeconv.errors import ConfigError
 
+    if args.collect is not None or args.resume is not None:
+        verb = "--collect" if args.collect is not None else "--resume"
+        mixed = [
+            flag
+            for flag, given in [
+                ("--config", args.config is not None),
+                ("--set", bool(args.set)),
+                ("--dry-run", args.dry_run),
+                ("--executor", args.collect is not None and args.executor is not None),
+            ]
+            if given
+        ]
+        if mixed:
+            raise ConfigError(
+                f"{verb} takes a sweep directory and works from its sweep.yaml; "
+                f"{', '.join(mixed)} cannot be combined with it"
+            )
     if args.collect is not None:
         return _collect(args.collect)
     if args.resume is not None:

@@ -83,8 +83,10 @@ class SweepLayout:
 
     def require(self) -> SweepLayout:
         """This layout, or :class:`InputError` when ``root`` is not a sweep directory."""
-        if not self.root.is_dir():
+        if not self.root.exists():
             raise InputError(f"sweep directory {self.root} does not exist")
+        if not self.root.is_dir():
+            raise InputError(f"{self.root} is not a sweep directory (it is a file)")
         if not self.is_sweep():
             raise InputError(
                 f"{self.root} is not a sweep directory (no sweep.yaml); "

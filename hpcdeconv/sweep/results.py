@@ -66,12 +66,14 @@ class TrialRow:
     pruned_at: int | None
     error: str | None
     run_dir: str | None
+    log: str | None = None
 
     @staticmethod
     def columns(metric: str, param_names: Sequence[str]) -> list[str]:
         """The table's column names, in the order of :meth:`cells`."""
         head = ["number", "state", *param_names, "objective", f"best_{metric}"]
         tail = ["steps", "wall_s", "gpu_hours", "retries", "pruned_at", "error", "run_dir"]
+        tail.append("log")
         return [*head, f"final_{metric}", *tail]
 
     def cells(self, param_names: Sequence[str]) -> list[Any]:
@@ -80,7 +82,7 @@ class TrialRow:
         return [
             *(self.number, self.state, *params, self.objective, self.best, self.final),
             *(self.steps, self.wall_s, self.gpu_hours, self.retries, self.pruned_at),
-            *(self.error, self.run_dir),
+            *(self.error, self.run_dir, self.log),
         ]
 
 
@@ -163,6 +165,7 @@ def _trial_row(
     direction: str,
     value: str,
     param_names: Sequence[str],
+    superseded: bool = False,
 ) -> TrialRow:
     attrs = trial.user_attrs
     decoded = attrs.get(keys.PARAMS)
@@ -178,7 +181,7 @@ def _trial_row(
     params = {name: source.get(name) for name in param_names}
 
     run_dir = _run_dir(layout, attrs.get(keys.RUN_DIR))
-    records = read_records(run_dir) if run_dir is not None else []
+    records = read_records(run_dir) if run_dir is not None and not superseded else []
     scores = [
         v
         for r in records
@@ -213,6 +216,7 @@ def _trial_row(
         final=final,
         steps=max(candidates) if candidates else None,
         wall_s=_number(attrs.get(keys.WALL_S)),
+        log=attrs.get(keys.LOG) or None,
         gpu_hours=_number(attrs.get(keys.GPU_HOURS)),
         retries=int(retries) if retries is not None else 0,
         pruned_at=int(pruned_at) if pruned_at is not None else None,
@@ -326,7 +330,10 @@ def write_best_config(layout: SweepLayout, row: TrialRow) -> Path | None:
     except HpcdeconvError as exc:
         log.warning("best trial %d: %s; best.yaml not written", row.number, exc)
         return None
-    best = config.model_copy(update={"output": (layout.root / BEST_RUN).resolve()})
+    # The trial ran with the sweep's requeue owner (submitit, or none locally); trained on
+    # its own the best config requeues itself as any training does.
+    train = config.train.model_copy(update={"requeue": "trainer"})
+    best = config.model_copy(update={"output": (layout.root / BEST_RUN).resolve(), "train": train})
     return write_atomic(layout.results / "best.yaml", lambda tmp: dump_config(best, tmp))
 
 
@@ -374,11 +381,23 @@ def collect(
         raise ConfigError(f"objective direction {direction!r} is not one of maximize, minimize")
     if value not in ("best", "final"):
         raise ConfigError(f"objective value {value!r} is not one of best, final")
+    trials = study.get_trials(deepcopy=False)
+    # A retry continues its dead attempt's run directory: its metrics are the retry's.
+    latest: dict[str, int] = {}
+    for t in trials:
+        if keys.RUN_DIR in t.user_attrs:
+            latest[str(t.user_attrs[keys.RUN_DIR])] = t.number
     rows = [
         _trial_row(
-            layout, t, metric=metric, direction=direction, value=value, param_names=param_names
+            layout,
+            t,
+            metric=metric,
+            direction=direction,
+            value=value,
+            param_names=param_names,
+            superseded=latest.get(str(t.user_attrs.get(keys.RUN_DIR)), t.number) != t.number,
         )
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
     ]
     rows = sort_rows(rows, direction)
     csv_path = _write_text(layout.results / "table.csv", table_csv(rows, metric, param_names))

@@ -43,7 +43,11 @@ def base_config(cfg: SweepConfig) -> ExperimentConfig:
     ConfigError
         The base file is missing or invalid, or an override is.
     """
-    return load_config(ExperimentConfig, cfg.base, cfg.overrides)
+    try:
+        return load_config(ExperimentConfig, cfg.base, cfg.overrides)
+    except ConfigError as exc:
+        where = f"base {cfg.base}" if cfg.base is not None else "the built-in defaults"
+        raise ConfigError(f"sweep base config ({where} with the overrides): {exc}") from None
 
 
 def _dotted_paths(node: Any, prefix: str = "") -> Iterator[str]:

@@ -43,8 +43,13 @@ def open_storage(cfg: SweepConfig, layout: SweepLayout) -> optuna.storages.BaseS
         raise ConfigError(f"storage {cfg.storage!r} cannot be opened ({first})") from None
 
 
-def build_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
-    """Optuna's sampler for ``cfg.search``.
+def build_sampler(cfg: SweepConfig, trial_seed: int = 0) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for ``cfg.search``, seeded by ``search.seed`` and ``trial_seed``.
+
+    Workers ask for trials concurrently, each with its own sampler: seeded alike they would
+    draw the same parameters. The worker therefore builds a sampler for every trial it
+    asks for, with ``trial_seed`` the number of trials in the study at that moment (under
+    the ask lock, so no two trials share it, and a requeued worker does not repeat its draws).
 
     A grid's points are enqueued in the study when the sweep starts (every parameter
     fixed), so workers take them one by one and none twice; the sampler behind them is
@@ -54,7 +59,7 @@ def build_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
     """
     import optuna
 
-    seed = cfg.search.seed
+    seed = cfg.search.seed + 7919 * trial_seed
     if cfg.search.sampler in ("grid", "random"):
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)

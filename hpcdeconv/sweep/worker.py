@@ -37,7 +37,7 @@ from hpcdeconv.sweep import layout as attrs
 from hpcdeconv.sweep.config import SweepConfig
 from hpcdeconv.sweep.layout import SweepLayout
 from hpcdeconv.sweep.space import budget, suggest, trial_config, trial_dir_name
-from hpcdeconv.sweep.study import open_study
+from hpcdeconv.sweep.study import build_sampler, open_study
 
 if TYPE_CHECKING:
     import optuna
@@ -204,6 +204,7 @@ class SweepWorker(Checkpointable):
             originals = sum(attrs.RETRY_OF not in t.user_attrs for t in trials)
             if not waiting and originals >= budget(cfg):
                 return None
+            study.sampler = build_sampler(cfg, trial_seed=len(trials))
             # Pops a waiting trial first (grid point or retry), else starts a new one.
             return study.ask()
 

@@ -11,6 +11,7 @@ import optuna
 import pytest
 import yaml
 
+from hpcdeconv.config import ExperimentConfig, load_config
 from hpcdeconv.sweep.config import PrunerConfig
 from hpcdeconv.sweep.study import build_pruner
 from tests.conftest import TINY_TRAINING, assert_one_line_error, run_cli
@@ -72,6 +73,57 @@ def test_resume_and_collect_of_a_non_sweep_are_refused(
         assert_one_line_error(code, err, "not a sweep directory")
     assert sorted(p.name for p in plain.iterdir()) == ["keep.txt"]
     assert (plain / "keep.txt").read_text() == "data"
+
+
+def test_resume_and_collect_take_no_other_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_sweep(tmp_path)
+    sweep = str(tmp_path / "sweep")
+    for argv, fragment in [
+        (["--resume", sweep, "--dry-run"], "--dry-run cannot be combined"),
+        (["--collect", sweep, "--config", str(config)], "--config cannot be combined"),
+        (["--collect", sweep, "--executor", "local"], "--executor cannot be combined"),
+        (["--resume", sweep, "--set", "search.seed=1"], "--set cannot be combined"),
+    ]:
+        code, _, err = run_cli(["sweep", *argv], capsys)
+        assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_concurrent_workers_draw_different_parameters(tmp_path: Path) -> None:
+    """Two workers asking at once (each its own study object, as in two processes) must not
+    draw the same random parameters; a requeued worker must not repeat its draws either."""
+    from hpcdeconv.commands.sweep import _open
+    from hpcdeconv.config import dump_config, load_config
+    from hpcdeconv.sweep.config import SweepConfig
+    from hpcdeconv.sweep.layout import SweepLayout
+    from hpcdeconv.sweep.space import suggest
+    from hpcdeconv.sweep.study import open_study
+    from hpcdeconv.sweep.worker import SweepWorker
+
+    for sampler in ("random", "tpe"):
+        cfg = load_config(
+            SweepConfig,
+            write_sweep(
+                tmp_path,
+                parameters={"optim.lr": {"low": 1e-5, "high": 1e-2, "log": True}},
+                search={"sampler": sampler, "trials": 4, "seed": 0},
+                output=str(tmp_path / sampler),
+            ),
+        )
+        layout = SweepLayout(cfg.output)
+        layout.root.mkdir()
+        dump_config(cfg, layout.config)
+        open_study(cfg, layout, create=True)
+        drawn = []
+        for worker in (0, 1, 0, 1):
+            study = _open(layout)[1]
+            trial = SweepWorker(layout.root, worker)._next_trial(study, cfg, layout)
+            assert trial is not None
+            drawn.append(suggest(trial, cfg)["optim.lr"])
+        assert len(set(drawn)) == 4, (sampler, drawn)
+        assert SweepWorker(layout.root, 0)._next_trial(_open(layout)[1], cfg, layout) is None
 
 
 def test_dry_run_lists_grid_trials_and_job_parameters(
@@ -150,6 +202,10 @@ def test_local_grid_sweep_end_to_end(
         rows = list(csv.DictReader(fh))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
     assert {float(r["optim.lr"]) for r in rows} == {1e-4, 1e-3}
+    assert all(r["log"].endswith("_log.err") and Path(r["log"]).is_file() for r in rows)
+    # The best config trains on its own like any training: it requeues itself.
+    best = load_config(ExperimentConfig, tmp_path / "sweep" / "results" / "best.yaml")
+    assert best.train.requeue == "trainer"
     # A second start on the same directory is refused: resume it instead.
     code, _, err = run_cli(["sweep", "--config", str(config)], capsys)
     assert_one_line_error(code, err, "--resume")

@@ -59,6 +59,8 @@ def running_trial(study, pid: int, run_dir: Path) -> int:
 def test_dead_local_worker_fails_its_trial_and_enqueues_a_retry(tmp_path: Path) -> None:
     cfg, layout, study = make_sweep(tmp_path)
     run_dir = layout.trials / "0000-lr=0.0001"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 2, "kind": "val", "psnr": 21.5}\n')
     number = running_trial(study, dead_pid(), run_dir)
     # The worker record says the dead job was worker 0's latest; it is not replaced here
     # because it was "local" and would start a real worker: give it a live twin instead.
@@ -86,9 +88,10 @@ def test_dead_local_worker_fails_its_trial_and_enqueues_a_retry(tmp_path: Path) 
             value="best",
             param_names=["optim.lr"],
         ).rows
-        assert {(r.number, r.state, r.params["optim.lr"]) for r in rows} == {
-            (number, "FAIL", 0.0001),
-            (retry.number, "WAITING", 0.0001),
+        assert {(r.number, r.state, r.params["optim.lr"], r.best) for r in rows} == {
+            # The run directory's metrics belong to the retry that continues it.
+            (number, "FAIL", 0.0001, None),
+            (retry.number, "WAITING", 0.0001, 21.5),
         }
         # The live worker was not replaced.
         assert [s.job_id for s in live_workers(layout)] == [f"pid:{sleeper.pid}"]

@@ -199,6 +199,7 @@ def test_csv_parses_back_with_the_same_numbers(sweep: SweepLayout) -> None:
         "pruned_at",
         "error",
         "run_dir",
+        "log",
     ]
     assert [int(t["number"]) for t in table] == [r.number for r in result.rows]
     for line, row in zip(table, result.rows, strict=True):
