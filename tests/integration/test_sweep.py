@@ -186,14 +186,14 @@ def normalise(script: str, sweep: Path) -> str:
 def test_preempted_trial_is_requeued_by_submitit_and_finishes_from_its_checkpoint(
     slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    steps = 60
+    steps = 400  # long enough (~10 s) to be signalled mid-run on a loaded machine
     config = sweep_yaml(
         tmp_path,
         tiny_dataset,
         {"optim.lr": {"values": [0.0001]}},
         steps=steps,
         executor={"workers": 1},
-        extra=["train.val_every=30"],
+        extra=["train.val_every=200"],
     )
     sweep = tmp_path / "sweep"
     sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
@@ -248,9 +248,9 @@ def test_failing_trial_reported_and_killed_trial_retried(
         tmp_path,
         tiny_dataset,
         parameters,
-        steps=60,
+        steps=400,
         executor={"workers": 1},
-        extra=["train.val_every=30"],
+        extra=["train.val_every=200"],
     )
     sweep = tmp_path / "sweep"
     sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
