@@ -10,6 +10,7 @@ from hpcdeconv.commands.common import locked_outputs, positive_int
 from hpcdeconv.commands.image_args import (
     add_inputs_argument,
     add_select_arguments,
+    add_voxel_size_argument,
     selection,
 )
 from hpcdeconv.errors import InputError
@@ -29,14 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="zarr dataset to create (or add to, with --append)",
     )
-    p.add_argument(
-        "--voxel-size",
-        type=float,
-        nargs="+",
-        metavar="D",
-        help="voxel size of every input in µm: DZ DY DX for volumes, DY DX for 2D images "
-        "(default: read from the file)",
-    )
+    add_voxel_size_argument(p)
     add_select_arguments(p)
     p.add_argument("--domain", choices=["blurred", "sharp"], default="blurred")
     p.add_argument("--split", choices=["train", "val", "test"], default="train")

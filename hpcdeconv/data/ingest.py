@@ -25,7 +25,7 @@ import zarr
 from hpcdeconv.config import StorageConfig
 from hpcdeconv.data.image import SPATIAL
 from hpcdeconv.data.layout import array_layout
-from hpcdeconv.data.opener import Image, open_image
+from hpcdeconv.data.opener import Image, check_voxel_size, open_image
 from hpcdeconv.data.units import sizes_given_by_user
 from hpcdeconv.data.zarr_io import (
     DOMAINS,
@@ -78,21 +78,15 @@ def _with_voxel_size(image: Image, voxel_size: Sequence[float] | None) -> Image:
     Raises
     ------
     InputError
-        ``voxel_size`` has another number of entries than the image has spatial axes.
+        ``voxel_size`` is not one positive size per spatial axis of the image.
     """
     if voxel_size is None:
         return image
     dims = _spatial_dims(image)
-    if len(voxel_size) != dims:
-        shape = tuple(int(n) for n in image.data.shape)
-        letters = " ".join(f"D{a}" for a in SPATIAL[-dims:])
-        raise InputError(
-            f"{image.source}: a {_NAMES[dims]} image (axes {image.dims}, shape {shape}) needs "
-            f"--voxel-size {letters}, got {len(voxel_size)} sizes (DZ DY DX are for 3D "
-            "volumes, DY DX for 2D images)"
-        )
+    shape = tuple(int(n) for n in image.data.shape)
+    where = f"{image.source}, a {_NAMES[dims]} image of shape {shape}"
     # Kept in the opener's (dz, dy, dx) order; a 2D image has no Z sampling.
-    sizes = (None,) * (3 - dims) + tuple(float(v) for v in voxel_size)
+    sizes = check_voxel_size(voxel_size, "".join(SPATIAL[-dims:]), where)
     return dataclasses.replace(image, voxel_size=sizes)
 
 

@@ -168,7 +168,7 @@ def test_ingest_rejects_wrong_dimensions(
         ["ingest", str(tif), "--output", str(tmp_path / "o.zarr"), "--voxel-size", "1", "1", "1"],
         capsys,
     )
-    assert_one_line_error(code, err, "3D")
+    assert_one_line_error(code, err, "a 2D (Y, X) image of shape (20, 24) (axes YX) needs two")
     assert not (tmp_path / "o.zarr").exists()
 
 

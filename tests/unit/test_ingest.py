@@ -258,7 +258,7 @@ def test_append_refuses_another_layout_and_keeps_the_dataset(tmp_path: Path) -> 
 
 def test_voxel_size_must_match_the_image_dims(tmp_path: Path) -> None:
     vol = _plain(tmp_path / "v.tif", np.ones((3, 8, 8), np.float32))
-    with pytest.raises(InputError, match=r"v\.tif: a 3D \(Z, Y, X\) image .*DZ DY DX, got 2"):
+    with pytest.raises(InputError, match=r"v\.tif, a 3D \(Z, Y, X\) image .*three .*DZ DY DX"):
         ingest_images([vol], tmp_path / "out.zarr", voxel_size=(1.0, 1.0))
     with pytest.raises(InputError, match="positive sizes"):
         ingest_images([vol], tmp_path / "out.zarr", voxel_size=(1.0,))
@@ -300,3 +300,31 @@ def test_cli_builds_a_2d_pair_with_append(
     code, _, err = run_cli([*bad, "--voxel-size", "1", "1"], capsys)
     assert_one_line_error(code, err, "--chunks takes 3 (Z Y X) or 2 (Y X) sizes")
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "fragment"),
+    [
+        (["0.1", "0.1"], "needs three positive sizes DZ DY DX"),
+        (["0.5", "0", "0.1"], "must be positive"),
+        (["0.5", "0.1", "0.1", "0.1"], "takes DZ DY DX (a volume) or DY DX"),
+    ],
+)
+def test_cli_voxel_size_checked_as_every_verb_checks_it(
+    sizes: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ingest shares the other verbs' --voxel-size: 2 or 3 positive sizes, matched to the
+    image's axes, one line, nothing written."""
+    from hpcdeconv.cli import main
+
+    tif = _plain(tmp_path / "raw.tif", np.zeros((3, 4, 5), np.uint16))
+    out = tmp_path / "out.zarr"
+    try:
+        code = main(["ingest", str(tif), "--output", str(out), "--voxel-size", *sizes])
+    except SystemExit as exc:  # argparse refuses the count or value before running
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not out.exists()
