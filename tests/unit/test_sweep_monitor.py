@@ -131,3 +131,19 @@ def test_job_parameters_scale_memory_and_time(scale: float, tmp_path: Path) -> N
     params = job_parameters(cfg.executor, scale)
     assert params["mem_gb"] == 2.0 * scale and params["timeout_min"] == round(10 * scale)
     assert params["slurm_additional_parameters"] == {"requeue": True}
+
+
+def test_sqlite_storage_instead_of_the_journal(tmp_path: Path) -> None:
+    """``storage:`` names a database URL (here SQLite) in place of the journal file."""
+    from hpcdeconv.errors import ConfigError
+
+    cfg, layout, _ = make_sweep(tmp_path)
+    db = cfg.model_copy(update={"storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    study = open_study(db, layout, create=True)
+    study.tell(study.ask(), 2.5)
+    again = open_study(db, layout)
+    assert [t.value for t in again.get_trials()] == [2.5]
+    assert (tmp_path / "optuna.db").is_file()
+    bad = cfg.model_copy(update={"storage": "nosuchdb://x"})
+    with pytest.raises(ConfigError, match="storage 'nosuchdb://x' cannot be opened"):
+        open_study(bad, layout)
