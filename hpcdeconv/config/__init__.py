@@ -48,6 +48,7 @@ from hpcdeconv.config.physics import (
     StorageConfig,
     ZernikePSF,
 )
+from hpcdeconv.config.psfnet import PSFModelConfig, PSFModelName, PSFOptics
 from hpcdeconv.config.run import DeepSpeedConfig, OptimConfig, StrategyConfig, TrainConfig
 
 __all__ = [
@@ -75,6 +76,9 @@ __all__ = [
     "OptimConfig",
     "PSFConfig",
     "PSFFileConfig",
+    "PSFModelConfig",
+    "PSFModelName",
+    "PSFOptics",
     "PSFSamplesData",
     "PairedImagesData",
     "PhantomConfig",

@@ -5,7 +5,8 @@ A samples store is a zarr v3 group::
     <root>/zarr.json   attribute "hpcdeconv": {"format": 1, "kind": "psf_samples",
                        "parameters": [{"name": ..., "unit": ...}, ...],
                        "voxel_size": [dz, dy, dx] or [dy, dx] (µm),
-                       "split": {"train": [i, ...], "val": [...], "test": [...]}}
+                       "split": {"train": [i, ...], "val": [...], "test": [...]},
+                       "psf_model": PSFModel.record() of the model that made them (optional)}
     <root>/patches     (N, C, *S) float32: sample i's image patch, S = (Z, Y, X) or (Y, X)
     <root>/params      (N, P) float32: its P PSF parameters, in the units listed
     <root>/valid       (N, P) bool: whether parameter p is defined for sample i (an
@@ -215,6 +216,8 @@ def _read_root(path: Path, group: zarr.Group) -> dict[str, Any]:
             raise InputError(f"{path}: '{name}' is {node.dtype}, expected {np.dtype(dtype)}")
         shapes[name] = tuple(int(s) for s in node.shape)
     _check_layout(path, shapes[PATCHES], shapes[PARAMS], shapes[VALID], checked)
+    if isinstance(root.get("psf_model"), Mapping):
+        checked["psf_model"] = dict(root["psf_model"])
     return checked
 
 

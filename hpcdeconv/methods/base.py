@@ -45,6 +45,9 @@ class DataInfo:
     means
         Mean intensity by batch key (``"x"``: sharp domain, ``"y"``: blurred domain), the
         same on every rank; where a generator's output starts (``head_init: data``).
+    psf_model
+        For PSF-parameter samples: the record of the PSF model that made them
+        (:meth:`hpcdeconv.psfnet.psf_models.PSFModel.record`), if the store names one.
     """
 
     spatial_dims: int
@@ -52,6 +55,7 @@ class DataInfo:
     voxel_size: tuple[float, ...]
     psf: np.ndarray | None = None
     means: Mapping[str, float] = field(default_factory=dict)
+    psf_model: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
