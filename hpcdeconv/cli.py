@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,18 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hpcdeconv`` console script."""
-    args = build_parser().parse_args(argv)
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr at INFO (DEBUG with ``verbose``); dask's own chatter at WARNING.
+
+    dask's scheduler and workers log every start, stop and connection at INFO: ~40 lines
+    per cluster run that say nothing about the result. ``distributed`` sets its loggers'
+    levels from its configuration when it is imported, which happens after this (inside a
+    command), so the level is set through that configuration; the environment variable
+    also reaches the worker processes a local cluster spawns.
+    """
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if not args.verbose:
-        # dask's scheduler and workers log every start, stop and connection at INFO: ~40
-        # lines per deconvolve/rl run that say nothing about the result.
+    if not verbose:
+        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
         logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hpcdeconv`` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return int(args.handler(args))
     except HpcdeconvError as exc:

@@ -7,7 +7,20 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hpcdeconv.commands import deconvolve, info, ingest, predict, psf, rl, simulate, sweep, train
+from hpcdeconv.commands import (
+    deconvolve,
+    depth,
+    estimate_psf,
+    info,
+    ingest,
+    predict,
+    psf,
+    psfnet,
+    rl,
+    simulate,
+    sweep,
+    train,
+)
 
 COMMANDS: tuple[ModuleType, ...] = (
     simulate,
@@ -19,4 +32,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     predict,
     deconvolve,
     rl,
+    estimate_psf,
+    depth,
+    psfnet,
 )

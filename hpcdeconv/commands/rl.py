@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=PSF_MODELS,
         help="compute the PSF (settings: psf.* of --config/--set)",
     )
+    psf.add_argument(
+        "--psf-map",
+        type=Path,
+        metavar="MAP.zarr",
+        help="spatially-variant RL of 2D images with the PSF map of `hpcdeconv estimate-psf` "
+        "(overlap-add, Shajkofci & Liebling 2020 eq. 13; crop: psf_crop of --config/--set)",
+    )
     p.add_argument("--iterations", type=int, help="RL iterations (default: config, 20)")
     p.add_argument("--tv", type=float, help="TV weight lambda (default: config, 0 = plain RL)")
     p.add_argument(
@@ -125,6 +132,79 @@ def _psf(
     return psf.data, {"model": cfg.psf.model_dump(mode="json")}
 
 
+def _run_psf_map(args: argparse.Namespace, cfg: RLConfig) -> int:
+    """Spatially-variant (TV-)RL of 2D images with a PSF map, block by block.
+
+    The map is read and checked against every image before the output is locked or
+    created; blocks and chunks take the ``(Y, X)`` sizes of ``block`` and ``chunks``.
+    """
+    from hpcdeconv.classical.rl import rl_halo
+    from hpcdeconv.classical.sv_rl import sv_richardson_lucy
+    from hpcdeconv.inference.output import check_output
+    from hpcdeconv.inference.plan import check_halo, check_plan, image_plan
+    from hpcdeconv.inference.sources import open_sources
+    from hpcdeconv.inference.sv_processor import SVRLProcessor
+    from hpcdeconv.psfnet.psf_map import read_psf_map
+
+    mode = output_mode(args)
+    sources = open_sources(args.inputs, voxel_size(args), any_rank=True)
+    for source in sources:
+        if source.dims != "YX":
+            raise InputError(
+                f"{source.path}: --psf-map deconvolves 2D (Y, X) images, this one has "
+                f"axes {source.dims} {list(source.shape)}"
+            )
+    check_output(args.output, sources, mode)
+    psf_map = read_psf_map(args.psf_map)
+    for source in sources:
+        psf_map.check_image(source.shape, str(source.path))
+        _check_map_sampling(psf_map.voxel_size, source.spatial_voxel_size)
+    # Zero iterations on a tiny image validates tv for 2D data here rather than on workers.
+    sv_richardson_lucy(
+        np.ones((2, 2), np.float32), np.ones((1, 1, 1, 1)), ([1.0], [1.0]), 0, cfg.tv
+    )
+    with locked_cluster_output(NAME, args, [("--psf-map", args.psf_map)], mode, cfg.cluster):
+        processor = SVRLProcessor.from_map(
+            psf_map,
+            cfg.iterations,
+            cfg.tv,
+            cfg.psf_crop,
+            cfg.cluster.threads_per_worker,
+            boundary=cfg.boundary,
+        )
+        size = (processor.psf_size,) * 2
+        halo = rl_halo(size) if cfg.halo == "auto" else (cfg.halo,) * 2
+        check_halo(halo, tuple(k // 2 for k in size), "PSF radius")
+        plan = image_plan(sources, cfg.block[-2:], halo, cfg.chunks[-2:], cfg.retries)
+        check_plan(plan, sources)
+        provenance = {
+            "command": "rl",
+            "psf_map": {
+                "path": str(args.psf_map.absolute()),
+                "sha256": processor.sha256,
+                "psf_model": psf_map.model.record(),
+                "window": psf_map.window,
+                "stride": psf_map.stride,
+                "psf_size": processor.psf_size,
+            },
+            "config": cfg.model_dump(mode="json"),
+        }
+        run_on_cluster(cfg.cluster, sources, args.output, processor, plan, mode, provenance)
+        return 0
+
+
+def _check_map_sampling(map_voxel: tuple[float, float], image: tuple[float | None, ...]) -> None:
+    """Warn when a known image pixel size differs from the one the map was estimated at."""
+    known = [(m, v) for m, v in zip(map_voxel, image, strict=True) if v is not None]
+    if any(not np.isclose(m, v, rtol=0.01) for m, v in known):
+        logger.warning(
+            "the PSF map was estimated at pixel size %s µm, the image has %s; its PSFs then "
+            "have the wrong width",
+            list(map_voxel),
+            list(image),
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Deconvolve the inputs block by block with (TV-)Richardson-Lucy."""
     from hpcdeconv.classical.rl import richardson_lucy, rl_halo
@@ -135,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     from hpcdeconv.inference.sources import open_sources
 
     cfg = load_config(RLConfig, args.config, _overrides(args))
+    if args.psf_map is not None:
+        return _run_psf_map(args, cfg)
     mode = output_mode(args)
     sources = open_sources(args.inputs, voxel_size(args))
     check_output(args.output, sources, mode)

@@ -25,11 +25,13 @@ from hpcdeconv.config.methods import (
     KnownKernelConfig,
     MethodConfig,
     NonBlindCycleGANConfig,
+    PSFRegressionConfig,
     SupervisedConfig,
 )
 from hpcdeconv.config.networks import (
     DiscriminatorConfig,
     GeneratorConfig,
+    RegressorConfig,
     ResNetConfig,
     UNetConfig,
 )
@@ -48,7 +50,16 @@ from hpcdeconv.config.physics import (
     StorageConfig,
     ZernikePSF,
 )
-from hpcdeconv.config.psfnet import PSFModelConfig, PSFModelName, PSFOptics
+from hpcdeconv.config.psf_map import PSFMapConfig
+from hpcdeconv.config.psfnet import (
+    PhantomLibraryConfig,
+    PSFDatasetConfig,
+    PSFModelConfig,
+    PSFModelName,
+    PSFNoiseConfig,
+    PSFOptics,
+    PSFSplitFractions,
+)
 from hpcdeconv.config.run import DeepSpeedConfig, OptimConfig, StrategyConfig, TrainConfig
 
 __all__ = [
@@ -75,17 +86,24 @@ __all__ = [
     "NonBlindCycleGANConfig",
     "OptimConfig",
     "PSFConfig",
+    "PSFDatasetConfig",
     "PSFFileConfig",
+    "PSFMapConfig",
     "PSFModelConfig",
     "PSFModelName",
+    "PSFNoiseConfig",
     "PSFOptics",
+    "PSFRegressionConfig",
     "PSFSamplesData",
+    "PSFSplitFractions",
     "PairedImagesData",
     "PhantomConfig",
+    "PhantomLibraryConfig",
     "PositiveFloat",
     "PositiveInt",
     "PredictConfig",
     "RLConfig",
+    "RegressorConfig",
     "ResNetConfig",
     "RichardsWolfPSF",
     "Shape",

@@ -114,12 +114,18 @@ class RLConfig(StrictModel):
     its mirror image; a uniform field stays uniform) or ``truncated`` (dark outside the
     field of view, as scikit-image; the estimate overshoots within half a PSF of the
     border). See :mod:`hpcdeconv.classical.rl`.
+
+    ``psf_crop`` (``--psf-map`` only) is the largest fraction of its energy a map PSF may
+    lose when all are cropped to one centred support (0 keeps them whole); the halo
+    scales with the cropped size (:func:`hpcdeconv.classical.sv_rl.crop_size`). With
+    ``--psf-map`` the images are 2D and ``block`` and ``chunks`` use their ``(Y, X)`` sizes.
     """
 
     psf: PSFConfig = Field(default_factory=BornWolfPSF)
     iterations: PositiveInt = 20
     tv: Annotated[float, Field(ge=0)] = 0.0
     boundary: Literal["reflect", "truncated"] = "reflect"
+    psf_crop: Annotated[float, Field(ge=0, lt=1)] = 1e-4
     block: Shape3D = (256, 256, 256)
     halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     chunks: Shape3D = (64, 64, 64)

@@ -14,7 +14,12 @@ from pydantic import (
 )
 
 from hpcdeconv.config.base import PositiveFloat, Shape, StrictModel
-from hpcdeconv.config.networks import DiscriminatorConfig, GeneratorConfig, UNetConfig
+from hpcdeconv.config.networks import (
+    DiscriminatorConfig,
+    GeneratorConfig,
+    RegressorConfig,
+    UNetConfig,
+)
 
 
 class KernelConfig(StrictModel):
@@ -112,6 +117,18 @@ class SupervisedConfig(StrictModel):
     gp_eta: PositiveFloat = 10.0
 
 
+class PSFRegressionConfig(StrictModel):
+    """CNN regression of PSF-model parameters from an image patch (Shajkofci & Liebling,
+    IEEE TIP 29, 2020): network and the weight ``gamma`` (γ) of the validity term of
+    eq. 11, ``γ(a0 − â0)² + (1 − a0)/(2N) Σ_n (a_n − â_n)²``."""
+
+    name: Literal["psf_regression"] = "psf_regression"
+    #: Kind of training data (``data.kind``) the method trains on.
+    data_kind: ClassVar[str] = "psf_samples"
+    network: RegressorConfig = Field(default_factory=RegressorConfig)
+    gamma: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+
+
 def _method_tag(value: Any) -> str:
     if isinstance(value, Mapping):
         return str(value.get("name", "blind_cyclegan"))
@@ -122,7 +139,8 @@ MethodConfig = Annotated[
     Annotated[BlindCycleGANConfig, Tag("blind_cyclegan")]
     | Annotated[NonBlindCycleGANConfig, Tag("nonblind_cyclegan")]
     | Annotated[CycleGANConfig, Tag("cyclegan")]
-    | Annotated[SupervisedConfig, Tag("supervised")],
+    | Annotated[SupervisedConfig, Tag("supervised")]
+    | Annotated[PSFRegressionConfig, Tag("psf_regression")],
     Discriminator(_method_tag),
 ]
 
@@ -133,4 +151,5 @@ METHOD_CONFIGS: dict[str, type[StrictModel]] = {
     "nonblind_cyclegan": NonBlindCycleGANConfig,
     "cyclegan": CycleGANConfig,
     "supervised": SupervisedConfig,
+    "psf_regression": PSFRegressionConfig,
 }

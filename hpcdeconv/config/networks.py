@@ -179,3 +179,19 @@ class DiscriminatorConfig(StrictModel):
                 f"(n_layers={self.n_layers}, n_scales={self.n_scales} reduce it "
                 f"{reduction}x): every side must be >= {reduction} and one >= {2 * reduction}"
             )
+
+
+class RegressorConfig(StrictModel):
+    """Image-to-vector CNN of PSF-parameter regression (Shajkofci & Liebling 2020, Sec. III-B).
+
+    ``kind``: ResNet-34 (He et al. 2016: basic blocks ``[3, 4, 6, 3]``) or ResNeXt-50
+    (Xie et al. 2017: bottleneck blocks ``[3, 4, 6, 3]``, ``cardinality`` groups of
+    ``group_width`` channels at ``width`` 64). ``width`` is the stem's channels and the
+    first stage's width (64 in the papers; e.g. 16 for CPU runs); each later stage doubles
+    it. See :class:`hpcdeconv.models.regressor.Regressor`.
+    """
+
+    kind: Literal["resnet34", "resnext50"] = "resnet34"
+    width: PositiveInt = 64
+    cardinality: PositiveInt = 32
+    group_width: PositiveInt = 4

@@ -135,14 +135,15 @@ class PSFSampleFeed:
         return self.store.names
 
     def info(self) -> DataInfo:
-        """Spatial dims, channels and voxel size of the patches and the PSF model that
-        made them (no PSF, no means)."""
+        """Spatial dims, channels, shape and voxel size of the patches and the PSF model
+        that made them (no PSF, no means)."""
         channels, *spatial = self.store.patch_shape()
         return DataInfo(
             spatial_dims=len(spatial),
             channels=channels,
             voxel_size=tuple(self.store.root["voxel_size"]),
             psf_model=self.store.root.get("psf_model"),
+            patch_shape=tuple(spatial),
         )
 
     def dataset(self, start_step: int, steps: int) -> PSFSamplePatches:

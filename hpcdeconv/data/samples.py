@@ -303,3 +303,166 @@ class PSFSampleStore:
             names=self.names,
             units=self.units,
         )
+
+
+# Incremental writing: a store of N samples filled task by task by parallel workers.
+#
+# ``create_psf_samples`` lays out the arrays empty, chunked by ``chunk`` samples (patches,
+# params and valid alike) so that each task writes whole chunks of its own and no two
+# workers ever touch one chunk; ``<root>/done`` (T,) bool, one chunk per task, records the
+# tasks whose data is written (set after the data, so a killed task is simply redone);
+# ``finalise_psf_samples`` writes the split once every task is done. Until then the root
+# attribute "complete" is False and the split is empty, so no training run takes a
+# half-written store for a dataset.
+
+#: Per-task completion record of an incrementally written store.
+DONE = "done"
+
+
+def task_count(count: int, chunk: int) -> int:
+    """Number of tasks (and chunks) of ``chunk`` samples that cover ``count`` samples."""
+    return -(-count // chunk)
+
+
+def create_psf_samples(
+    path: str | Path,
+    count: int,
+    patch_shape: Sequence[int],
+    names: Sequence[str],
+    units: Sequence[str],
+    voxel_size: Sequence[float],
+    chunk: int,
+    psf_model: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    codec: CodecConfig = CodecConfig(),  # noqa: B008 - frozen pydantic model, safe default
+    overwrite: bool = False,
+) -> zarr.Group:
+    """Create an empty samples store of ``count`` samples, to be filled task by task.
+
+    Parameters
+    ----------
+    path
+        Directory of the new zarr v3 group.
+    count
+        Number of samples ``N``.
+    patch_shape
+        ``(C, *S)`` of one patch.
+    names, units, voxel_size
+        As :func:`write_psf_samples`.
+    chunk
+        Samples per task and per storage chunk of every array.
+    psf_model
+        :meth:`~hpcdeconv.psfnet.psf_models.PSFModel.record` of the model, stored as the
+        root attribute ``"psf_model"``.
+    extra
+        Further root attributes (e.g. the generating configuration).
+    codec
+        Blosc settings of the patches.
+    overwrite
+        Replace a store hpcdeconv wrote at ``path``.
+
+    Returns
+    -------
+    zarr.Group
+        The new group; its split is empty and ``"complete"`` False until
+        :func:`finalise_psf_samples`.
+
+    Raises
+    ------
+    InputError
+        Inconsistent shapes, names or units, or ``chunk < 1``.
+    OutputExistsError
+        ``path`` exists and may not be replaced.
+    """
+    if chunk < 1 or count < 1:
+        raise InputError(f"{path}: need count >= 1 and chunk >= 1, got {count} and {chunk}")
+    p = len(names)
+    shape = (int(count), *(int(s) for s in patch_shape))
+    root = _root_attrs(names, units, voxel_size, {})
+    _check_layout(Path(path), shape, (count, p), (count, p), root)
+    group = create_dataset(path, overwrite=overwrite)
+    rows = min(chunk, count)
+    group.create_array(
+        PATCHES,
+        shape=shape,
+        dtype=np.float32,
+        chunks=(rows, *shape[1:]),
+        compressors=blosc_codec(codec),
+        fill_value=0.0,
+    )
+    group.create_array(PARAMS, shape=(count, p), dtype=np.float32, chunks=(rows, p), fill_value=0)
+    group.create_array(VALID, shape=(count, p), dtype=np.bool_, chunks=(rows, p), fill_value=False)
+    tasks = task_count(count, chunk)
+    group.create_array(DONE, shape=(tasks,), dtype=np.bool_, chunks=(1,), fill_value=False)
+    attrs = {**root, **(extra or {}), "complete": False, "chunk": int(chunk)}
+    if psf_model is not None:
+        attrs["psf_model"] = dict(psf_model)
+    update_root_attrs(group, **attrs)
+    return group
+
+
+def task_range(group: zarr.Group, task: int) -> tuple[int, int]:
+    """``[start, stop)`` sample indices of ``task`` in an incrementally written store."""
+    patches = group[PATCHES]
+    chunk, count = int(patches.chunks[0]), int(patches.shape[0])
+    if not 0 <= task < task_count(count, chunk):
+        raise ValueError(f"task {task} outside [0, {task_count(count, chunk)})")
+    return task * chunk, min(count, (task + 1) * chunk)
+
+
+def write_psf_task(
+    group: zarr.Group, task: int, patches: np.ndarray, params: np.ndarray, valid: np.ndarray
+) -> None:
+    """Write the samples of ``task`` (whole chunks of every array), then mark it done.
+
+    Parameters
+    ----------
+    group
+        Store open for writing (:func:`create_psf_samples`).
+    task
+        Task number; its samples are :func:`task_range`.
+    patches, params, valid
+        ``(n, C, *S)``, ``(n, P)`` and ``(n, P)`` for the ``n`` samples of the task.
+
+    Raises
+    ------
+    ValueError
+        Arrays that are not the task's size.
+    """
+    start, stop = task_range(group, task)
+    n = stop - start
+    if patches.shape[0] != n or params.shape[0] != n or valid.shape[0] != n:
+        raise ValueError(f"task {task} holds {n} samples, got {patches.shape[0]}")
+    group[PATCHES][start:stop] = np.asarray(patches, np.float32)
+    group[PARAMS][start:stop] = np.asarray(params, np.float32)
+    group[VALID][start:stop] = np.asarray(valid, bool)
+    group[DONE][task] = True
+
+
+def tasks_done(group: zarr.Group) -> np.ndarray:
+    """``(T,)`` bool: which tasks of an incrementally written store are done."""
+    return np.asarray(group[DONE][...], dtype=bool)
+
+
+def finalise_psf_samples(group: zarr.Group, split: Mapping[str, Sequence[int]]) -> None:
+    """Write the split and mark the store complete, once every task is done.
+
+    Raises
+    ------
+    InputError
+        A task is not done yet, or the split is not valid for the store.
+    """
+    done = tasks_done(group)
+    if not done.all():
+        raise InputError(f"{int((~done).sum())} of {done.size} tasks are not done yet")
+    root = dict(group.attrs.asdict()[ROOT_KEY])
+    checked = _root_attrs(
+        [p["name"] for p in root["parameters"]],
+        [p["unit"] for p in root["parameters"]],
+        root["voxel_size"],
+        split,
+    )
+    count = int(group[PATCHES].shape[0])
+    p = len(root["parameters"])
+    _check_layout(Path(str(group.store)), group[PATCHES].shape, (count, p), (count, p), checked)
+    update_root_attrs(group, split=checked["split"], complete=True)

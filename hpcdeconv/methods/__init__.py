@@ -7,6 +7,7 @@ from hpcdeconv.config import (
     CycleGANConfig,
     MethodConfig,
     NonBlindCycleGANConfig,
+    PSFRegressionConfig,
     SupervisedConfig,
 )
 from hpcdeconv.methods.base import DataInfo, Method
@@ -30,6 +31,7 @@ def build_method(cfg: MethodConfig, data: DataInfo, *, seed: int, checkpointing:
     from hpcdeconv.methods.blind_cyclegan import BlindCycleGAN
     from hpcdeconv.methods.cyclegan import CycleGAN
     from hpcdeconv.methods.nonblind_cyclegan import NonBlindCycleGAN
+    from hpcdeconv.methods.psf_regression import PSFRegression
     from hpcdeconv.methods.supervised import Supervised
 
     match cfg:
@@ -41,4 +43,6 @@ def build_method(cfg: MethodConfig, data: DataInfo, *, seed: int, checkpointing:
             return CycleGAN(cfg, data, seed=seed, checkpointing=checkpointing)
         case SupervisedConfig():
             return Supervised(cfg, data, checkpointing=checkpointing)
+        case PSFRegressionConfig():
+            return PSFRegression(cfg, data, checkpointing=checkpointing)
     raise TypeError(f"unknown method configuration {type(cfg).__name__}")

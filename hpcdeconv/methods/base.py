@@ -48,6 +48,9 @@ class DataInfo:
     psf_model
         For PSF-parameter samples: the record of the PSF model that made them
         (:meth:`hpcdeconv.psfnet.psf_models.PSFModel.record`), if the store names one.
+    patch_shape
+        For PSF-parameter samples: the spatial shape ``(*S)`` of one stored patch, in
+        pixels (the window a regressor is trained on).
     """
 
     spatial_dims: int
@@ -56,6 +59,7 @@ class DataInfo:
     psf: np.ndarray | None = None
     means: Mapping[str, float] = field(default_factory=dict)
     psf_model: Mapping[str, Any] | None = None
+    patch_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

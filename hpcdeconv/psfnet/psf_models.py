@@ -9,14 +9,15 @@ gaussian1  width (µm)                      isotropic Gaussian, σ = width
 gaussian2  width_x, width_y (µm)           axis-aligned Gaussian, σ_x, σ_y
 zernike1   focus (waves)                   pupil with defocus ``focus · Z4``
 zernike2   cylinder (waves), axis (rad)    pupil with astigmatism of amplitude
-                                           ``cylinder`` along ``axis``
+                                           ``cylinder`` along ``axis`` (in ``[0, π/2]``)
 zernike3   focus, cylinder, axis           both
 =========  ==============================  ===========================================
 
 Zernike amplitudes are RMS-normalised, in waves (Noll 4: defocus; Noll 5 and 6:
 astigmatism, ``cylinder · (sin 2φ Z5 + cos 2φ Z6)``, see
 :func:`hpcdeconv.physics.zernike.astigmatism_coefficients`). The axis angle φ is in
-radians in ``[0, π]``, counter-clockwise from X towards Y. A Zernike PSF is
+radians in ``[0, π]`` (``[0, π/2]`` for zernike2, whose axis is defined modulo π/2),
+counter-clockwise from X towards Y. A Zernike PSF is
 ``|IFFT(P)|²`` of the pupil ``P = A exp(2πi W)`` on the frequency grid of the PSF, with
 ``A`` the aperture ``|k| ≤ NA / λ``: the same computation as
 :func:`hpcdeconv.physics.zernike.zernike_psf`, batched.
@@ -83,6 +84,13 @@ _DEFAULTS: dict[str, Parameter] = {
     "axis": Parameter("axis", "rad", 0.0, math.pi, 0.0, math.pi),
 }
 
+#: Per-model departures from the defaults. Without defocus, astigmatism along φ + π/2 is
+#: astigmatism of the opposite sign along φ, and the PSF of ``−W`` is that of ``W`` turned by
+#: 180°: zernike2's axis is defined modulo π/2 only, so it lives in ``[0, π/2]``.
+_MODEL_DEFAULTS: dict[str, dict[str, Parameter]] = {
+    "zernike2": {"axis": Parameter("axis", "rad", 0.0, math.pi / 2, 0.0, math.pi / 2)},
+}
+
 #: Parameter names of each model, in the order of the parameter vector.
 MODEL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "gaussian1": ("width",),
@@ -93,8 +101,13 @@ MODEL_PARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _default(model: str, name: str) -> Parameter:
+    """The default range and meaning of parameter ``name`` of ``model``."""
+    return _MODEL_DEFAULTS.get(model, {}).get(name, _DEFAULTS[name])
+
+
 def _checked(model: str, name: str, bounds: Sequence[float]) -> Parameter:
-    default = _DEFAULTS[name]
+    default = _default(model, name)
     low, high = float(bounds[0]), float(bounds[1])
     if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
         raise ConfigError(
@@ -155,7 +168,8 @@ class PSFModel:
         self.name = name
         self.optics = optics
         self.parameters = tuple(
-            _checked(name, n, ranges.get(n, (_DEFAULTS[n].low, _DEFAULTS[n].high))) for n in names
+            _checked(name, n, ranges.get(n, (_default(name, n).low, _default(name, n).high)))
+            for n in names
         )
 
     @property

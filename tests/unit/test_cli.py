@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,21 @@ def test_info_on_corrupt_or_missing_zarr(
     (bad / "zarr.json").write_text("{ not json")
     code, _, err = run_cli(["info", str(bad)], capsys)
     assert_one_line_error(code, err, "bad.zarr")
+
+
+def test_dask_logs_stay_at_warning_after_distributed_is_imported() -> None:
+    # distributed sets its loggers' levels when it is imported, inside a command, after the
+    # CLI configured logging: the CLI's WARNING must survive that import.
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os\n"
+        "os.environ.pop('DASK_DISTRIBUTED__LOGGING__DISTRIBUTED', None)\n"
+        "from hpcdeconv.cli import configure_logging\n"
+        "configure_logging(False)\n"
+        "import distributed\n"
+        "print(logging.getLogger('distributed').getEffectiveLevel())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(logging.WARNING)]

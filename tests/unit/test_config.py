@@ -11,6 +11,7 @@ from hpcdeconv.config import (
     DeconvolveConfig,
     ExperimentConfig,
     GibsonLanniPSF,
+    PSFDatasetConfig,
     PSFFileConfig,
     RLConfig,
     SimulateConfig,
@@ -106,18 +107,25 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 def test_repo_configs_all_load() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
-    kinds = {
-        "simulate": SimulateConfig,
-        "psf": PSFFileConfig,
-        "deconvolve": DeconvolveConfig,
-        "rl": RLConfig,
-        "sweep": SweepConfig,
-    }
+    # File-name prefix -> configuration class, longest prefix first; the rest are training
+    # configs (psfnet_train_*: the PSF-regression training, psfnet_*: its datasets).
+    kinds = [
+        ("psfnet_train", ExperimentConfig),
+        ("psfnet", PSFDatasetConfig),
+        ("simulate", SimulateConfig),
+        ("psf", PSFFileConfig),
+        ("deconvolve", DeconvolveConfig),
+        ("rl", RLConfig),
+        ("sweep", SweepConfig),
+    ]
     paths = sorted(root.glob("*.yaml"))
     assert len(paths) >= 10
     for path in paths:
-        prefix = path.stem.split("_")[0]
-        load_config(kinds.get(prefix, ExperimentConfig), path)
+        kind = next(
+            (c for p, c in kinds if path.stem == p or path.stem.startswith(p + "_")),
+            ExperimentConfig,
+        )
+        load_config(kind, path)
 
 
 def test_gibson_lanni_defaults_have_no_immersion_mismatch() -> None:

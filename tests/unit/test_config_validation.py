@@ -233,7 +233,7 @@ def test_shapes_with_other_axes_than_the_patch_are_one_error_line(
         (
             "method.name=pix2pix",
             "method.name 'pix2pix' is not one of blind_cyclegan, nonblind_cyclegan, cyclegan, "
-            "supervised",
+            "supervised, psf_regression",
         ),
         ("data.kind=pairs", "data.kind 'pairs' is not one of domains, paired, psf_samples"),
     ],
