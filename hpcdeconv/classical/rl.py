@@ -80,7 +80,7 @@ __all__ = ["richardson_lucy", "richardson_lucy_torch", "rl_halo"]
 logger = logging.getLogger(__name__)
 
 
-def _check_parameters(iterations: int, tv: float, eps: float, ndim: int) -> None:
+def check_rl_parameters(iterations: int, tv: float, eps: float, ndim: int) -> None:
     """Raise ``ConfigError`` for an iteration count, TV weight or epsilon out of range."""
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
@@ -104,7 +104,7 @@ def _check_arrays(image: Tensor, psf: Tensor) -> None:
             raise InputError(f"{name} contains NaN or infinite values")
 
 
-def _non_negative(array: Tensor, name: str) -> Tensor:
+def non_negative(array: Tensor, name: str) -> Tensor:
     """Copy of ``array`` with negative values (noise, background subtraction) set to 0."""
     negative = int((array < 0).sum())
     if negative:
@@ -114,19 +114,19 @@ def _non_negative(array: Tensor, name: str) -> Tensor:
 
 def _unit_psf(psf: Tensor) -> Tensor:
     """Non-negative PSF scaled to unit sum, so that ``H`` conserves light."""
-    psf = _non_negative(psf, "PSF")
+    psf = non_negative(psf, "PSF")
     total = psf.sum()
     if not total > 0:
         raise InputError("PSF has no positive values")
     return psf / total
 
 
-def _compute_dtype(image: Tensor) -> torch.dtype:
+def compute_dtype(image: Tensor) -> torch.dtype:
     """float64 stays float64; every other dtype (integers, halves) runs in float32."""
     return torch.float64 if image.dtype == torch.float64 else torch.float32
 
 
-def _rl_step(
+def rl_step(
     x: Tensor,
     y: Tensor,
     operator: Operator,
@@ -202,16 +202,16 @@ def richardson_lucy_torch(
         ``boundary``.
     """
     _check_arrays(image, psf)
-    _check_parameters(iterations, tv, eps, image.ndim)
+    check_rl_parameters(iterations, tv, eps, image.ndim)
     sides = boundary_sides(boundary, image.ndim)
-    dtype = _compute_dtype(image)
-    y = _non_negative(image.to(dtype), "image")
+    dtype = compute_dtype(image)
+    y = non_negative(image.to(dtype), "image")
     unit = _unit_psf(psf.to(device=y.device, dtype=dtype))
     operator = build_operator(unit, tuple(y.shape), sides)
     sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
     x = torch.full_like(y, float(y.mean()))
     for iteration in range(iterations):
-        x = _rl_step(x, y, operator, sensitivity, tv, eps)
+        x = rl_step(x, y, operator, sensitivity, tv, eps)
         logger.debug("RL iteration %d/%d done", iteration + 1, iterations)
     return x
 
@@ -244,8 +244,8 @@ def richardson_lucy(
     """
     target = torch.device("cpu") if device is None else torch.device(device)
     result = richardson_lucy_torch(
-        _tensor(image).to(target),
-        _tensor(psf).to(target),
+        as_tensor(image).to(target),
+        as_tensor(psf).to(target),
         iterations=iterations,
         tv=tv,
         eps=eps,
@@ -255,7 +255,7 @@ def richardson_lucy(
     return result.cpu().numpy()
 
 
-def _tensor(array: np.ndarray) -> Tensor:
+def as_tensor(array: np.ndarray) -> Tensor:
     """``array`` as a tensor; read-only, reversed or byte-swapped arrays are copied first.
 
     Memory-mapped TIFFs and arrays that dask deserialises on a worker are read-only, and

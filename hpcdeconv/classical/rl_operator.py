@@ -106,7 +106,7 @@ def _mirror_index(size: int, before: int, after: int, device: torch.device) -> T
     return torch.where(index >= size, 2 * size - 1 - index, index)
 
 
-class _Mirrored:
+class Mirrored:
     """``H = C E`` and ``H^T = E^T C^T``: convolution of the symmetrically extended estimate.
 
     ``E`` extends each axis by ``widths[a]`` voxels before and after (0 keeps that side
@@ -158,7 +158,7 @@ class _Mirrored:
 
 #: ``H`` / ``H^T`` as :func:`build_operator` returns it: ``forward`` and ``adjoint`` map
 #: ``(*spatial) -> (*spatial)``.
-Operator = FFTConvolver | PocketFFT | _Mirrored
+Operator = FFTConvolver | PocketFFT | Mirrored
 
 
 def boundary_sides(boundary: Boundaries, ndim: int) -> list[tuple[str, str]]:
@@ -184,7 +184,7 @@ def build_operator(
     if not any(a or b for a, b in widths):
         return _operator(FFTConvolver(psf, shape))
     extended = tuple(n + a + b for n, (a, b) in zip(shape, widths, strict=True))
-    return _Mirrored(
+    return Mirrored(
         _operator(FFTConvolver(psf, extended, _fft_shape(extended, psf.shape, widths))),
         shape,
         widths,

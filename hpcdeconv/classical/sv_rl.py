@@ -48,13 +48,13 @@ import torch
 from torch import Tensor
 
 from hpcdeconv.classical.rl import (
-    _check_parameters,
-    _compute_dtype,
-    _non_negative,
-    _rl_step,
-    _tensor,
+    as_tensor,
+    check_rl_parameters,
+    compute_dtype,
+    non_negative,
+    rl_step,
 )
-from hpcdeconv.classical.rl_operator import Boundaries, _Mirrored, boundary_sides
+from hpcdeconv.classical.rl_operator import Boundaries, Mirrored, boundary_sides
 from hpcdeconv.errors import InputError
 from hpcdeconv.psfnet.psf_map import PSFMap
 
@@ -282,7 +282,7 @@ def build_sv_operator(
     sides: Sequence[tuple[str, str]],
     offset: Sequence[int] = (0, 0),
     first_node: Sequence[int] = (0, 0),
-) -> OverlapAdd | _Mirrored:
+) -> OverlapAdd | Mirrored:
     """``H`` / ``H^T`` of eq. 13 on a field of view with per-side boundaries.
 
     On a ``reflect`` side the field of view is extended by ``k // 2`` pixels whose masks
@@ -299,12 +299,12 @@ def build_sv_operator(
     inner = OverlapAdd(psfs, centres, extended, start, first_node)
     if not any(a or b for a, b in widths):
         return inner
-    return _Mirrored(inner, shape, widths, psfs.device)
+    return Mirrored(inner, shape, widths, psfs.device)
 
 
 def _unit_psfs(psfs: Tensor) -> Tensor:
     """Non-negative PSFs ``(gy, gx, Ky, Kx)`` each scaled to unit sum."""
-    psfs = _non_negative(psfs, "PSF")
+    psfs = non_negative(psfs, "PSF")
     total = psfs.sum(dim=(-2, -1), keepdim=True)
     if not bool((total > 0).all()):
         raise InputError("a PSF of the map has no positive values")
@@ -373,16 +373,16 @@ def sv_richardson_lucy_torch(
         ``iterations``, ``tv``, ``eps`` or ``boundary`` out of range.
     """
     _check_inputs(image, psfs)
-    _check_parameters(iterations, tv, eps, image.ndim)
+    check_rl_parameters(iterations, tv, eps, image.ndim)
     sides = boundary_sides(boundary, image.ndim)
-    dtype = _compute_dtype(image)
-    y = _non_negative(image.to(dtype), "image")
+    dtype = compute_dtype(image)
+    y = non_negative(image.to(dtype), "image")
     unit = _unit_psfs(psfs.to(device=y.device, dtype=dtype))
     operator = build_sv_operator(unit, centres, tuple(y.shape), sides, offset, first_node)
     sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
     x = torch.full_like(y, float(y.mean()))
     for iteration in range(iterations):
-        x = _rl_step(x, y, operator, sensitivity, tv, eps)
+        x = rl_step(x, y, operator, sensitivity, tv, eps)
         logger.debug("SV-RL iteration %d/%d done", iteration + 1, iterations)
     return x
 
@@ -408,9 +408,9 @@ def sv_richardson_lucy(
         ``(Y, X)`` estimate; float64 for float64 input, else float32.
     """
     target = torch.device("cpu") if device is None else torch.device(device)
-    kernels = psfs if isinstance(psfs, Tensor) else _tensor(np.asarray(psfs))
+    kernels = psfs if isinstance(psfs, Tensor) else as_tensor(np.asarray(psfs))
     result = sv_richardson_lucy_torch(
-        _tensor(image).to(target),
+        as_tensor(image).to(target),
         kernels.to(target),
         centres,
         iterations=iterations,

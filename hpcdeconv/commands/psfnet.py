@@ -5,22 +5,19 @@ Subcommands:
 * ``make-dataset --config C.yaml OUT.zarr``: synthesise PSF-regression samples
   (:mod:`hpcdeconv.psfnet.dataset`) in parallel on a dask cluster, resumable
   (:mod:`hpcdeconv.psfnet.dataset_run`);
-* ``evaluate``: R² per parameter of a trained regressor (arguments and run from
-  :mod:`hpcdeconv.commands.psfnet_evaluate`, imported when the parser is built; a missing
-  module only disables that subcommand).
+* ``evaluate``: R² per parameter of a trained regressor (arguments and run in
+  :mod:`hpcdeconv.commands.psfnet_evaluate`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from contextlib import AbstractContextManager
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
+from hpcdeconv.commands import psfnet_evaluate
 from hpcdeconv.commands.common import add_config_args, config_inputs, locked_outputs, positive_int
-from hpcdeconv.errors import ConfigError
 
 if TYPE_CHECKING:
     from hpcdeconv.config import PSFDatasetConfig
@@ -30,16 +27,6 @@ HELP = "PSF-parameter regression: make a training set (make-dataset), evaluate a
 
 MAKE_DATASET = "make-dataset"
 EVALUATE = "evaluate"
-_EVALUATE_MODULE = "hpcdeconv.commands.psfnet_evaluate"
-
-
-def _evaluate_module() -> ModuleType | None:
-    try:
-        return importlib.import_module(_EVALUATE_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _EVALUATE_MODULE:
-            raise
-        return None
 
 
 def add_make_dataset_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,23 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_make_dataset_arguments(
         sub.add_parser(MAKE_DATASET, help="synthesise PSF-regression training samples into zarr")
     )
-    evaluate = _evaluate_module()
-    q = sub.add_parser(
-        EVALUATE,
-        help=evaluate.HELP if evaluate is not None else "(not available in this installation)",
-    )
-    if evaluate is not None:
-        evaluate.add_arguments(q)
+    psfnet_evaluate.add_arguments(sub.add_parser(EVALUATE, help=psfnet_evaluate.HELP))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen subcommand."""
     if args.psfnet_command == MAKE_DATASET:
         return run_make_dataset(args)
-    evaluate = _evaluate_module()
-    if evaluate is None:
-        raise ConfigError("psfnet evaluate is not available in this installation")
-    return int(evaluate.run(args))
+    return int(psfnet_evaluate.run(args))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

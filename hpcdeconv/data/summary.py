@@ -103,17 +103,31 @@ def describe(path: str | Path) -> str:
         lines = [f"{path}: zarr v{version} OME-NGFF image"]
         return "\n".join(lines + _describe_volume(node, ""))
     names = image_names(node)
-    lines = [f"{path}: zarr v{version} group, {len(names)} volumes"]
+    root = node.attrs.asdict().get(ROOT_KEY)
+    # PSF samples and PSF maps hold arrays of samples or map nodes, not image volumes.
+    kind = root.get("kind") if isinstance(root, Mapping) else None
+    what = "arrays" if kind in ("psf_samples", "psf_map") else "volumes"
+    lines = [f"{path}: zarr v{version} group, {len(names)} {what}"]
     for name in names:
         lines += _describe_volume(node, name)
-    root = node.attrs.asdict().get(ROOT_KEY)
     if isinstance(root, Mapping):
         split = get_split(node)
         counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
         lines.append(f"split: {counts}")
-        lines += [f"  {k}: {', '.join(v)}" for k, v in split.items() if v]
+        lines += [f"  {k}: {_listed(v)}" for k, v in split.items() if v]
         extra = {k: v for k, v in root.items() if k != "split"}
         lines.append(f"attributes: {json.dumps(extra, separators=(',', ':'), sort_keys=True)}")
     else:
         lines.append(f"(no '{ROOT_KEY}' root attribute: not written by hpcdeconv)")
     return "\n".join(lines)
+
+
+#: Split members listed by ``info``; a longer split (e.g. a million PSF samples) is cut.
+_LISTED = 12
+
+
+def _listed(ids: list[str]) -> str:
+    """``ids`` joined by commas, the first :data:`_LISTED` only when there are more."""
+    if len(ids) <= _LISTED:
+        return ", ".join(ids)
+    return f"{', '.join(ids[:_LISTED])}, … ({len(ids) - _LISTED} more)"

@@ -83,7 +83,7 @@ def worker_device() -> torch.device:
     return torch.device("cuda", _local_index() % count)
 
 
-def _worker_runtime(threads: int, client_pid: int) -> torch.device:
+def worker_runtime(threads: int, client_pid: int) -> torch.device:
     """Pin this worker process to its device and thread count, once.
 
     Torch threads are set only in worker processes: a worker thread inside the client
@@ -150,7 +150,7 @@ class NetworkProcessor:
         Run G_Θ through :class:`~hpcdeconv.inference.frozen.FrozenNetwork` on CPU workers
         in fp32.
     client_pid
-        Process id of the client (see :func:`_worker_runtime`).
+        Process id of the client (see :func:`worker_runtime`).
     weights
         ``"raw"`` or ``"ema"``: which of the checkpoint's weights (as loaded on the client).
     channels
@@ -237,7 +237,7 @@ class NetworkProcessor:
 
     def __call__(self, data: np.ndarray, block: Block) -> np.ndarray:
         """G_Θ on the padded block, tiled and blended, cropped to ``block.write``."""
-        device = _worker_runtime(self.threads, self.client_pid)
+        device = worker_runtime(self.threads, self.client_pid)
         network = _cached_network(
             self.checkpoint, device, self.settings.autocast_dtype, self.freeze, self.weights
         )
@@ -306,7 +306,7 @@ class RLProcessor:
         """
         from hpcdeconv.classical.rl import richardson_lucy
 
-        device = _worker_runtime(self.threads, self.client_pid)
+        device = worker_runtime(self.threads, self.client_pid)
         # A Block made without ``border`` (not by block_grid) is taken as a whole volume.
         border = block.border or ((True, True),) * data.ndim
         sides = [

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hpcdeconv.inference.memory import rl_block_bytes
-from hpcdeconv.inference.processors import _worker_runtime
+from hpcdeconv.inference.processors import worker_runtime
 from hpcdeconv.inference.tiling import Block
 from hpcdeconv.psfnet.psf_map import PSFMap
 
@@ -141,7 +141,7 @@ class SVRLProcessor:
         """
         from hpcdeconv.classical.sv_rl import node_psfs, sv_richardson_lucy, touching_nodes
 
-        device = _worker_runtime(self.threads, self.client_pid)
+        device = worker_runtime(self.threads, self.client_pid)
         border = block.border or ((True, True),) * data.ndim
         sides = [
             (self.boundary if before else "reflect", self.boundary if after else "reflect")

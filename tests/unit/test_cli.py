@@ -201,3 +201,22 @@ def test_dask_logs_stay_at_warning_after_distributed_is_imported() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(logging.WARNING)]
+
+
+def test_info_cuts_a_long_split_of_a_samples_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hpcdeconv.data.samples import write_psf_samples
+
+    store = tmp_path / "samples.zarr"
+    split = {"train": range(80), "val": range(80, 90), "test": range(90, 100)}
+    params = np.ones((100, 1), np.float32)
+    write_psf_samples(
+        store, np.zeros((100, 1, 8, 8)), params, ["width"], ["um"], [0.3, 0.3], split=split
+    )
+    code, out, _ = run_cli(["info", str(store)], capsys)
+    assert code == 0
+    assert "group, 3 arrays" in out
+    assert "split: train=80, val=10, test=10" in out
+    assert "  train: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, … (68 more)\n" in out
+    assert "  val: 80, 81, 82, 83, 84, 85, 86, 87, 88, 89\n" in out
