@@ -9,14 +9,10 @@ changes across the field of view by overlap-add (Nagy & O'Leary, SIAM J. Sci. Co
 with ``h_m`` the PSF of node ``m`` of a PSF map (:class:`~hpcdeconv.psfnet.psf_map.PSFMap`),
 ``*`` the linear (zero-padded, non-circular) convolution of
 :mod:`hpcdeconv.physics.forward` (PSF centre at ``k // 2``), ``h~_m * y`` its transpose
-(correlation) and ``phi_m`` the bilinear interpolating mask of node ``m``. The map's nodes
-lie on a rectilinear grid with positions ``c_y`` (``Gy``) and ``c_x`` (``Gx``), in pixels,
-where pixel ``i`` covers ``[i, i + 1)`` and is sampled at its centre ``i + 0.5``. The mask of
-node ``(i, j)`` is the tensor product ``phi_ij(y, x) = w_i(y) w_j(x)`` of 1D piecewise-linear
-hats: ``w_i`` is 1 at ``c_i``, falls linearly to 0 at the neighbouring nodes and is constant
-(1 or 0) beyond the outer nodes (:func:`hat_weights`). So ``sum_m phi_m = 1`` everywhere,
-and inside a grid cell the local PSF is the bilinear interpolation of its four corner PSFs'
-contributions. With one PSF ``h`` at every node ``H x = h * x`` exactly.
+(correlation) and ``phi_m`` the bilinear interpolating mask of node ``m``
+(:mod:`hpcdeconv.classical.sv_masks`: the masks sum to 1 everywhere, and inside a grid
+cell the local PSF is the bilinear interpolation of its four corner PSFs'
+contributions). With one PSF ``h`` at every node ``H x = h * x`` exactly.
 
 Each node's term is computed only where its mask is positive (at most two node spacings
 per axis) plus the PSF's reach: the masked patches of all nodes share one shape, are
@@ -55,6 +51,7 @@ from hpcdeconv.classical.rl import (
     rl_step,
 )
 from hpcdeconv.classical.rl_operator import Boundaries, Mirrored, boundary_sides
+from hpcdeconv.classical.sv_masks import hat_weights
 from hpcdeconv.errors import InputError
 from hpcdeconv.psfnet.psf_map import PSFMap
 
@@ -62,87 +59,15 @@ __all__ = [
     "OverlapAdd",
     "build_sv_operator",
     "crop_size",
-    "hat_weights",
-    "interpolation_masks",
     "node_psfs",
     "sv_richardson_lucy",
     "sv_richardson_lucy_torch",
-    "touching_nodes",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Most elements of one batch of FFT buffers (nodes x FFT shape) in :class:`OverlapAdd`.
 BATCH_ELEMENTS = 1 << 22
-
-
-def _centres(centres: np.ndarray) -> np.ndarray:
-    """``centres`` as a strictly increasing float64 vector, else ``InputError``."""
-    c = np.asarray(centres, np.float64).reshape(-1)
-    if c.size == 0 or not np.isfinite(c).all() or (np.diff(c) <= 0).any():
-        raise InputError(f"node positions must be finite and strictly increasing, got {c}")
-    return c
-
-
-def hat_weights(centres: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """1D interpolation weights of every node on the pixels ``start, …, stop - 1``.
-
-    Parameters
-    ----------
-    centres
-        ``(G,)`` strictly increasing node positions in pixels.
-    start, stop
-        Pixel range (image coordinates; may extend beyond the image), sampled at the
-        pixel centres ``i + 0.5``.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(G, stop - start)`` float64: piecewise-linear hats, 1 at their node, 0 at the
-        neighbouring nodes, constant beyond the outer nodes; every column sums to 1.
-    """
-    c = _centres(centres)
-    positions = np.arange(start, stop, dtype=np.float64) + 0.5
-    eye = np.eye(c.size)
-    # np.interp is linear between nodes and holds the end values beyond them.
-    return np.stack([np.interp(positions, c, eye[g]) for g in range(c.size)])
-
-
-def interpolation_masks(
-    centres: tuple[np.ndarray, np.ndarray], shape: Sequence[int], offset: Sequence[int] = (0, 0)
-) -> np.ndarray:
-    """The bilinear masks ``phi_m`` of eq. 13 on a ``(Y, X)`` field of view.
-
-    Parameters
-    ----------
-    centres
-        Node positions ``(Gy,)`` and ``(Gx,)`` in pixels.
-    shape
-        ``(Y, X)`` of the field of view.
-    offset
-        Image coordinates of its first pixel.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(Gy, Gx, Y, X)`` float64, ``phi[i, j] = w_i(y) w_j(x)``; sums to 1 over the nodes.
-    """
-    wy = hat_weights(centres[0], offset[0], offset[0] + shape[0])
-    wx = hat_weights(centres[1], offset[1], offset[1] + shape[1])
-    return wy[:, None, :, None] * wx[None, :, None, :]
-
-
-def touching_nodes(centres: np.ndarray, start: int, stop: int) -> slice:
-    """The nodes whose hat is positive somewhere on pixels ``start, …, stop - 1``.
-
-    Returns
-    -------
-    slice
-        A contiguous range of node indices (hats of a range of pixels touch consecutive
-        nodes).
-    """
-    touched = np.flatnonzero((hat_weights(centres, start, stop) > 0).any(axis=1))
-    return slice(int(touched[0]), int(touched[-1]) + 1)
 
 
 def _support(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

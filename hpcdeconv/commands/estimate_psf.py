@@ -226,7 +226,7 @@ def _on_cluster(
     """The map computed on the dask cluster of ``cfg.cluster``, bands of window rows."""
     from hpcdeconv.commands.deconvolve import print_client
     from hpcdeconv.inference.cluster import GPU_RESOURCE, open_client, workers_declare_gpus
-    from hpcdeconv.psfnet.estimate import CheckpointPredictor, estimate_on_client
+    from hpcdeconv.psfnet.estimate_cluster import CheckpointPredictor, estimate_on_client
 
     factory = CheckpointPredictor(Path(args.checkpoint).absolute(), cfg.device, args.weights)
     with open_client(cfg.cluster) as client:

@@ -139,7 +139,8 @@ class SVRLProcessor:
         Sides on the image's border take ``boundary``, edges inside the image reflect
         (as :class:`~hpcdeconv.inference.processors.RLProcessor`).
         """
-        from hpcdeconv.classical.sv_rl import node_psfs, sv_richardson_lucy, touching_nodes
+        from hpcdeconv.classical.sv_masks import touching_nodes
+        from hpcdeconv.classical.sv_rl import node_psfs, sv_richardson_lucy
 
         device = worker_runtime(self.threads, self.client_pid)
         border = block.border or ((True, True),) * data.ndim

@@ -27,14 +27,18 @@ frame conventions of the models.
 A texture-less sample is a constant ``level`` (0: black) plus the same noise; its parameters
 are the ranges' lows (finite, left out of the loss) and its validity all False (``a0 = 1``).
 A textured sample has ``valid = model.defined(params)``.
+
+The sharp images the crops are cut from (phantoms and the user's images) are the
+:class:`~hpcdeconv.psfnet.sources.SourceLibrary` of :mod:`hpcdeconv.psfnet.sources`; the
+parallel, resumable writing of a store of samples is :mod:`hpcdeconv.psfnet.dataset_run`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,20 +46,21 @@ from scipy.fft import next_fast_len
 
 from hpcdeconv.config import PSFDatasetConfig
 from hpcdeconv.data.sampling import sample_rng
-from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.errors import ConfigError
 from hpcdeconv.psfnet.psf_models import PSFModel
 
+if TYPE_CHECKING:
+    from hpcdeconv.psfnet.sources import SourceLibrary
+
 #: Random streams (:func:`~hpcdeconv.data.sampling.sample_rng`): recipe and noise of a
-#: sample (step 0, index i), and phantom images of the library (step 1, index j).
-_STREAM_RECIPE, _STREAM_NOISE, _STREAM_PHANTOM = 11, 12, 13
+#: sample (step 0, index i); the phantoms' (13) is in :mod:`hpcdeconv.psfnet.sources`.
+_STREAM_RECIPE, _STREAM_NOISE = 11, 12
 #: Standard deviation (images scaled to [0, 1]) below which a sharp crop has no texture.
 MIN_TEXTURE = 0.02
 #: Crop positions tried before the most textured one is kept.
 TEXTURE_TRIES = 16
 #: Share of the texture-less samples that are black (the rest are flat grey).
 BLACK_SHARE = 0.5
-#: Filament density of the 2D microtubule phantoms (per million pixels).
-_FILAMENTS_PER_MPX = 400.0
 
 
 @dataclass(frozen=True)
@@ -116,100 +121,6 @@ class SampleBatch:
     params: np.ndarray
     valid: np.ndarray
     recipes: tuple[SampleRecipe, ...]
-
-
-class SourceLibrary:
-    """Sharp 2D images that patches are cut from, each scaled to ``[0, 1]``.
-
-    Parameters
-    ----------
-    images
-        ``(Y, X)`` arrays.
-    names
-        One name per image, for messages.
-    """
-
-    def __init__(self, images: Sequence[np.ndarray], names: Sequence[str]) -> None:
-        if not images:
-            raise ConfigError("no sharp images to cut patches from")
-        self.images = tuple(
-            _unit_range(np.asarray(im, np.float32), n) for im, n in zip(images, names, strict=True)
-        )
-        self.names = tuple(names)
-
-    def check_fits(self, side: int, patch: int) -> None:
-        """Raise a one-line :class:`ConfigError` if a crop of ``side`` pixels does not fit.
-
-        ``side = patch + K − 1``: a patch needs a margin of half a PSF on every side.
-        """
-        for image, name in zip(self.images, self.names, strict=True):
-            if min(image.shape) < side:
-                raise ConfigError(
-                    f"{name} is {image.shape[0]}x{image.shape[1]} pixels: a {patch}-pixel patch "
-                    f"blurred without wrap-around needs sources of at least {side}x{side} "
-                    f"(patch + psf_size - 1)"
-                )
-
-
-def _unit_range(image: np.ndarray, name: str) -> np.ndarray:
-    if image.ndim != 2:
-        raise InputError(f"{name}: sharp images must be 2D (Y, X), got shape {image.shape}")
-    low, high = float(image.min()), float(image.max())
-    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
-        raise InputError(f"{name}: a sharp image must be finite and not flat")
-    return ((image - low) / (high - low)).astype(np.float32)
-
-
-def phantom_image(cfg: PSFDatasetConfig, j: int) -> np.ndarray:
-    """Phantom ``j`` of the library: ``(size, size)`` float32 in ``[0, 1]``."""
-    from hpcdeconv.physics.phantoms import microtubules, texture_2d
-
-    kinds = cfg.phantoms.kinds
-    kind = kinds[j % len(kinds)]
-    rng = sample_rng(cfg.seed, 1, j, stream=_STREAM_PHANTOM)
-    shape = (cfg.phantoms.size, cfg.phantoms.size)
-    if kind == "microtubules":
-        return microtubules(shape, rng, filaments_per_mvoxel=_FILAMENTS_PER_MPX)
-    return texture_2d(shape, rng, kind)
-
-
-def build_library(cfg: PSFDatasetConfig) -> SourceLibrary:
-    """The phantoms and the user's images of ``cfg``, checked to fit a blurred patch.
-
-    Raises
-    ------
-    InputError
-        An image that cannot be read, is not 2D, or is flat.
-    ConfigError
-        An image smaller than ``patch + psf_size − 1`` on a side.
-    """
-    from hpcdeconv.data.opener import load, open_image
-
-    images, names = [], []
-    for j in range(cfg.phantoms.count):
-        images.append(phantom_image(cfg, j))
-        names.append(f"phantom {j} ({cfg.phantoms.kinds[j % len(cfg.phantoms.kinds)]})")
-    for path in cfg.images:
-        opened = open_image(path, warn=False, any_rank=True)
-        if opened.dims != "YX":
-            raise InputError(
-                f"{path}: sharp images must be 2D (Y, X), this one has axes {opened.dims}"
-            )
-        images.append(load(opened))
-        names.append(str(path))
-    library = SourceLibrary(images, names)
-    library.check_fits(crop_side(cfg), cfg.patch)
-    return library
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_library(key: str) -> SourceLibrary:
-    return build_library(PSFDatasetConfig.model_validate_json(key))
-
-
-def source_library(cfg: PSFDatasetConfig) -> SourceLibrary:
-    """:func:`build_library`, built once per process for a configuration."""
-    return _cached_library(cfg.model_dump_json())
 
 
 def crop_side(cfg: PSFDatasetConfig) -> int:
@@ -343,7 +254,7 @@ def synthesize(
     model
         The PSF model of ``cfg.psf``.
     library
-        Sharp images (:func:`source_library`).
+        Sharp images (:func:`~hpcdeconv.psfnet.sources.source_library`).
     indices
         Sample indices ``i``; each sample depends on ``(cfg, i)`` only.
     device

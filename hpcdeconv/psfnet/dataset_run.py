@@ -112,8 +112,9 @@ def run_task(cfg_json: str, out: str, task: int) -> int:
     import zarr
 
     from hpcdeconv.data.samples import task_range, write_psf_task
-    from hpcdeconv.psfnet.dataset import resolve_device, source_library, synthesize
+    from hpcdeconv.psfnet.dataset import resolve_device, synthesize
     from hpcdeconv.psfnet.psf_models import build_psf_model
+    from hpcdeconv.psfnet.sources import source_library
 
     cfg = PSFDatasetConfig.model_validate_json(cfg_json)
     group = zarr.open_group(out, mode="r+")
@@ -219,8 +220,9 @@ def prepare(cfg: PSFDatasetConfig, out: Path, mode: DatasetMode, local: bool = T
     InputError
         Unreadable or unfit sources.
     """
-    from hpcdeconv.psfnet.dataset import resolve_device, source_library
+    from hpcdeconv.psfnet.dataset import resolve_device
     from hpcdeconv.psfnet.psf_models import build_psf_model
+    from hpcdeconv.psfnet.sources import source_library
 
     model = build_psf_model(cfg.psf)
     if local:

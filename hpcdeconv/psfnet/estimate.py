@@ -19,20 +19,19 @@ depth-from-astigmatism setting, axis near π/4 and 3π/4).
 
 The network is any ``predict`` callable (:data:`Predict`), so the map can be computed with
 a trained :class:`~hpcdeconv.psfnet.regressor.LoadedRegressor` or an analytic stand-in.
-Large images go through dask (:func:`estimate_on_client`): the window rows are split into
-bands, one task per band, each reading only the rows of its band and loading the network
-once per worker process (:class:`PredictorFactory`); the result equals the in-process
-estimate (:func:`estimate_psf_map`) window for window.
+This module computes the map in one process (:func:`estimate_psf_map`) and holds the
+steps it shares with the dask version: the grid (:func:`grid`), the network on rows of
+windows (:func:`predict_rows`) and the fill (:func:`assemble_map`). Large images go
+through dask in :mod:`hpcdeconv.psfnet.estimate_cluster`
+(:func:`~hpcdeconv.psfnet.estimate_cluster.estimate_on_client`), one task per band of
+window rows, with the same result window for window.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -41,9 +40,6 @@ from torch import Tensor
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.psfnet.psf_map import PSFMap, window_centres, window_starts
 from hpcdeconv.psfnet.psf_models import PSFModel
-
-if TYPE_CHECKING:
-    from distributed import Client
 
 #: ``predict(patches (B, 1, W, W) float32) -> (params (B, P) physical units, a0 (B,) in [0, 1])``.
 Predict = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -57,13 +53,6 @@ class RegionReader(Protocol):
     :class:`~hpcdeconv.inference.sources.VolumeSource` of a ``(Y, X)`` image)."""
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray: ...  # pragma: no cover
-
-
-class PredictorFactory(Protocol):
-    """A picklable recipe for the network, called on a dask worker: returns its ``predict``
-    (loaded once per process, as :class:`CheckpointPredictor` does)."""
-
-    def __call__(self) -> Predict: ...  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -102,38 +91,6 @@ class FillSettings:
             raise ConfigError(f"the number of neighbours must be positive, got {self.neighbours}")
         if self.power not in (1, 2):
             raise ConfigError(f"the inverse-distance power must be 1 or 2, got {self.power}")
-
-
-@dataclass(frozen=True)
-class CheckpointPredictor:
-    """The :data:`Predict` of a trained regressor checkpoint, loaded once per process.
-
-    Attributes
-    ----------
-    checkpoint
-        Checkpoint file or run directory (:func:`~hpcdeconv.psfnet.regressor.load_regressor`).
-    device
-        ``"auto"`` (this process's GPU if any), ``"cpu"`` or ``"cuda"``.
-    weights
-        ``"auto"``, ``"raw"`` or ``"ema"``.
-    """
-
-    checkpoint: Path
-    device: str = "auto"
-    weights: str = "auto"
-
-    def __call__(self) -> Predict:
-        """The network's ``predict`` (cached per process and checkpoint version)."""
-        stat = Path(self.checkpoint).stat()
-        return _load(str(self.checkpoint), stat.st_mtime_ns, self.device, self.weights).predict
-
-
-@functools.lru_cache(maxsize=2)
-def _load(checkpoint: str, mtime_ns: int, device: str, weights: str) -> Any:
-    from hpcdeconv.psfnet.regressor import load_regressor
-    from hpcdeconv.training.strategy import resolve_device
-
-    return load_regressor(Path(checkpoint), resolve_device(device), weights=weights)
 
 
 def grid(image_shape: Sequence[int], window: int, stride: int) -> tuple[list[int], list[int]]:
@@ -366,107 +323,5 @@ def estimate_psf_map(
     pixel = model.optics.pixel_size
     return assemble_map(
         model, raw, invalid, window, stride, (shape[0], shape[1]),
-        voxel_size or (pixel, pixel), fill,
-    )  # fmt: skip
-
-
-def bands(rows: int, band_rows: int) -> list[range]:
-    """Window-row indices ``0 … rows − 1`` in consecutive bands of ``band_rows``."""
-    if band_rows < 1:
-        raise ConfigError(f"band rows must be positive, got {band_rows}")
-    return [range(i, min(i + band_rows, rows)) for i in range(0, rows, band_rows)]
-
-
-def default_band_rows(columns: int, batch_size: int) -> int:
-    """Window rows per dask task: enough for at least two full batches."""
-    return max(1, math.ceil(2 * batch_size / columns))
-
-
-def _band_task(
-    reader: RegionReader,
-    starts_y: list[int],
-    starts_x: list[int],
-    window: int,
-    factory: PredictorFactory,
-    batch_size: int,
-    device: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One dask task: the windows of one band (the network is loaded once per process).
-
-    ``device`` is resolved on the worker (``"auto"``: its GPU if it has one).
-    """
-    from hpcdeconv.training.strategy import resolve_device
-
-    where = resolve_device(device)
-    return predict_rows(reader, starts_y, starts_x, window, factory(), batch_size, where)
-
-
-def estimate_on_client(
-    client: Client,
-    reader: RegionReader,
-    image_shape: tuple[int, int],
-    factory: PredictorFactory,
-    model: PSFModel,
-    window: int,
-    stride: int,
-    *,
-    voxel_size: tuple[float, float] | None = None,
-    batch_size: int = 64,
-    band_rows: int | None = None,
-    fill: FillSettings = FillSettings(),
-    device: str = "cpu",
-    resources: dict[str, float] | None = None,
-    retries: int = 2,
-) -> PSFMap:
-    """The PSF map of a 2D image computed on a dask cluster, one task per band of window rows.
-
-    Same result as :func:`estimate_psf_map` (the fill runs here, on the gathered outputs).
-
-    Parameters
-    ----------
-    client
-        A connected client (:func:`hpcdeconv.inference.cluster.open_client`).
-    reader
-        Picklable reader of the image (a ``VolumeSource``): each task reads its band's rows.
-    image_shape
-        ``(Y, X)``.
-    factory
-        Gives the network's ``predict`` on the worker.
-    band_rows
-        Window rows per task (default :func:`default_band_rows`).
-    device
-        ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved on each worker (``"auto"``: its GPU
-        if it has one); the factory's network must be on the same device.
-    resources
-        dask resources each task asks for (e.g. ``{"GPU": 1}``).
-    retries
-        Times a failed task is retried (a worker lost, for instance).
-
-    Other parameters are as :func:`estimate_psf_map`.
-    """
-    starts_y, starts_x = grid(image_shape, window, stride)
-    rows = band_rows or default_band_rows(len(starts_x), batch_size)
-    futures = [
-        client.submit(
-            _band_task,
-            reader,
-            [starts_y[i] for i in band],
-            list(starts_x),
-            window,
-            factory,
-            batch_size,
-            device,
-            resources=resources,
-            retries=retries,
-            pure=False,
-        )
-        for band in bands(len(starts_y), rows)
-    ]
-    results = client.gather(futures)
-    raw = np.concatenate([r[0] for r in results], axis=0)
-    invalid = np.concatenate([r[1] for r in results], axis=0)
-    pixel = model.optics.pixel_size
-    return assemble_map(
-        model, raw, invalid, window, stride, (int(image_shape[0]), int(image_shape[1])),
         voxel_size or (pixel, pixel), fill,
     )  # fmt: skip

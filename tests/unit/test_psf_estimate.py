@@ -19,12 +19,11 @@ from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.psfnet.estimate import (
     ArrayReader,
     FillSettings,
-    bands,
-    estimate_on_client,
     estimate_psf_map,
     idw_fill,
     predict_rows,
 )
+from hpcdeconv.psfnet.estimate_cluster import bands, estimate_on_client
 from hpcdeconv.psfnet.psf_map import read_psf_map, write_psf_map
 from hpcdeconv.psfnet.psf_models import PSFModel
 

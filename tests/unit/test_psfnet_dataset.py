@@ -19,18 +19,16 @@ from hpcdeconv.data.samples import PSFSampleStore
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.psfnet.dataset import (
     SampleBatch,
-    SourceLibrary,
     blur_valid,
-    build_library,
     crop_side,
     draw_recipe,
     rotate_parameters,
-    source_library,
     split_indices,
     synthesize,
 )
 from hpcdeconv.psfnet.dataset_run import generate, make_dataset, prepare
 from hpcdeconv.psfnet.psf_models import build_psf_model
+from hpcdeconv.psfnet.sources import SourceLibrary, build_library, source_library
 
 QUIET = {"photons": [100.0, 100.0], "poisson_weight": [0.0, 0.0], "read_sigma": [0.0, 0.0]}
 

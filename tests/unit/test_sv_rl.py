@@ -11,15 +11,8 @@ from scipy.signal import fftconvolve
 
 from hpcdeconv.classical.rl import richardson_lucy
 from hpcdeconv.classical.rl_operator import boundary_sides
-from hpcdeconv.classical.sv_rl import (
-    build_sv_operator,
-    crop_size,
-    hat_weights,
-    interpolation_masks,
-    node_psfs,
-    sv_richardson_lucy,
-    touching_nodes,
-)
+from hpcdeconv.classical.sv_masks import hat_weights, interpolation_masks, touching_nodes
+from hpcdeconv.classical.sv_rl import build_sv_operator, crop_size, node_psfs, sv_richardson_lucy
 from hpcdeconv.config.psfnet import PSFModelConfig, PSFOptics
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.inference.plan import BlockPlan
