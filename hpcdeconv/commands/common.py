@@ -100,3 +100,27 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
         help="G's trained weights or their moving average (train.ema_decay); "
         "auto: the average when the checkpoint has one",
     )
+
+
+def add_cluster_location_arguments(
+    p: argparse.ArgumentParser,
+    cluster_help: str = "where the dask workers come from (default: cluster.kind, i.e. local)",
+) -> None:
+    """``--cluster local|slurm|mpi`` or ``--scheduler ADDRESS``, and ``--workers N``: where
+    a verb's dask workers come from (read back by :func:`cluster_location_overrides`)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", choices=["local", "slurm", "mpi"], help=cluster_help)
+    where.add_argument("--scheduler", metavar="ADDRESS", help="existing scheduler, tcp://host:port")
+    p.add_argument("--workers", type=positive_int, help="number of dask workers")
+
+
+def cluster_location_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` style ``cluster.*`` overrides of :func:`add_cluster_location_arguments`."""
+    overrides = []
+    if args.cluster is not None:
+        overrides.append(f"cluster.kind={args.cluster}")
+    if args.scheduler is not None:
+        overrides += ["cluster.kind=scheduler", f"cluster.scheduler={args.scheduler}"]
+    if args.workers is not None:
+        overrides.append(f"cluster.workers={args.workers}")
+    return overrides

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from hpcdeconv.commands.common import (
     add_checkpoint_arguments,
+    add_cluster_location_arguments,
     add_config_args,
+    cluster_location_overrides,
     config_inputs,
     locked_outputs,
     positive_int,
@@ -42,14 +44,7 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     """Cluster, decomposition and output-mode arguments shared with ``hpcdeconv rl``."""
     add_config_args(p)
     p.add_argument("--output", type=Path, required=True, help="output .zarr directory")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--cluster",
-        choices=["local", "slurm", "mpi"],
-        help="where the dask workers come from (default: cluster.kind, i.e. local)",
-    )
-    where.add_argument("--scheduler", metavar="ADDRESS", help="existing scheduler, tcp://host:port")
-    p.add_argument("--workers", type=positive_int, help="number of dask workers")
+    add_cluster_location_arguments(p)
     p.add_argument(
         "--block", type=positive_int, help="block side in voxels (every axis the method sees)"
     )
@@ -65,13 +60,7 @@ def cluster_overrides(args: argparse.Namespace, block_axes: int | None = 3) -> l
     ``--block`` is given ``block_axes`` axes; ``None`` leaves it out (set once the
     number of axes is known, see :func:`block_override`).
     """
-    overrides = []
-    if args.cluster is not None:
-        overrides.append(f"cluster.kind={args.cluster}")
-    if args.scheduler is not None:
-        overrides += ["cluster.kind=scheduler", f"cluster.scheduler={args.scheduler}"]
-    if args.workers is not None:
-        overrides.append(f"cluster.workers={args.workers}")
+    overrides = cluster_location_overrides(args)
     if args.block is not None and block_axes is not None:
         overrides.append(block_override(args.block, block_axes))
     if args.halo is not None:

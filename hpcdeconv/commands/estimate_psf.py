@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from hpcdeconv.commands.common import (
+    add_cluster_location_arguments,
     add_config_args,
+    cluster_location_overrides,
     config_inputs,
     locked_outputs,
     positive_int,
@@ -82,14 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_voxel_size_argument(p, "the image", flag="--voxel-size")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--cluster",
-        choices=["local", "slurm", "mpi"],
-        help="compute on a dask cluster, one task per band of window rows",
-    )
-    where.add_argument("--scheduler", metavar="ADDRESS", help="existing scheduler, tcp://host:port")
-    p.add_argument("--workers", type=positive_int, help="number of dask workers")
+    add_cluster_location_arguments(p, "compute on a dask cluster, one task per band of window rows")
     p.add_argument("--band-rows", type=positive_int, help="window rows per dask task")
 
 
@@ -101,20 +96,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         ("k", "neighbours"),
         ("device", "device"),
         ("band_rows", "band_rows"),
-        ("workers", "cluster.workers"),
     ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.cluster is not None:
-        overrides += ["distributed=true", f"cluster.kind={args.cluster}"]
-    if args.scheduler is not None:
-        overrides += [
-            "distributed=true",
-            "cluster.kind=scheduler",
-            f"cluster.scheduler={args.scheduler}",
-        ]
-    return overrides
+    if args.cluster is not None or args.scheduler is not None:
+        overrides.append("distributed=true")
+    return overrides + cluster_location_overrides(args)
 
 
 def _lock(args: argparse.Namespace, cfg: PSFMapConfig) -> AbstractContextManager[None]:

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpcdeconv.commands import psfnet_evaluate
-from hpcdeconv.commands.common import add_config_args, config_inputs, locked_outputs, positive_int
+from hpcdeconv.commands.common import (
+    add_cluster_location_arguments,
+    add_config_args,
+    cluster_location_overrides,
+    config_inputs,
+    locked_outputs,
+)
 
 if TYPE_CHECKING:
     from hpcdeconv.config import PSFDatasetConfig
@@ -38,14 +44,7 @@ def add_make_dataset_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--resume", action="store_true", help="continue an interrupted run (same configuration)"
     )
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--cluster",
-        choices=["local", "slurm", "mpi"],
-        help="where the dask workers come from (default: cluster.kind, i.e. local)",
-    )
-    where.add_argument("--scheduler", metavar="ADDRESS", help="existing scheduler, tcp://host:port")
-    p.add_argument("--workers", type=positive_int, help="number of dask workers")
+    add_cluster_location_arguments(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,18 +63,6 @@ def run(args: argparse.Namespace) -> int:
     return int(psfnet_evaluate.run(args))
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` style overrides of the cluster flags; they win over --config and --set."""
-    overrides = []
-    if args.cluster is not None:
-        overrides.append(f"cluster.kind={args.cluster}")
-    if args.scheduler is not None:
-        overrides += ["cluster.kind=scheduler", f"cluster.scheduler={args.scheduler}"]
-    if args.workers is not None:
-        overrides.append(f"cluster.workers={args.workers}")
-    return overrides
-
-
 def _locked(args: argparse.Namespace, cfg: PSFDatasetConfig) -> AbstractContextManager[None]:
     """The writer lock on the output, once it overlaps no input image nor the config."""
     inputs = [*config_inputs(args), *[("image", path) for path in cfg.images]]
@@ -90,7 +77,7 @@ def run_make_dataset(args: argparse.Namespace) -> int:
     from hpcdeconv.inference.cluster import open_client
     from hpcdeconv.psfnet.dataset_run import generate, prepare
 
-    cfg = load_config(PSFDatasetConfig, args.config, [*args.set, *_overrides(args)])
+    cfg = load_config(PSFDatasetConfig, args.config, [*args.set, *cluster_location_overrides(args)])
     mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     if cfg.cluster.kind == "mpi":
         from hpcdeconv.inference.cluster import is_mpi_client
