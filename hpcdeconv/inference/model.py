@@ -100,6 +100,68 @@ class LoadedModel:
         return f"{what}, {kind}"
 
 
+def select_weights(
+    state: dict[str, Any], key: str, weights: WeightsChoice, ckpt: Path, what: str
+) -> tuple[Literal["raw", "ema"], dict[str, Any]]:
+    """The trained or EMA weights of an artefact, checked finite.
+
+    Parameters
+    ----------
+    state
+        The loaded checkpoint.
+    key
+        The artefact's weights key (the EMA's is ``key + "_ema"``).
+    weights
+        ``"auto"`` (the EMA when present), ``"raw"`` or ``"ema"``.
+    ckpt
+        The checkpoint file, for messages.
+    what
+        The network's name in messages (``"generator"``, ``"regressor"``).
+
+    Returns
+    -------
+    (str, dict)
+        ``"raw"`` or ``"ema"``, and that state dict.
+
+    Raises
+    ------
+    InputError
+        An unknown choice, no EMA where it is asked for, no weights under ``key``, or
+        NaN/Inf weights.
+    """
+    if weights not in ("auto", "raw", "ema"):
+        raise InputError(f"weights must be 'auto', 'raw' or 'ema', not {weights!r}")
+    has_ema = key + EMA_SUFFIX in state
+    if weights == "ema" and not has_ema:
+        raise InputError(
+            f"{ckpt} holds no EMA weights (train with train.ema_decay set); use --weights raw"
+        )
+    kind: Literal["raw", "ema"] = (
+        "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
+    )
+    stored = state.get(key + EMA_SUFFIX if kind == "ema" else key)
+    if not isinstance(stored, dict):
+        raise InputError(f"{ckpt} holds no {what} weights under '{key}'")
+    # Non-finite weights are refused here: fused CPU kernels can turn NaN activations into
+    # zeros, so the network's output itself need not show them.
+    bad = count_nonfinite(stored)
+    if bad:
+        named = f"EMA {what}" if kind == "ema" else what
+        raise InputError(
+            f"{ckpt}: {bad} {named} weight(s) are NaN or Inf; use an earlier checkpoint"
+        )
+    return kind, stored
+
+
+def load_weights(net: nn.Module, stored: dict[str, Any], ckpt: Path, what: str) -> None:
+    """``net.load_state_dict(stored)``; weights that do not fit are one InputError line."""
+    try:
+        net.load_state_dict(stored)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{ckpt}: weights do not fit the recorded {what} ({first})") from None
+
+
 def load_model(
     path: Path, device: torch.device | str = "cpu", weights: WeightsChoice = "auto"
 ) -> LoadedModel:
@@ -122,40 +184,20 @@ def load_model(
         No checkpoint, not an hpcdeconv checkpoint, no (EMA) generator in it, weights that
         do not fit the stored configuration or are NaN/Inf.
     """
-    if weights not in ("auto", "raw", "ema"):
-        raise InputError(f"weights must be 'auto', 'raw' or 'ema', not {weights!r}")
     choice = choose_checkpoint(path, prefer="best")
     ckpt = choice.path
     state = load_checkpoint(ckpt, map_location="cpu")
     key, record = _artefact(state, ckpt)
-    has_ema = key + EMA_SUFFIX in state
-    if weights == "ema" and not has_ema:
-        raise InputError(
-            f"{ckpt} holds no EMA weights (train with train.ema_decay set); use --weights raw"
-        )
-    kind: Literal["raw", "ema"] = (
-        "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
-    )
-    stored = state[key + EMA_SUFFIX if kind == "ema" else key]
+    kind, stored = select_weights(state, key, weights, ckpt, "generator")
     try:
         cfg = build_config(ExperimentConfig, state["config"])
     except ConfigError as exc:
         raise InputError(f"{ckpt}: incompatible configuration ({exc})") from None
-    # Non-finite weights are refused here: fused CPU kernels can turn NaN activations into
-    # zeros, so the prediction itself need not show them.
-    bad = count_nonfinite(stored)
-    if bad:
-        what = "EMA generator weight(s)" if kind == "ema" else "generator weight(s)"
-        raise InputError(f"{ckpt}: {bad} {what} are NaN or Inf; use an earlier checkpoint")
     try:
         net = rebuild_generator(record)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{ckpt}: cannot rebuild its generator ({exc})") from None
-    try:
-        net.load_state_dict(stored)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"{ckpt}: weights do not fit the recorded generator ({first})") from None
+    load_weights(net, stored, ckpt, "generator")
     net.to(device).eval()
     model = LoadedModel(
         net=net,

@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from hpcdeconv.config import RegressorConfig
 from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.inference.model import load_weights, select_weights
 from hpcdeconv.models.regressor import Regressor
 from hpcdeconv.psfnet.psf_models import PSFModel, model_from_record
 from hpcdeconv.training.checkpoint import (
     CheckpointChoice,
     choose_checkpoint,
-    count_nonfinite,
     load_checkpoint,
 )
 
@@ -208,8 +208,6 @@ def load_regressor(
         No checkpoint, not a ``psf_regressor`` checkpoint (e.g. a deblurring generator),
         no (EMA) weights, weights that do not fit the record or are NaN/Inf.
     """
-    if weights not in ("auto", "raw", "ema"):
-        raise InputError(f"weights must be 'auto', 'raw' or 'ema', not {weights!r}")
     choice = choose_checkpoint(Path(path), prefer="best")
     ckpt = choice.path
     state = load_checkpoint(ckpt, map_location="cpu")
@@ -220,29 +218,12 @@ def load_regressor(
             "(train one with method psf_regression)"
         )
     key = str(artefact.get("key", REGRESSOR_KEY))
-    has_ema = f"{key}_ema" in state
-    if weights == "ema" and not has_ema:
-        raise InputError(
-            f"{ckpt} holds no EMA weights (train with train.ema_decay set); use --weights raw"
-        )
-    kind: Literal["raw", "ema"] = (
-        "ema" if weights == "ema" or (weights == "auto" and has_ema) else "raw"
-    )
-    stored = state.get(f"{key}_ema" if kind == "ema" else key)
-    if stored is None:
-        raise InputError(f"{ckpt} holds no regressor weights under '{key}'")
-    bad = count_nonfinite(stored)
-    if bad:
-        raise InputError(f"{ckpt}: {bad} regressor weight(s) are NaN or Inf; use an earlier one")
+    kind, stored = select_weights(state, key, weights, ckpt, "regressor")
     try:
         network, model, window = rebuild_regressor(artefact)
     except InputError as exc:
         raise InputError(f"{ckpt}: {exc}") from None
-    try:
-        network.load_state_dict(stored)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InputError(f"{ckpt}: weights do not fit the recorded regressor ({first})") from None
+    load_weights(network, stored, ckpt, "regressor")
     network.to(device).eval()
     loaded = LoadedRegressor(network, model, window, ckpt, int(state.get("step", 0)), kind, choice)
     log.info("using %s", loaded.describe())
