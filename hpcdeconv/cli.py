@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -49,9 +48,11 @@ def configure_logging(verbose: bool) -> None:
 
     dask's scheduler and workers log every start, stop and connection at INFO: ~40 lines
     per cluster run that say nothing about the result. ``distributed`` sets its loggers'
-    levels from its configuration when it is imported, which happens after this (inside a
-    command), so the level is set through that configuration; the environment variable
-    also reaches the worker processes a local cluster spawns.
+    levels from dask's configuration when it is imported, which happens after this
+    (inside a command), so the level is set in that configuration, in this process only:
+    an environment variable would also reach the SLURM worker jobs submitted from here,
+    whose own logs (``slurm-*.out``) must keep saying where each worker started. Local
+    worker processes are quiet already (``LocalCluster`` silences them to WARNING).
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -59,7 +60,9 @@ def configure_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     if not verbose:
-        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+        import dask
+
+        dask.config.set({"distributed.logging.distributed": "warning"})
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
 

@@ -187,7 +187,8 @@ def test_info_on_corrupt_or_missing_zarr(
 
 def test_dask_logs_stay_at_warning_after_distributed_is_imported() -> None:
     # distributed sets its loggers' levels when it is imported, inside a command, after the
-    # CLI configured logging: the CLI's WARNING must survive that import.
+    # CLI configured logging: the CLI's WARNING must survive that import, without an
+    # environment variable that SLURM worker jobs would inherit (their logs keep INFO).
     import subprocess
     import sys
 
@@ -198,9 +199,10 @@ def test_dask_logs_stay_at_warning_after_distributed_is_imported() -> None:
         "configure_logging(False)\n"
         "import distributed\n"
         "print(logging.getLogger('distributed').getEffectiveLevel())\n"
+        "print('DASK_DISTRIBUTED__LOGGING__DISTRIBUTED' in os.environ)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(logging.WARNING)]
+    assert out.stdout.split() == [str(logging.WARNING), "False"]
 
 
 def test_info_cuts_a_long_split_of_a_samples_store(
