@@ -68,9 +68,10 @@ def cluster_overrides(args: argparse.Namespace, block_axes: int | None = 3) -> l
     return overrides
 
 
-def block_override(side: int, axes: int) -> str:
-    """``--block N`` as the override ``block=[N, N(, N)]`` for ``axes`` axes."""
-    return f"block=[{', '.join([str(side)] * axes)}]"
+def block_override(side: int, axes: int, name: str = "block") -> str:
+    """``--block N`` as the override ``block=[N, N(, N)]`` for ``axes`` axes (of the
+    config field ``name``)."""
+    return f"{name}=[{', '.join([str(side)] * axes)}]"
 
 
 def output_mode(args: argparse.Namespace) -> OutputMode:

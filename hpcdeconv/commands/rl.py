@@ -11,6 +11,7 @@ import numpy as np
 
 from hpcdeconv.commands.deconvolve import (
     add_cluster_arguments,
+    block_override,
     cluster_overrides,
     locked_cluster_output,
     output_mode,
@@ -105,7 +106,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"tv={args.tv}")
     if args.boundary is not None:
         overrides.append(f"boundary={args.boundary}")
-    return overrides + cluster_overrides(args)
+    if args.block is not None:
+        # --psf-map deconvolves 2D images, in blocks of their own (RLConfig.map_block).
+        name, axes = ("map_block", 2) if args.psf_map is not None else ("block", 3)
+        overrides.append(block_override(args.block, axes, name))
+    return overrides + cluster_overrides(args, block_axes=None)
 
 
 def _psf(
@@ -136,7 +141,7 @@ def _run_psf_map(args: argparse.Namespace, cfg: RLConfig) -> int:
     """Spatially-variant (TV-)RL of 2D images with a PSF map, block by block.
 
     The map is read and checked against every image before the output is locked or
-    created; blocks and chunks take the ``(Y, X)`` sizes of ``block`` and ``chunks``.
+    created; blocks are ``map_block``, chunks the ``(Y, X)`` sizes of ``chunks``.
     """
     from hpcdeconv.classical.rl import rl_halo
     from hpcdeconv.classical.sv_rl import sv_richardson_lucy
@@ -175,7 +180,7 @@ def _run_psf_map(args: argparse.Namespace, cfg: RLConfig) -> int:
         size = (processor.psf_size,) * 2
         halo = rl_halo(size) if cfg.halo == "auto" else (cfg.halo,) * 2
         check_halo(halo, tuple(k // 2 for k in size), "PSF radius")
-        plan = image_plan(sources, cfg.block[-2:], halo, cfg.chunks[-2:], cfg.retries)
+        plan = image_plan(sources, cfg.map_block, halo, cfg.chunks[-2:], cfg.retries)
         check_plan(plan, sources)
         provenance = {
             "command": "rl",

@@ -118,7 +118,12 @@ class RLConfig(StrictModel):
     ``psf_crop`` (``--psf-map`` only) is the largest fraction of its energy a map PSF may
     lose when all are cropped to one centred support (0 keeps them whole); the halo
     scales with the cropped size (:func:`hpcdeconv.classical.sv_rl.crop_size`). With
-    ``--psf-map`` the images are 2D and ``block`` and ``chunks`` use their ``(Y, X)`` sizes.
+    ``--psf-map`` the images are 2D: blocks are ``map_block`` (``--block N`` sets it) and
+    chunks take the ``(Y, X)`` sizes of ``chunks``. 2D blocks are cheap in memory, and
+    small ones redo much of their neighbours' work: each reads a halo of three cropped PSF
+    widths and convolves every map node it touches over that node's whole mask support
+    (two map strides). A 2048² image with a stride-128 map took 4× as long in 256² blocks
+    as in 1024² ones (``docs/benchmarks.md``).
     """
 
     psf: PSFConfig = Field(default_factory=BornWolfPSF)
@@ -127,6 +132,7 @@ class RLConfig(StrictModel):
     boundary: Literal["reflect", "truncated"] = "reflect"
     psf_crop: Annotated[float, Field(ge=0, lt=1)] = 1e-4
     block: Shape3D = (256, 256, 256)
+    map_block: tuple[PositiveInt, PositiveInt] = (1024, 1024)
     halo: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     chunks: Shape3D = (64, 64, 64)
     retries: Annotated[int, Field(ge=0)] = 2

@@ -87,6 +87,21 @@ def test_stitched_tiff_and_zarr_runs_equal_whole_image_sv_rl(
     assert code == 0 and "0 block(s) computed, 9 already done" in stdout
 
 
+def test_2d_blocks_come_from_map_block_not_the_3d_block(
+    inputs: tuple[Path, Path, Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The 3D RL default block (256³) must not size 2D blocks: the default map_block
+    # (1024²) holds this image in one block, and --set map_block shapes the grid.
+    psf_map, _, plane, _ = inputs
+    args = ["rl", "--psf-map", str(psf_map), str(plane), "--iterations", "1"]
+    code, stdout, _ = run_cli([*args, "--output", str(tmp_path / "a.zarr")], capsys)
+    assert code == 0 and "1 block(s) computed" in stdout
+    code, stdout, _ = run_cli(
+        [*args, "--output", str(tmp_path / "b.zarr"), "--set", "map_block=[128, 256]"], capsys
+    )
+    assert code == 0 and "2 block(s) computed" in stdout
+
+
 def test_a_map_of_another_grid_is_refused_before_the_output_exists(
     inputs: tuple[Path, Path, Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
