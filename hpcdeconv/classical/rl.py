@@ -146,6 +146,30 @@ def rl_step(
     return x.mul_(correction)
 
 
+def rl_iterations(
+    y: Tensor,
+    operator: Operator,
+    iterations: int,
+    tv: float,
+    eps: float,
+    normalize: bool,
+    label: str = "RL",
+) -> Tensor:
+    """``iterations`` (TV-)RL updates of ``y``'s deconvolution with the blur ``operator``
+    from the flat start ``mean(y)``; normalised by ``H^T 1`` when ``normalize``.
+
+    The loop of both the invariant (:func:`richardson_lucy_torch`) and the
+    spatially-variant (:func:`hpcdeconv.classical.sv_rl.sv_richardson_lucy_torch`) solver;
+    ``label`` names it in the DEBUG log.
+    """
+    sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
+    x = torch.full_like(y, float(y.mean()))
+    for iteration in range(iterations):
+        x = rl_step(x, y, operator, sensitivity, tv, eps)
+        logger.debug("%s iteration %d/%d done", label, iteration + 1, iterations)
+    return x
+
+
 @torch.no_grad()
 def richardson_lucy_torch(
     image: Tensor,
@@ -208,12 +232,7 @@ def richardson_lucy_torch(
     y = non_negative(image.to(dtype), "image")
     unit = _unit_psf(psf.to(device=y.device, dtype=dtype))
     operator = build_operator(unit, tuple(y.shape), sides)
-    sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
-    x = torch.full_like(y, float(y.mean()))
-    for iteration in range(iterations):
-        x = rl_step(x, y, operator, sensitivity, tv, eps)
-        logger.debug("RL iteration %d/%d done", iteration + 1, iterations)
-    return x
+    return rl_iterations(y, operator, iterations, tv, eps, normalize)
 
 
 def richardson_lucy(

@@ -34,7 +34,6 @@ PSFs whole (exact); the halo of block-wise runs scales with the cropped size.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -48,7 +47,7 @@ from hpcdeconv.classical.rl import (
     check_rl_parameters,
     compute_dtype,
     non_negative,
-    rl_step,
+    rl_iterations,
 )
 from hpcdeconv.classical.rl_operator import Boundaries, Mirrored, boundary_sides
 from hpcdeconv.classical.sv_masks import hat_weights
@@ -64,7 +63,6 @@ __all__ = [
     "sv_richardson_lucy_torch",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: Most elements of one batch of FFT buffers (nodes x FFT shape) in :class:`OverlapAdd`.
 BATCH_ELEMENTS = 1 << 22
@@ -304,12 +302,7 @@ def sv_richardson_lucy_torch(
     y = non_negative(image.to(dtype), "image")
     unit = _unit_psfs(psfs.to(device=y.device, dtype=dtype))
     operator = build_sv_operator(unit, centres, tuple(y.shape), sides, offset, first_node)
-    sensitivity = operator.adjoint(torch.ones_like(y)) if normalize else None
-    x = torch.full_like(y, float(y.mean()))
-    for iteration in range(iterations):
-        x = rl_step(x, y, operator, sensitivity, tv, eps)
-        logger.debug("SV-RL iteration %d/%d done", iteration + 1, iterations)
-    return x
+    return rl_iterations(y, operator, iterations, tv, eps, normalize, "SV-RL")
 
 
 def sv_richardson_lucy(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hpcdeconv.config import RegressorConfig
 from hpcdeconv.errors import ConfigError, InputError
-from hpcdeconv.inference.model import load_weights, select_weights
+from hpcdeconv.inference.model import WeightsChoice, load_weights, select_weights
 from hpcdeconv.models.regressor import Regressor
 from hpcdeconv.psfnet.psf_models import PSFModel, model_from_record
 from hpcdeconv.training.checkpoint import (
@@ -187,7 +187,7 @@ def rebuild_regressor(record: Mapping[str, Any]) -> tuple[Regressor, PSFModel, i
 def load_regressor(
     path: Path,
     device: torch.device | str = "cpu",
-    weights: Literal["auto", "raw", "ema"] = "auto",
+    weights: WeightsChoice = "auto",
 ) -> LoadedRegressor:
     """Rebuild a PSF-parameter regressor from a checkpoint file or run directory.
 
