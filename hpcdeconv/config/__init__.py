@@ -19,6 +19,8 @@ from hpcdeconv.config.loading import (
 from hpcdeconv.config.methods import (
     METHOD_CONFIGS,
     BlindCycleGANConfig,
+    COMIConfig,
+    COMILossConfig,
     CycleGANConfig,
     GANLossConfig,
     KernelConfig,
@@ -35,6 +37,7 @@ from hpcdeconv.config.networks import (
     ResNetConfig,
     UNetConfig,
 )
+from hpcdeconv.config.perceptual import ContentLossConfig
 from hpcdeconv.config.physics import (
     BornWolfPSF,
     CodecConfig,
@@ -66,8 +69,11 @@ __all__ = [
     "METHOD_CONFIGS",
     "BlindCycleGANConfig",
     "BornWolfPSF",
+    "COMIConfig",
+    "COMILossConfig",
     "ClusterConfig",
     "CodecConfig",
+    "ContentLossConfig",
     "CycleGANConfig",
     "DataConfig",
     "DeconvolveConfig",

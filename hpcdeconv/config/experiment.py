@@ -23,6 +23,7 @@ from hpcdeconv.config.data import DataConfig, ImageDomainsData
 from hpcdeconv.config.methods import (
     METHOD_CONFIGS,
     BlindCycleGANConfig,
+    COMIConfig,
     CycleGANConfig,
     MethodConfig,
     SupervisedConfig,
@@ -78,7 +79,7 @@ def _round_up(value: int, multiple: int) -> int:
 def _generators(method: BaseModel) -> list[tuple[str, GeneratorConfig]]:
     """``(key, config)`` of every generator a method trains on ``data.patch``."""
     nets = [("method.generator", method.generator)]  # type: ignore[attr-defined]
-    if isinstance(method, CycleGANConfig):
+    if isinstance(method, CycleGANConfig | COMIConfig):
         nets.append(("method.blur_generator", method.blur_generator))
     return nets
 
@@ -158,10 +159,12 @@ class ExperimentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _data_kind_fits_method(self) -> ExperimentConfig:
-        needed = type(self.method).data_kind
-        if self.data.kind != needed:
+        method = type(self.method)
+        kinds = (method.data_kind, *getattr(method, "also_data_kinds", ()))
+        if self.data.kind not in kinds:
+            allowed = " or ".join(repr(k) for k in kinds)
             raise ValueError(
-                f"method {self.method.name} trains on data.kind {needed!r}, not {self.data.kind!r}"
+                f"method {self.method.name} trains on data.kind {allowed}, not {self.data.kind!r}"
             )
         return self
 

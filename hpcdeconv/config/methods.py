@@ -18,8 +18,14 @@ from hpcdeconv.config.networks import (
     DiscriminatorConfig,
     GeneratorConfig,
     RegressorConfig,
+    ResNetConfig,
     UNetConfig,
 )
+from hpcdeconv.config.perceptual import ContentLossConfig
+
+#: Adversarial losses: the original log loss (``gan``, Goodfellow et al. 2014, as COMI),
+#: least squares (``lsgan``) or Wasserstein with gradient penalty (``wgan-gp``).
+AdversarialKind = Literal["gan", "lsgan", "wgan-gp"]
 
 
 class KernelConfig(StrictModel):
@@ -60,7 +66,7 @@ class GANLossConfig(StrictModel):
     discriminator step.
     """
 
-    adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
+    adversarial: AdversarialKind = "lsgan"
     gp_eta: PositiveFloat = 10.0
     cycle_weight: Annotated[float, Field(ge=0)] = 10.0
     identity_weight: Annotated[float, Field(ge=0)] = 0.0
@@ -100,6 +106,49 @@ class CycleGANConfig(_CycleFamilyConfig):
     blur_generator: GeneratorConfig = Field(default_factory=UNetConfig)
 
 
+def _comi_generator() -> ResNetConfig:
+    # The authors' generator: tanh head with the input added (a learned correction).
+    return ResNetConfig(final_activation="tanh", global_residual=True)
+
+
+class COMILossConfig(GANLossConfig):
+    """COMI's generator loss ``λ1·l_GAN + λ2·l_content + λ3·l_cycle`` (+ identity).
+
+    Zhang et al., CSBJ 20, 2022: the log-loss GAN term, the L2 distance of VGG-19
+    feature maps (``content``, see :class:`ContentLossConfig`) and the L1 cycle term,
+    weighted ``(λ1, λ2, λ3) = (1, 1, 0.001)`` by default;
+    ``identity_weight`` adds ``‖G(x) − x‖₁ + ‖F(y) − y‖₁``.
+    """
+
+    adversarial: AdversarialKind = "gan"
+    adversarial_weight: Annotated[float, Field(ge=0)] = 1.0
+    content_weight: Annotated[float, Field(ge=0)] = 1.0
+    cycle_weight: Annotated[float, Field(ge=0)] = 0.001
+
+
+class COMIConfig(_CycleFamilyConfig):
+    """COMI: 2D cycleGAN correction of out-of-focus images (Zhang et al., CSBJ 2022).
+
+    Generators G (out-of-focus → in-focus) and F (back) are ResNets (tanh head with a
+    global residual), each domain is judged by a 70×70 PatchGAN, and the loss is
+    :class:`COMILossConfig`. Trains on unpaired domains (``data.kind: domains``, the
+    paper's cycleGAN) or on paired planes (``data.kind: paired``, as the published code).
+    """
+
+    name: Literal["comi"] = "comi"
+    #: Data kinds besides :attr:`data_kind` the method trains on.
+    also_data_kinds: ClassVar[tuple[str, ...]] = ("paired",)
+    generator: GeneratorConfig = Field(default_factory=_comi_generator)
+    blur_generator: GeneratorConfig = Field(default_factory=_comi_generator)
+    discriminator: DiscriminatorConfig = Field(
+        default_factory=lambda: DiscriminatorConfig(
+            channels=64, n_layers=3, n_scales=1, head_kernel=4
+        )
+    )
+    loss: COMILossConfig = Field(default_factory=COMILossConfig)
+    content: ContentLossConfig = Field(default_factory=ContentLossConfig)
+
+
 class SupervisedConfig(StrictModel):
     """Generator on paired data: MSE, plus an adversarial term if ``adversarial_weight`` > 0.
 
@@ -113,7 +162,7 @@ class SupervisedConfig(StrictModel):
     generator: GeneratorConfig = Field(default_factory=UNetConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     adversarial_weight: Annotated[float, Field(ge=0)] = 0.0
-    adversarial: Literal["lsgan", "wgan-gp"] = "lsgan"
+    adversarial: AdversarialKind = "lsgan"
     gp_eta: PositiveFloat = 10.0
 
 
@@ -139,6 +188,7 @@ MethodConfig = Annotated[
     Annotated[BlindCycleGANConfig, Tag("blind_cyclegan")]
     | Annotated[NonBlindCycleGANConfig, Tag("nonblind_cyclegan")]
     | Annotated[CycleGANConfig, Tag("cyclegan")]
+    | Annotated[COMIConfig, Tag("comi")]
     | Annotated[SupervisedConfig, Tag("supervised")]
     | Annotated[PSFRegressionConfig, Tag("psf_regression")],
     Discriminator(_method_tag),
@@ -150,6 +200,7 @@ METHOD_CONFIGS: dict[str, type[StrictModel]] = {
     "blind_cyclegan": BlindCycleGANConfig,
     "nonblind_cyclegan": NonBlindCycleGANConfig,
     "cyclegan": CycleGANConfig,
+    "comi": COMIConfig,
     "supervised": SupervisedConfig,
     "psf_regression": PSFRegressionConfig,
 }

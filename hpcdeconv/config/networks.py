@@ -149,11 +149,17 @@ GeneratorConfig = Annotated[
 
 
 class DiscriminatorConfig(StrictModel):
-    """Multi-scale PatchGAN: independent discriminators at 1, 1/2, 1/4 resolution."""
+    """Multi-scale PatchGAN: independent discriminators at 1, 1/2, 1/4 resolution.
+
+    ``head_kernel`` is the kernel of the two last (stride-1) convolutions: 3 (default) or
+    4, Isola et al.'s, with which ``n_layers: 3, n_scales: 1`` is their 70×70 PatchGAN
+    (see :class:`hpcdeconv.models.discriminators.PatchGAN`).
+    """
 
     channels: PositiveInt = 16
     n_layers: PositiveInt = 3
     n_scales: PositiveInt = 3
+    head_kernel: Literal[3, 4] = 3
 
     def reduction(self) -> int:
         """Factor by which the coarsest patch map is smaller than the input per axis."""
@@ -172,12 +178,15 @@ class DiscriminatorConfig(StrictModel):
             Where this configuration sits (``"method.discriminator"``), for the message.
         """
         reduction = self.reduction()
-        scores = [p // reduction for p in patch]
+        shrink = 2 * (self.head_kernel - 3)
+        scores = [p // reduction - shrink for p in patch]
         if min(scores) < 1 or math.prod(scores) < 2:
+            smallest = reduction * (1 + shrink)
             raise ValueError(
                 f"data.patch {list(patch)} is too small for {key} "
-                f"(n_layers={self.n_layers}, n_scales={self.n_scales} reduce it "
-                f"{reduction}x): every side must be >= {reduction} and one >= {2 * reduction}"
+                f"(n_layers={self.n_layers}, n_scales={self.n_scales}"
+                f"{', head_kernel=4' if shrink else ''} reduce it {reduction}x): every side "
+                f"must be >= {smallest} and one >= {smallest + reduction}"
             )
 
 

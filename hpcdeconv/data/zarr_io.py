@@ -32,6 +32,7 @@ import zarr.errors
 from zarr.codecs import BloscCodec
 
 from hpcdeconv.config import CodecConfig
+from hpcdeconv.data.intensity import INTENSITY_KEY, IntensityMap
 from hpcdeconv.data.layout import VolumeMeta, volume_meta
 from hpcdeconv.data.ngff import (
     PYRAMID_MIN_SIZE,
@@ -288,6 +289,18 @@ def get_split(group: zarr.Group) -> dict[str, list[str]]:
     if not isinstance(split, Mapping):
         raise InputError(f"{group.store}: the dataset split is malformed")
     return {name: [str(i) for i in split.get(name, [])] for name in SPLITS}
+
+
+def get_intensity(group: zarr.Group) -> IntensityMap | None:
+    """The dataset's intensity mapping (raw → stored values), None if it records none.
+
+    Raises
+    ------
+    InputError
+        A malformed record.
+    """
+    record = _root(group).get(INTENSITY_KEY)
+    return None if record is None else IntensityMap.from_record(record)
 
 
 def set_split(group: zarr.Group, split: Mapping[str, Sequence[str]]) -> None:

@@ -9,8 +9,11 @@ nothing of the method that trained it. The trained weights lie under ``state[key
 and, when ``train.ema_decay`` was set, their exponential moving average under
 ``state[key + "_ema"]``; ``weights="auto"`` takes the average when present. A checkpoint
 written before artefacts were recorded holds a 3D, 1-channel generator built from its
-stored configuration under ``deblur``. Which checkpoint and which weights were used is
-logged (INFO) and kept on :class:`LoadedModel`.
+stored configuration under ``deblur``. A generator trained on mapped intensities
+(:mod:`hpcdeconv.data.intensity`) comes wrapped in
+:class:`~hpcdeconv.models.intensity.IntensityMapped`: it takes and returns raw values.
+Which checkpoint and which weights were used is logged (INFO) and kept on
+:class:`LoadedModel`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import torch
 from torch import nn
 
 from hpcdeconv.config import ExperimentConfig, build_config
+from hpcdeconv.data.intensity import INTENSITY_KEY, IntensityMap
 from hpcdeconv.errors import ConfigError, InputError
 from hpcdeconv.models.factory import rebuild_generator
+from hpcdeconv.models.intensity import IntensityMapped
 from hpcdeconv.training.checkpoint import (
     CheckpointChoice,
     choose_checkpoint,
@@ -198,6 +203,9 @@ def load_model(
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{ckpt}: cannot rebuild its generator ({exc})") from None
     load_weights(net, stored, ckpt, "generator")
+    if INTENSITY_KEY in record:
+        # Trained on mapped intensities: raw inputs are mapped in and the output back.
+        net = IntensityMapped(net, IntensityMap.from_record(record[INTENSITY_KEY]))
     net.to(device).eval()
     model = LoadedModel(
         net=net,

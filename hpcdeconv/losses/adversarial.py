@@ -1,4 +1,5 @@
-"""Adversarial losses (LSGAN, WGAN-GP) for single- and multi-scale discriminators.
+"""Adversarial losses (LSGAN, WGAN-GP, the original log loss) for single- and multi-scale
+discriminators.
 
 A discriminator may return one score map or a list of them (one per scale); losses are
 computed per scale and averaged over scales.
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcdeconv.errors import ConfigError
@@ -69,6 +71,37 @@ class LSGAN(AdversarialLoss):
         return _mean_over_scales([((d - 1) ** 2).mean() for d in as_scales(fake_outputs)])
 
 
+class LogGAN(AdversarialLoss):
+    """The original GAN log loss (Goodfellow et al., "Generative adversarial nets", NeurIPS
+    2014), on raw scores (logits) σ⁻¹(D).
+
+    Discriminator: −E[log σ(D(y))] − E[log(1 − σ(D(ŷ)))], the negated value function
+    V(D, G) of the paper's eq. 1 (binary cross-entropy of real → 1 plus fake → 0);
+    generator: −E[log σ(D(ŷ))], the paper's non-saturating alternative to minimising
+    log(1 − σ(D(ŷ))), whose gradient vanishes while the discriminator wins. ``y`` is real,
+    ``ŷ`` generated, σ the logistic function, E the mean over batch and patches. Computed
+    with ``binary_cross_entropy_with_logits``, stable for any score.
+    """
+
+    def discriminator_loss(self, disc: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
+        """See class docstring."""
+        per_scale = [
+            F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+            for d_real, d_fake in zip(as_scales(disc(real)), as_scales(disc(fake)), strict=True)
+        ]
+        return _mean_over_scales(per_scale)
+
+    def generator_loss(self, fake_outputs: Scores) -> Tensor:
+        """See class docstring."""
+        return _mean_over_scales(
+            [
+                F.binary_cross_entropy_with_logits(d, torch.ones_like(d))
+                for d in as_scales(fake_outputs)
+            ]
+        )
+
+
 class WGANGP(AdversarialLoss):
     """Wasserstein GAN with gradient penalty (Gulrajani et al., NeurIPS 2017).
 
@@ -125,10 +158,17 @@ class WGANGP(AdversarialLoss):
         return _mean_over_scales([-d.mean() for d in as_scales(fake_outputs)])
 
 
-def make_adversarial(name: Literal["lsgan", "wgan-gp"], eta: float = 10.0) -> AdversarialLoss:
-    """The adversarial loss called ``name``; ``eta`` is used by ``"wgan-gp"`` only."""
+def make_adversarial(
+    name: Literal["lsgan", "wgan-gp", "gan"], eta: float = 10.0
+) -> AdversarialLoss:
+    """The adversarial loss called ``name``; ``eta`` is used by ``"wgan-gp"`` only.
+
+    ``"lsgan"``: :class:`LSGAN`; ``"wgan-gp"``: :class:`WGANGP`; ``"gan"``: :class:`LogGAN`.
+    """
     if name == "lsgan":
         return LSGAN()
     if name == "wgan-gp":
         return WGANGP(eta)
-    raise ConfigError(f"unknown adversarial loss {name!r}; choose 'lsgan' or 'wgan-gp'")
+    if name == "gan":
+        return LogGAN()
+    raise ConfigError(f"unknown adversarial loss {name!r}; choose 'lsgan', 'wgan-gp' or 'gan'")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hpcdeconv.config import (
     BlindCycleGANConfig,
+    COMIConfig,
     CycleGANConfig,
     MethodConfig,
     NonBlindCycleGANConfig,
@@ -29,6 +30,7 @@ def build_method(cfg: MethodConfig, data: DataInfo, *, seed: int, checkpointing:
         Activation checkpointing of the generators.
     """
     from hpcdeconv.methods.blind_cyclegan import BlindCycleGAN
+    from hpcdeconv.methods.comi import COMI
     from hpcdeconv.methods.cyclegan import CycleGAN
     from hpcdeconv.methods.nonblind_cyclegan import NonBlindCycleGAN
     from hpcdeconv.methods.psf_regression import PSFRegression
@@ -41,6 +43,8 @@ def build_method(cfg: MethodConfig, data: DataInfo, *, seed: int, checkpointing:
             return NonBlindCycleGAN(cfg, data, seed=seed, checkpointing=checkpointing)
         case CycleGANConfig():
             return CycleGAN(cfg, data, seed=seed, checkpointing=checkpointing)
+        case COMIConfig():
+            return COMI(cfg, data, seed=seed, checkpointing=checkpointing)
         case SupervisedConfig():
             return Supervised(cfg, data, checkpointing=checkpointing)
         case PSFRegressionConfig():

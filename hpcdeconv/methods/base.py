@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcdeconv.data.intensity import IntensityMap
 from hpcdeconv.training.strategy import Trainable
 
 #: What a method trains on: two unpaired image domains (``x`` sharp, ``y`` blurred),
@@ -51,6 +52,11 @@ class DataInfo:
     patch_shape
         For PSF-parameter samples: the spatial shape ``(*S)`` of one stored patch, in
         pixels (the window a regressor is trained on).
+    intensity
+        The mapping from raw values to the stored ones, when the dataset records one
+        (:mod:`hpcdeconv.data.intensity`); inference applies it to raw inputs.
+    paired
+        Whether a batch's ``x`` and ``y`` show the same place (``data.kind: paired``).
     """
 
     spatial_dims: int
@@ -60,6 +66,8 @@ class DataInfo:
     means: Mapping[str, float] = field(default_factory=dict)
     psf_model: Mapping[str, Any] | None = None
     patch_shape: tuple[int, ...] | None = None
+    intensity: IntensityMap | None = None
+    paired: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,8 @@ class Method(ABC):
 
     #: The data this method trains on; the engine builds the matching feed.
     data_kind: ClassVar[DataKind] = "domains"
+    #: Further kinds it can train on (e.g. paired planes for a cycleGAN).
+    also_data_kinds: ClassVar[tuple[DataKind, ...]] = ()
     #: Metric names :meth:`validate` returns that a run may select its best checkpoint
     #: by, each with whether higher is better.
     metrics: ClassVar[Mapping[str, bool]] = {"psnr": True, "ssim": True}

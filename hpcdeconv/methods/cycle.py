@@ -31,6 +31,7 @@ LOGGED_AS = {
     "cycle": "cycle",
     "identity": "identity",
     "kernel_penalty": "kernel_penalty",
+    "content": "content",
 }
 
 

@@ -20,7 +20,8 @@ class ImageToImageMethod(Method):
     Builds G_Θ for the data's dimensionality and channels (``(B, C, *S)`` in and out),
     starting at the sharp domain's mean, before any other network of the method, so
     every method draws its initial weights in the same order. The checkpoint stores G_Θ
-    under ``"deblur"`` with the record ``predict`` and ``deconvolve`` rebuild it from;
+    under ``"deblur"`` with the record ``predict`` and ``deconvolve`` rebuild it from
+    (with the dataset's intensity mapping, when it records one);
     validation is the tiled PSNR/SSIM of its output against the sharp truth.
 
     Parameters
@@ -56,6 +57,7 @@ class ImageToImageMethod(Method):
             spatial_dims=self.data.spatial_dims,
             in_channels=self.data.channels,
             out_channels=self.data.channels,
+            intensity=self.data.intensity,
         )
         return Artefact("image_to_image", "deblur", self.generator, record)
 

@@ -14,6 +14,7 @@ from pydantic import TypeAdapter
 from torch import nn
 
 from hpcdeconv.config import DiscriminatorConfig, GeneratorConfig, ResNetConfig
+from hpcdeconv.data.intensity import INTENSITY_KEY, IntensityMap
 from hpcdeconv.models.checkpointing import apply_checkpointing
 from hpcdeconv.models.discriminators import MultiScalePatchGAN
 from hpcdeconv.models.resnet import ResNetGenerator
@@ -92,20 +93,30 @@ def build_discriminator(
         channels=cfg.channels,
         n_layers=cfg.n_layers,
         n_scales=cfg.n_scales,
+        head_kernel=cfg.head_kernel,
     )
 
 
 def generator_record(
-    cfg: GeneratorConfig, *, spatial_dims: int, in_channels: int, out_channels: int
+    cfg: GeneratorConfig,
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    intensity: IntensityMap | None = None,
 ) -> dict[str, Any]:
     """JSON-able description a checkpoint stores to rebuild the generator (its ``kind``
-    included)."""
-    return {
+    included) and, when it was trained on mapped intensities, the mapping (under
+    ``"intensity"``, applied by inference)."""
+    record = {
         "generator": cfg.model_dump(mode="json"),
         "spatial_dims": spatial_dims,
         "in_channels": in_channels,
         "out_channels": out_channels,
     }
+    if intensity is not None:
+        record[INTENSITY_KEY] = intensity.record()
+    return record
 
 
 def rebuild_generator(record: Mapping[str, Any]) -> nn.Module:

@@ -148,10 +148,11 @@ class Trainer:
             seed=cfg.train.seed + 7919 * strategy.rank,
             checkpointing=cfg.train.grad_checkpointing,
         )
-        if self.method.data_kind != cfg.data.kind:
+        kinds = (self.method.data_kind, *self.method.also_data_kinds)
+        if cfg.data.kind not in kinds:
             raise ConfigError(
-                f"method {cfg.method.name} trains on data.kind {self.method.data_kind!r}, "
-                f"not {cfg.data.kind!r}"
+                f"method {cfg.method.name} trains on data.kind "
+                f"{' or '.join(repr(k) for k in kinds)}, not {cfg.data.kind!r}"
             )
         self.best = best_tracker(cfg.train.best_metric, self.method.metrics, cfg.method.name)
         try:

@@ -27,6 +27,7 @@ from hpcdeconv.data.zarr_io import (
     PSF_KEY,
     SHARP,
     VolumeMeta,
+    get_intensity,
     get_split,
     open_array,
     open_dataset,
@@ -125,6 +126,7 @@ class TrainingFeed:
         sharp, blurred = set(volume_ids(group, SHARP)), set(volume_ids(group, BLURRED))
         self.val_ids = [v for v in split.get("val", []) if v in sharp and v in blurred]
         self.val_ids = self.val_ids[: cfg.val_volumes]
+        self.intensity = get_intensity(group)
         self.psf: np.ndarray | None = None
         if PSF_KEY in group:
             self.psf = np.asarray(open_array(group, PSF_KEY)[...], dtype=np.float32)
@@ -181,6 +183,8 @@ class TrainingFeed:
             voxel_size=tuple(float(v) for v in self.voxel_size),
             psf=self.psf,
             means=self.data_means(),
+            intensity=self.intensity,
+            paired=self.paired,
         )
 
     def _check_volumes(self) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcdeconv.errors import ConfigError
-from hpcdeconv.losses.adversarial import LSGAN, WGANGP, make_adversarial
+from hpcdeconv.losses.adversarial import LSGAN, WGANGP, LogGAN, make_adversarial
 from hpcdeconv.losses.cycle import cycle_loss, identity_loss
 from hpcdeconv.losses.terms import weighted_sum
 from hpcdeconv.models.discriminators import MultiScalePatchGAN, PatchGAN
@@ -241,3 +241,71 @@ def test_weighted_sum_refuses_a_term_without_a_weight_and_no_terms() -> None:
         weighted_sum({"cycle": torch.tensor(1.0), "perceptual": torch.tensor(1.0)}, {"cycle": 1})
     with pytest.raises(ValueError, match="at least one"):
         weighted_sum({}, {"cycle": 1.0})
+
+
+# ----------------------------------------------------------------------------- log loss (GAN)
+
+
+def _log_sigmoid(z: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -z)
+
+
+def test_log_gan_values_match_hand_computed_bce(rng: np.random.Generator) -> None:
+
+    real, fake = 3 * rng.standard_normal((2, 2, 1, 4, 4))
+
+    def d_loss(f: float) -> float:
+        # −log σ(D(y)) − log(1 − σ(D(ŷ))), with 1 − σ(z) = σ(−z).
+        return -np.mean(_log_sigmoid(f * real)) - np.mean(_log_sigmoid(-f * fake))
+
+    single = LogGAN().discriminator_loss(
+        PixelScores((1.0,)), torch.from_numpy(real), torch.from_numpy(fake)
+    )
+    assert float(single) == pytest.approx(d_loss(1.0))
+    multi = LogGAN().discriminator_loss(
+        PixelScores((1.0, 2.0)), torch.from_numpy(real), torch.from_numpy(fake)
+    )
+    assert float(multi) == pytest.approx(np.mean([d_loss(1.0), d_loss(2.0)]))
+    outs = [torch.from_numpy(fake), torch.from_numpy(-2 * fake[:, :, :2])]
+    expected = np.mean([-np.mean(_log_sigmoid(fake)), -np.mean(_log_sigmoid(-2 * fake[:, :, :2]))])
+    assert float(LogGAN().generator_loss(outs)) == pytest.approx(expected)
+    assert float(LogGAN().generator_loss(outs[0])) == pytest.approx(-np.mean(_log_sigmoid(fake)))
+
+
+def test_log_gan_on_fixed_scores() -> None:
+
+    # D(y) = 0, D(ŷ) = 0: each term is log 2.
+    zeros = torch.zeros(2, 1, 3, 3)
+    assert float(LogGAN().discriminator_loss(PixelScores((1.0,)), zeros, zeros)) == pytest.approx(
+        2 * np.log(2)
+    )
+    assert float(LogGAN().generator_loss(zeros)) == pytest.approx(np.log(2))
+    # Saturated scores stay finite (logits, not probabilities).
+    big = torch.full((1, 1, 2, 2), 200.0)
+    assert float(LogGAN().discriminator_loss(PixelScores((1.0,)), big, -big)) == pytest.approx(0.0)
+    assert float(LogGAN().generator_loss(-big)) == pytest.approx(200.0)
+
+
+def test_log_gan_steps_lower_both_losses() -> None:
+
+    torch.manual_seed(0)
+    disc = MultiScalePatchGAN(3, channels=2, n_layers=1, n_scales=2)
+    real, fake = torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8) * 0.5
+    before, after = _descent_step(
+        disc.parameters(), lambda: LogGAN().discriminator_loss(disc, real, fake), lr=1e-3
+    )
+    assert after < before
+    frozen = PatchGAN(3, channels=2, n_layers=2).requires_grad_(False)
+    gen = UNet(3, channels=2, depth=1)
+    z = torch.rand(2, 1, 8, 8, 8)
+    before, after = _descent_step(
+        gen.parameters(), lambda: LogGAN().generator_loss(frozen(gen(z))), lr=1e-2
+    )
+    assert after < before
+
+
+def test_make_adversarial_gan_is_the_log_loss() -> None:
+
+    assert isinstance(make_adversarial("gan"), LogGAN)
+    with pytest.raises(ConfigError, match="'gan'"):
+        make_adversarial("hinge")  # type: ignore[arg-type]
