@@ -184,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
                 DeconvolveConfig, args.config, [*overrides, block_override(args.block, dims)]
             )
         for source in sources:
-            how = check_layout(source.dims, source.shape, dims, model.channels, str(source.path))
+            how = check_layout(
+                source.dims, source.shape, dims, model.channels, str(source.path), source.rgb
+            )
             if how:
                 logging.getLogger(__name__).info("%s: runs %s", source.path, how)
         radius = model.receptive_field // 2

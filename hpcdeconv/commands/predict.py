@@ -76,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(cfg.device)
         model = load_model(args.checkpoint, device, weights=args.weights)
         how = check_layout(
-            source.dims, source.shape, model.spatial_dims, model.channels, str(args.input)
+            source.dims,
+            source.shape,
+            model.spatial_dims,
+            model.channels,
+            str(args.input),
+            source.rgb,
         )
         if how:
             logging.getLogger(__name__).info("%s: runs %s", args.input, how)

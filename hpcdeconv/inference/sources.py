@@ -43,6 +43,9 @@ class VolumeSource:
         Whether the stored data reshaped to ``shape`` is the image (singleton axes only).
     dims
         Axes of the image: ``"ZYX"``, ``"YX"``, ``"CYX"`` or ``"CZYX"`` (channels first).
+    rgb
+        Whether its channels are the colour samples of an RGB image (a stored ``S`` axis,
+        e.g. a bright-field photograph) rather than separate fluorescence channels.
     """
 
     path: Path
@@ -51,6 +54,7 @@ class VolumeSource:
     voxel_size: tuple[float | None, ...]
     plain: bool = True
     dims: str = "ZYX"
+    rgb: bool = False
 
     @property
     def is_tiff(self) -> bool:
@@ -118,7 +122,11 @@ def open_source(
     path = Path(path).absolute()
     image = open_image(path, voxel_size=voxel_size, warn=warn, any_rank=any_rank)
     shape = tuple(int(n) for n in image.data.shape)
-    return VolumeSource(path, image.name, shape, tuple(image.voxel_size), image.plain, image.dims)
+    # The channel axis of the view is the stored S axis when the file has no C axis.
+    rgb = "C" in image.dims and "S" in image.axes and "C" not in image.axes
+    return VolumeSource(
+        path, image.name, shape, tuple(image.voxel_size), image.plain, image.dims, rgb
+    )
 
 
 def open_sources(
@@ -157,17 +165,27 @@ def check_finite(image: np.ndarray, what: str) -> None:
 
 
 def check_layout(
-    dims: str, shape: Sequence[int], spatial_dims: int, channels: int, where: str
+    dims: str,
+    shape: Sequence[int],
+    spatial_dims: int,
+    channels: int,
+    where: str,
+    rgb: bool = False,
 ) -> str:
     """Whether a generator of ``spatial_dims`` and ``channels`` can run on an image.
 
     A 2D generator runs on each Z plane of a volume; a 1-channel generator runs on each
-    channel of a multichannel image; a C-channel generator takes C-channel images whole.
+    channel of a multichannel (fluorescence) image; a C-channel generator takes C-channel
+    images whole. A colour (RGB) image is refused by a 1-channel generator: its samples
+    are not independent channels but one colour, which a network trained on grey images
+    has never seen.
 
     Parameters
     ----------
     dims, shape
         Axes and shape of the image (:attr:`VolumeSource.dims`).
+    rgb
+        Whether the channels are an RGB image's colour samples (:attr:`VolumeSource.rgb`).
     spatial_dims, channels
         The generator's dimensionality (2 or 3) and input channels.
     where
@@ -182,9 +200,16 @@ def check_layout(
     Raises
     ------
     InputError
-        A 2D image for a 3D generator, or channels that do not match the generator's.
+        A 2D image for a 3D generator, channels that do not match the generator's, or an
+        RGB image for a 1-channel generator.
     """
     size = dict(zip(dims, shape, strict=True))
+    if rgb and channels == 1:
+        raise InputError(
+            f"{where}: an RGB image ({size.get('C')} colour samples) but the checkpoint's "
+            "generator was trained on 1-channel (grey) images; convert the image to grey or "
+            "train on RGB images"
+        )
     if spatial_dims == 3 and "Z" not in dims:
         raise InputError(
             f"{where}: a 2D image (axes {dims}); the checkpoint's generator is 3D and needs "

@@ -19,6 +19,7 @@ content-preservation reading of the paper's term.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch import nn
 from hpcdeconv.config import COMIConfig
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.losses.perceptual import ContentLoss, build_content_loss
-from hpcdeconv.methods.base import DataInfo
+from hpcdeconv.methods.base import DataInfo, DataKind
 from hpcdeconv.methods.cycle import CycleGANMethod, CycleOutputs
 from hpcdeconv.models.factory import build_generator
 
@@ -54,6 +55,8 @@ class COMI(CycleGANMethod):
     ConfigError
         Data that are not 2D images.
     """
+
+    also_data_kinds: ClassVar[tuple[DataKind, ...]] = ("paired",)
 
     def __init__(self, cfg: COMIConfig, data: DataInfo, *, seed: int, checkpointing: bool) -> None:
         if data.spatial_dims != 2:
