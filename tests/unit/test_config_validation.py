@@ -232,8 +232,8 @@ def test_shapes_with_other_axes_than_the_patch_are_one_error_line(
         ("method.generator.kind=vit", "method.generator.kind 'vit' is not one of unet, resnet"),
         (
             "method.name=pix2pix",
-            "method.name 'pix2pix' is not one of blind_cyclegan, nonblind_cyclegan, cyclegan, comi, "
-            "supervised, psf_regression",
+            "method.name 'pix2pix' is not one of blind_cyclegan, nonblind_cyclegan, cyclegan, "
+            "comi, supervised, psf_regression",
         ),
         ("data.kind=pairs", "data.kind 'pairs' is not one of domains, paired, psf_samples"),
     ],
