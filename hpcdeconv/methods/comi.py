@@ -28,14 +28,14 @@ from hpcdeconv.config import COMIConfig
 from hpcdeconv.errors import ConfigError
 from hpcdeconv.losses.perceptual import ContentLoss, build_content_loss
 from hpcdeconv.methods.base import DataInfo, DataKind
-from hpcdeconv.methods.cycle import CycleGANMethod, CycleOutputs
-from hpcdeconv.models.factory import build_generator
+from hpcdeconv.methods.cycle import CycleOutputs
+from hpcdeconv.methods.cyclegan import CycleGAN
 
 #: The network range of images without a recorded intensity mapping (raw values).
 _UNMAPPED_RANGE = (0.0, 1.0)
 
 
-class COMI(CycleGANMethod):
+class COMI(CycleGAN):
     """G and F (ResNet generators), 70×70 PatchGANs on X and Y, COMI's weighted loss.
 
     Parameters
@@ -64,24 +64,7 @@ class COMI(CycleGANMethod):
                 f"COMI corrects 2D images; the training data are {data.spatial_dims}D "
                 "(give data.patch as [Y, X] on a dataset of 2D images)"
             )
-        super().__init__(
-            cfg.generator,
-            data,
-            checkpointing,
-            blur=lambda: build_generator(
-                cfg.blur_generator,
-                spatial_dims=data.spatial_dims,
-                in_channels=data.channels,
-                out_channels=data.channels,
-                checkpointing=checkpointing,
-                start_mean=data.means.get("y"),
-            ),
-            discriminator=cfg.discriminator,
-            domains=("x", "y"),
-            loss=cfg.loss,
-            seed=seed,
-            blur_identity=True,
-        )
+        super().__init__(cfg, data, seed=seed, checkpointing=checkpointing)
         data_range = data.intensity.target if data.intensity is not None else _UNMAPPED_RANGE
         #: The content term's frozen VGG-19 (or pixel L2 without weights).
         self.content: ContentLoss = build_content_loss(cfg.content, data.channels, data_range)

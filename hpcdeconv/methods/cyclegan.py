@@ -6,7 +6,7 @@ generators (about twice the parameters and step time).
 
 from __future__ import annotations
 
-from hpcdeconv.config import CycleGANConfig
+from hpcdeconv.config import COMIConfig, CycleGANConfig
 from hpcdeconv.methods.base import DataInfo
 from hpcdeconv.methods.cycle import CycleGANMethod
 from hpcdeconv.models.factory import build_generator
@@ -21,7 +21,7 @@ class CycleGAN(CycleGANMethod):
     Parameters
     ----------
     cfg
-        Method configuration.
+        Method configuration (COMI's has the same networks and a loss that extends it).
     data
         The training data's description.
     seed
@@ -31,7 +31,12 @@ class CycleGAN(CycleGANMethod):
     """
 
     def __init__(
-        self, cfg: CycleGANConfig, data: DataInfo, *, seed: int, checkpointing: bool
+        self,
+        cfg: CycleGANConfig | COMIConfig,
+        data: DataInfo,
+        *,
+        seed: int,
+        checkpointing: bool,
     ) -> None:
         super().__init__(
             cfg.generator,
