@@ -189,3 +189,15 @@ def test_deconvolve_runs_a_folder_of_raw_images_like_the_whole_network(
             whole = net(torch.from_numpy(padded)[None, None])[0, 0].numpy()
         expected = whole[halo:-halo, halo:-halo]
         np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-2)
+
+
+def test_a_vgg_file_of_another_layout_is_one_line_before_the_run_exists(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "vgg16.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, bad)
+    run = tmp_path / "run"
+    items = [f"data.path={dataset}", *SMALL, f"method.content.vgg_weights={bad}"]
+    code = main(["train", "--config", CONFIG, "--output", str(run), *_sets(items)])
+    assert_one_line_error(code, capsys.readouterr().err, "features.0.bias")
+    assert not run.exists()
