@@ -5,6 +5,8 @@ raw images equal to whole-image prediction, and a colour image refused by a grey
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,15 @@ from hpcdeconv.data.intensity import fit_intensity_map
 from hpcdeconv.data.zarr_io import create_dataset, set_split, update_root_attrs, write_volume
 from hpcdeconv.inference.model import load_model
 from hpcdeconv.models.intensity import IntensityMapped
+from hpcdeconv.models.vgg import VGG19Features
 from hpcdeconv.physics.phantoms import texture_2d
+from hpcdeconv.training.checkpoint import load_checkpoint
+from hpcdeconv.training.runlog import read_metrics
 from tests.conftest import assert_one_line_error
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "comi.yaml")
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs" / "comi.yaml")
+TORCHRUN = str(REPO / "launch" / "torchrun.sh")
 SIDE = 48
 #: Small networks; no normalisation in G so that it is strictly local (tiles == whole).
 SMALL = [
@@ -201,3 +208,42 @@ def test_a_vgg_file_of_another_layout_is_one_line_before_the_run_exists(
     code = main(["train", "--config", CONFIG, "--output", str(run), *_sets(items)])
     assert_one_line_error(code, capsys.readouterr().err, "features.0.bias")
     assert not run.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_two_ranks_train_comi_with_a_frozen_vgg(
+    dataset: Path, tmp_path: Path, launch_env: dict[str, str]
+) -> None:
+    # Two DeepSpeed engines (G, D) over 2 ranks, the VGG-19 a frozen loss network on each
+    # rank: it trains, checkpoints its groups as ZeRO shards and keeps the VGG out of them.
+    weights = tmp_path / "vgg19.pth"
+    torch.manual_seed(0)
+    torch.save(VGG19Features().state_dict(), weights)
+    run = tmp_path / "run"
+    items = [
+        f"data.path={dataset}",
+        *SMALL,
+        "data.kind=paired",
+        "data.patch=[32, 32]",
+        f"method.content.vgg_weights={weights}",
+        f"output={run}",
+        "train.steps=3",
+        "train.val_every=3",
+        "train.ckpt_every=3",
+        "train.log_every=1",
+        "strategy.name=deepspeed",
+        "strategy.deepspeed.zero_stage=1",
+    ]
+    extensions = Path.home() / ".cache" / "hpcdeconv" / "torch_extensions"
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions)} | launch_env
+    command = [TORCHRUN, "2", "--", sys.executable, "-m", "hpcdeconv.cli", "train"]
+    command += ["--config", CONFIG, *_sets(items)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("trained comi for 3 steps") == 1
+    state = load_checkpoint(run)
+    assert state["groups"]["G"]["deepspeed"]["group"] == "G"
+    assert not [k for k in state if "vgg" in k or "content" in k]
+    train = read_metrics(run, "train")
+    assert len(train) == 3 and all(np.isfinite(r["content"]) for r in train)
