@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from hpcdeconv.commands import (
+    comi,
     deconvolve,
     depth,
     estimate_psf,
@@ -35,4 +36,5 @@ COMMANDS: tuple[ModuleType, ...] = (
     estimate_psf,
     depth,
     psfnet,
+    comi,
 )

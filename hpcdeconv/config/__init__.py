@@ -6,6 +6,20 @@ One module per concern (``loading``, ``physics``, ``data``, ``networks``, ``meth
 """
 
 from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, Shape3D, Spacing3D, StrictModel
+from hpcdeconv.config.comi_data import (
+    BBBC006_PATTERN,
+    PAPER_OFFSETS,
+    BBBC006Source,
+    COMIDatasetConfig,
+    COMISplit,
+    IntensityFit,
+    PhantomFields,
+    RegistrationConfig,
+    SourceConfig,
+    StackEntry,
+    StacksSource,
+    SyntheticSource,
+)
 from hpcdeconv.config.data import DataConfig, ImageDomainsData, PairedImagesData, PSFSamplesData
 from hpcdeconv.config.experiment import ExperimentConfig
 from hpcdeconv.config.infer import ClusterConfig, DeconvolveConfig, PredictConfig, RLConfig
@@ -66,11 +80,16 @@ from hpcdeconv.config.psfnet import (
 from hpcdeconv.config.run import DeepSpeedConfig, OptimConfig, StrategyConfig, TrainConfig
 
 __all__ = [
+    "BBBC006_PATTERN",
     "METHOD_CONFIGS",
+    "PAPER_OFFSETS",
+    "BBBC006Source",
     "BlindCycleGANConfig",
     "BornWolfPSF",
     "COMIConfig",
+    "COMIDatasetConfig",
     "COMILossConfig",
+    "COMISplit",
     "ClusterConfig",
     "CodecConfig",
     "ContentLossConfig",
@@ -85,6 +104,7 @@ __all__ = [
     "GeneratorConfig",
     "GibsonLanniPSF",
     "ImageDomainsData",
+    "IntensityFit",
     "KernelConfig",
     "KnownKernelConfig",
     "MethodConfig",
@@ -104,23 +124,29 @@ __all__ = [
     "PSFSplitFractions",
     "PairedImagesData",
     "PhantomConfig",
+    "PhantomFields",
     "PhantomLibraryConfig",
     "PositiveFloat",
     "PositiveInt",
     "PredictConfig",
     "RLConfig",
+    "RegistrationConfig",
     "RegressorConfig",
     "ResNetConfig",
     "RichardsWolfPSF",
     "Shape",
     "Shape3D",
     "SimulateConfig",
+    "SourceConfig",
     "Spacing3D",
     "SplitConfig",
+    "StackEntry",
+    "StacksSource",
     "StorageConfig",
     "StrategyConfig",
     "StrictModel",
     "SupervisedConfig",
+    "SyntheticSource",
     "TrainConfig",
     "UNetConfig",
     "ZernikePSF",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
 )
 
@@ -23,3 +25,19 @@ class StrictModel(BaseModel):
     """Base of every configuration model: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def tagged_by(key: str, default: str) -> Discriminator:
+    """The discriminator of a tagged union whose members differ by the field ``key``.
+
+    A YAML block (a mapping) or a model without ``key`` is the member tagged ``default``,
+    so blocks written before the union existed keep their meaning.
+    """
+
+    def tag(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return str(value.get(key, default))
+        return str(getattr(value, key, default))
+
+    function: Callable[[Any], str] = tag
+    return Discriminator(function)

@@ -8,13 +8,12 @@ of the same place (``paired``) or (patch, PSF parameter vector, validity) sample
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Field, Tag
 
-from hpcdeconv.config.base import PositiveInt, Shape, StrictModel
+from hpcdeconv.config.base import PositiveInt, Shape, StrictModel, tagged_by
 
 
 class _DataBase(StrictModel):
@@ -49,15 +48,9 @@ class PSFSamplesData(_DataBase):
     val_samples: Annotated[int, Field(ge=0)] = 64
 
 
-def _data_tag(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return str(value.get("kind", "domains"))
-    return str(getattr(value, "kind", "domains"))
-
-
 DataConfig = Annotated[
     Annotated[ImageDomainsData, Tag("domains")]
     | Annotated[PairedImagesData, Tag("paired")]
     | Annotated[PSFSamplesData, Tag("psf_samples")],
-    Discriminator(_data_tag),
+    tagged_by("kind", "domains"),
 ]

@@ -135,8 +135,9 @@ def _union_members(annotation: Any) -> list[type[BaseModel]]:
 
 
 def _tag_of(model: type[BaseModel]) -> Any:
-    """The discriminating literal of a union member: its ``model`` or ``name`` default."""
-    for key in ("model", "name"):
+    """The discriminating literal of a union member: its ``model``, ``name`` or ``kind``
+    default."""
+    for key in ("model", "name", "kind"):
         field = model.model_fields.get(key)
         if field is not None:
             return field.default

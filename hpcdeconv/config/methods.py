@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
-    Discriminator,
     Field,
     Tag,
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveFloat, Shape, StrictModel
+from hpcdeconv.config.base import PositiveFloat, Shape, StrictModel, tagged_by
 from hpcdeconv.config.networks import (
     DiscriminatorConfig,
     GeneratorConfig,
@@ -178,12 +176,6 @@ class PSFRegressionConfig(StrictModel):
     gamma: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
 
 
-def _method_tag(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return str(value.get("name", "blind_cyclegan"))
-    return str(getattr(value, "name", "blind_cyclegan"))
-
-
 MethodConfig = Annotated[
     Annotated[BlindCycleGANConfig, Tag("blind_cyclegan")]
     | Annotated[NonBlindCycleGANConfig, Tag("nonblind_cyclegan")]
@@ -191,7 +183,7 @@ MethodConfig = Annotated[
     | Annotated[COMIConfig, Tag("comi")]
     | Annotated[SupervisedConfig, Tag("supervised")]
     | Annotated[PSFRegressionConfig, Tag("psf_regression")],
-    Discriminator(_method_tag),
+    tagged_by("name", "blind_cyclegan"),
 ]
 
 

@@ -8,12 +8,11 @@ any generator without knowing which one it is.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Field, Tag
 
-from hpcdeconv.config.base import PositiveInt, StrictModel
+from hpcdeconv.config.base import PositiveInt, StrictModel, tagged_by
 
 FinalActivation = Literal["sigmoid", "tanh", "none"]
 Upsample = Literal["transpose", "resize"]
@@ -134,17 +133,10 @@ class ResNetConfig(_GeneratorSettings):
             )
 
 
-def _generator_tag(value: Any) -> str:
-    """``kind`` of a generator block; a block without one is a U-Net (all older YAML)."""
-    if isinstance(value, Mapping):
-        return str(value.get("kind", "unet"))
-    return str(getattr(value, "kind", "unet"))
-
-
 #: Any generator: ``kind: unet`` (the default when ``kind`` is absent) or ``kind: resnet``.
 GeneratorConfig = Annotated[
     Annotated[UNetConfig, Tag("unet")] | Annotated[ResNetConfig, Tag("resnet")],
-    Discriminator(_generator_tag),
+    tagged_by("kind", "unet"),
 ]
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
-    Discriminator,
     Field,
     Tag,
     model_validator,
 )
 
-from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel
+from hpcdeconv.config.base import PositiveFloat, PositiveInt, Shape, StrictModel, tagged_by
 
 # --------------------------------------------------------------------------------------
 # Point-spread functions. Lengths are in micrometres; shapes and spacings are (Z, Y, X),
@@ -128,20 +126,13 @@ class ZernikePSF(StrictModel):
         return self
 
 
-def _psf_tag(value: Any) -> str:
-    """Tag of a PSF config; a mapping without ``model`` is a Born & Wolf PSF."""
-    if isinstance(value, Mapping):
-        return str(value.get("model", "born_wolf"))
-    return str(getattr(value, "model", "born_wolf"))
-
-
 PSFConfig = Annotated[
     Annotated[BornWolfPSF, Tag("born_wolf")]
     | Annotated[RichardsWolfPSF, Tag("richards_wolf")]
     | Annotated[GibsonLanniPSF, Tag("gibson_lanni")]
     | Annotated[GaussianPSF, Tag("gaussian")]
     | Annotated[ZernikePSF, Tag("zernike")],
-    Discriminator(_psf_tag),
+    tagged_by("model", "born_wolf"),
 ]
 
 

@@ -247,3 +247,18 @@ def test_deepspeed_two_ranks_train_comi_with_a_frozen_vgg(
     assert not [k for k in state if "vgg" in k or "content" in k]
     train = read_metrics(run, "train")
     assert len(train) == 3 and all(np.isfinite(r["content"]) for r in train)
+
+
+def test_make_dataset_then_train_reads_its_store_paired_and_unpaired(tmp_path: Path) -> None:
+    # The store `comi make-dataset` writes is what both training feeds read, as is.
+    data = tmp_path / "comi.zarr"
+    config = str(REPO / "configs" / "comi_data_synthetic.yaml")
+    small = ["source.phantoms.count=6", "source.phantoms.shape=[48, 48]", "source.draws=2"]
+    assert main(["comi", "make-dataset", "--config", config, str(data), *_sets(small)]) == 0
+    for kind in ("domains", "paired"):
+        run = tmp_path / kind
+        extra = [f"data.kind={kind}", "data.patch=[32, 32]", "train.steps=2", "train.val_every=2"]
+        _train(data, run, extra)
+        model = load_model(run)
+        assert isinstance(model.net, IntensityMapped)
+        assert model.net.intensity.target == (-1.0, 1.0)

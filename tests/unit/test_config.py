@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from hpcdeconv.config import (
+    COMIDatasetConfig,
     DeconvolveConfig,
     ExperimentConfig,
     GibsonLanniPSF,
@@ -108,8 +109,10 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def test_repo_configs_all_load() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     # File-name prefix -> configuration class, longest prefix first; the rest are training
-    # configs (psfnet_train_*: the PSF-regression training, psfnet_*: its datasets).
+    # configs (psfnet_train_*: the PSF-regression training, psfnet_*: its datasets;
+    # comi_data_*: COMI's training sets, comi*: its trainings).
     kinds = [
+        ("comi_data", COMIDatasetConfig),
         ("psfnet_train", ExperimentConfig),
         ("psfnet", PSFDatasetConfig),
         ("simulate", SimulateConfig),
