@@ -19,6 +19,7 @@ from hpcdeconv.config import (
 )
 from hpcdeconv.data.intensity import IntensityMap, fit_intensity_map
 from hpcdeconv.errors import ConfigError, InputError
+from hpcdeconv.inference.predict import PredictSettings, predict_array
 from hpcdeconv.methods import build_method
 from hpcdeconv.methods.base import DataInfo
 from hpcdeconv.methods.comi import COMI
@@ -205,3 +206,22 @@ def test_intensity_record_round_trip_and_bad_records() -> None:
         IntensityMap(5.0, 5.0)
     with pytest.raises(InputError, match="flat images"):
         fit_intensity_map([np.full((4, 4), 7.0)])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generators_and_discriminators_on_odd_sizes_and_1_or_3_channels(channels: int) -> None:
+    # Training patches are multiples of 4 (checked by the config); whole images of any
+    # size go through tiled prediction, which pads to the generator's multiple and crops.
+    method = build_method(_config(), _data(channels=channels), seed=0, checkpointing=False)
+    assert isinstance(method, COMI)
+    x = torch.rand(1, channels, 32, 48) * 2 - 1
+    out = method.generators(x, x)
+    assert out.x_fake.shape == out.y_fake.shape == out.x_rec.shape == x.shape
+    for disc in method.discriminators.discs.values():
+        # 70×70 PatchGAN: Y // 8 − 2 scores per axis, also for odd sides.
+        assert disc(torch.rand(1, channels, 37, 45))[0].shape == (1, 1, 37 // 8 - 2, 45 // 8 - 2)
+    settings = PredictSettings((32, 32), 8, "linear", size_multiple=4)
+    image = np.random.default_rng(0).random((channels, 37, 45)).astype(np.float32)
+    with torch.no_grad():
+        result = predict_array(method.generator.eval(), image, settings, channels, lead=1)
+    assert result.shape == image.shape and np.isfinite(result).all()
