@@ -44,6 +44,9 @@ from hpcdeconv.psfnet.psf_models import PSFModel
 #: ``predict(patches (B, 1, W, W) float32) -> (params (B, P) physical units, a0 (B,) in [0, 1])``.
 Predict = Callable[[Tensor], tuple[Tensor, Tensor]]
 
+#: A window whose standard deviation is at most this fraction of its largest magnitude is
+#: flat (no texture) and invalid.
+FLAT_STD = 1e-6
 #: Nodes whose invalidity ``a0`` is below this are estimated; the others are filled.
 THRESHOLD = 0.5
 
@@ -167,7 +170,14 @@ def predict_rows(
             batch = torch.from_numpy(patches[:, None]).to(device)
             p, a0 = predict(batch)
             params.append(p.detach().float().cpu().numpy())
-            invalid.append(a0.detach().float().cpu().numpy().reshape(-1))
+            a0 = a0.detach().float().cpu().numpy().reshape(-1)
+            # A window without any variation (black, saturated, constant) standardises to
+            # all zeros, an input the network never saw (training flats carry noise): it
+            # has no texture to read, so it is invalid whatever the network says.
+            flat = patches.reshape(len(patches), -1).std(axis=1) <= FLAT_STD * (
+                np.abs(patches).reshape(len(patches), -1).max(axis=1) + 1e-30
+            )
+            invalid.append(np.where(flat, 1.0, a0).astype(np.float32))
     shape = (len(starts_y), len(starts_x))
     p_all = np.concatenate(params).astype(np.float32)
     return p_all.reshape(*shape, p_all.shape[-1]), np.concatenate(invalid).reshape(shape)

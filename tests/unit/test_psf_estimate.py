@@ -153,6 +153,18 @@ def test_every_window_invalid_is_one_line() -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("value", [0.0, 7.5])
+def test_flat_images_are_invalid_even_when_the_network_calls_them_valid(value: float) -> None:
+    # A constant window standardises to all zeros, which a trained network may score as
+    # valid (its training flats carry noise): the estimate must still refuse it.
+    def always_valid(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return MeanPredictor()(patches)[0], torch.zeros(len(patches))
+
+    image = np.full((64, 64), value, np.float32)
+    with pytest.raises(InputError, match="every window of the image is invalid"):
+        estimate_psf_map(image, always_valid, MODEL, WINDOW, 16)
+
+
 @pytest.mark.parametrize(
     ("shape", "stride", "error", "match"),
     [
