@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -76,3 +78,19 @@ def write_section(name: str, title: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def run_cli(args: list[str]) -> float:
+    """Run ``hpcdeconv ARGS`` (the entry point next to this interpreter); seconds of wall
+    time. A failure exits the benchmark with the command's stderr."""
+    command = [str(Path(sys.executable).with_name("hpcdeconv")), *args]
+    began = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"hpcdeconv {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def sets(items: list[str]) -> list[str]:
+    """``--set`` arguments of ``items``."""
+    return [arg for item in items for arg in ("--set", item)]

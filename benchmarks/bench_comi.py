@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import markdown_table, write_section
+from benchmarks._report import markdown_table, run_cli, sets, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "comi.yaml"
@@ -106,28 +105,6 @@ VARIANTS = {
     ),
 }
 DEFAULT_VARIANTS = ("cyclegan", "comi", "comi_paired")
-
-
-def cli() -> list[str]:
-    """The ``hpcdeconv`` entry point next to this interpreter."""
-    return [str(Path(sys.executable).with_name("hpcdeconv"))]
-
-
-def run_cli(args: list[str]) -> float:
-    """Run ``hpcdeconv ARGS``; seconds of wall time (SystemExit with its stderr on failure)."""
-    began = time.perf_counter()
-    proc = subprocess.run([*cli(), *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"hpcdeconv {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - began
-
-
-def sets(items: list[str]) -> list[str]:
-    """``--set`` arguments of ``items``."""
-    out: list[str] = []
-    for item in items:
-        out += ["--set", item]
-    return out
 
 
 # -------------------------------------------------------------------------------- data

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import markdown_table, write_section
+from benchmarks._report import markdown_table, run_cli, sets, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -68,26 +67,6 @@ T5_SIGMA = 0.01
 POISSON_LEVELS = (3000.0, 300.0, 100.0, 30.0, 10.0)
 GAUSS_LEVELS = (0.0, 0.02, 0.05, 0.1, 0.2)
 NOISE_SAMPLES = 384
-
-
-def cli() -> list[str]:
-    return [str(Path(sys.executable).with_name("hpcdeconv"))]
-
-
-def run_cli(args: list[str]) -> float:
-    """Run ``hpcdeconv ARGS``; seconds of wall time (SystemExit with its stderr on failure)."""
-    began = time.perf_counter()
-    proc = subprocess.run([*cli(), *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"hpcdeconv {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - began
-
-
-def sets(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for item in items:
-        out += ["--set", item]
-    return out
 
 
 # ----------------------------------------------------------------------------- Table III
