@@ -20,13 +20,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from hpcdeconv.errors import InputError
 
 __all__ = ["INTENSITY_KEY", "IntensityMap", "fit_intensity_map"]
+
+#: A numpy array or a torch tensor: the mapping is plain arithmetic on either.
+ArrayOrTensor = TypeVar("ArrayOrTensor")
 
 #: Key of the mapping in a dataset's root ``hpcdeconv`` attribute and in an artefact record.
 INTENSITY_KEY = "intensity"
@@ -63,17 +66,21 @@ class IntensityMap:
         """Mapped units per raw unit."""
         return (self.target[1] - self.target[0]) / (self.high - self.low)
 
+    def to_network(self, raw: ArrayOrTensor) -> ArrayOrTensor:
+        """Raw values to the network's range, in the input's type (array or tensor)."""
+        return (raw - self.low) * self.scale + self.target[0]
+
+    def to_raw(self, mapped: ArrayOrTensor) -> ArrayOrTensor:
+        """The network's range back to raw values, in the input's type."""
+        return (mapped - self.target[0]) / self.scale + self.low
+
     def forward(self, raw: np.ndarray) -> np.ndarray:
-        """Raw values to the network's range (float32)."""
-        return ((np.asarray(raw, np.float32) - self.low) * self.scale + self.target[0]).astype(
-            np.float32, copy=False
-        )
+        """Raw values to the network's range (float32 array)."""
+        return self.to_network(np.asarray(raw, np.float32)).astype(np.float32, copy=False)
 
     def inverse(self, mapped: np.ndarray) -> np.ndarray:
-        """The network's range back to raw values (float32)."""
-        return ((np.asarray(mapped, np.float32) - self.target[0]) / self.scale + self.low).astype(
-            np.float32, copy=False
-        )
+        """The network's range back to raw values (float32 array)."""
+        return self.to_raw(np.asarray(mapped, np.float32)).astype(np.float32, copy=False)
 
     def record(self) -> dict[str, Any]:
         """JSON-able form, stored under :data:`INTENSITY_KEY`."""

@@ -42,6 +42,4 @@ class IntensityMapped(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, *S) raw values → (B, C, *S) raw values."""
-        m = self.intensity
-        mapped = (x - m.low) * m.scale + m.target[0]
-        return (self.net(mapped) - m.target[0]) / m.scale + m.low
+        return self.intensity.to_raw(self.net(self.intensity.to_network(x)))
