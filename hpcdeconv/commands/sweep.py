@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -175,8 +176,17 @@ def _watch_and_collect(
     if args.detach:
         print(f"detached; collect with: hpcdeconv sweep --collect {layout.root}")
         return 0
-    watch(study, cfg, layout, poll_s=args.poll)
-    return _collect(layout.root)
+    left = watch(study, cfg, layout, poll_s=args.poll)
+    _collect(layout.root)
+    if left:
+        # The table shows what ran; the exit status tells a script the sweep is not done.
+        # Exit 1, not the 2 of a user error: nothing was wrong with the command.
+        sys.stderr.write(
+            f"hpcdeconv sweep: error: {left} trial(s) left and no worker running; "
+            f"continue with: hpcdeconv sweep --resume {layout.root}\n"
+        )
+        return 1
+    return 0
 
 
 def _open(layout: SweepLayout) -> tuple[SweepConfig, optuna.Study]:

@@ -8,7 +8,9 @@ process still lives), marks the trial FAIL with that end, and enqueues the same 
 again, up to ``executor.max_retries`` times, with the dead attempt's run directory (so the
 retry resumes from its checkpoint). A worker whose job ended is replaced; after an
 ``OUT_OF_MEMORY`` or ``TIMEOUT`` end with ``executor.retry_scale`` times more memory and
-time (the resubmit-with-more-resources pattern of large imaging pipelines).
+time (the resubmit-with-more-resources pattern of large imaging pipelines). A worker whose
+job ended abnormally while it held no trial (a node failure at its start, a kill between two
+trials) is replaced too while trials wait, up to ``executor.max_retries`` times in a row.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ ENDED = {
 }
 #: Ends after which a retry gets more memory and time.
 STARVED = {"OUT_OF_MEMORY", "TIMEOUT"}
+#: Ends of a worker that holds no trial which call for no replacement: it found nothing
+#: left to run, or somebody cancelled it.
+DELIBERATE = {"COMPLETED", "CANCELLED"}
 
 
 @dataclass(frozen=True)
@@ -152,11 +157,8 @@ def retry_dead(study: optuna.Study, cfg: SweepConfig, layout: SweepLayout) -> li
 
 def replace_ended_workers(cfg: SweepConfig, layout: SweepLayout, ends: dict[str, str]) -> None:
     """Resubmit the workers whose latest job ended abnormally while trials wait."""
-    latest: dict[int, Submission] = {}
-    for sub in submissions(layout):
-        latest[sub.worker] = sub
     by_scale: dict[tuple[str, float], list[int]] = {}
-    for sub in latest.values():
+    for sub in latest_submissions(layout).values():
         end = ends.get(sub.job_id)
         if end is None:
             continue
@@ -164,6 +166,57 @@ def replace_ended_workers(cfg: SweepConfig, layout: SweepLayout, ends: dict[str,
         by_scale.setdefault((sub.executor, scale), []).append(sub.worker)
     for (executor, scale), workers in by_scale.items():
         submit_workers(layout, cfg.executor, workers, executor=executor, scale=scale)
+
+
+def latest_submissions(layout: SweepLayout) -> dict[int, Submission]:
+    """The latest submission of each worker, by worker index."""
+    return {sub.worker: sub for sub in submissions(layout)}
+
+
+def replace_lost_workers(
+    study: optuna.Study, cfg: SweepConfig, layout: SweepLayout
+) -> dict[int, str]:
+    """Resubmit the workers whose job ended abnormally while holding no trial.
+
+    :func:`retry_dead` replaces a worker whose trial died with it. A worker that dies while
+    it holds none (a node failure before its first trial, a kill between two trials) leaves
+    no RUNNING trial behind; unreplaced, it leaves the waiting trials to the other workers,
+    or, if it was the last, to nobody. Replaced only while some trial waits for a worker;
+    a worker whose last ``executor.max_retries + 1`` jobs all ended without ever taking a
+    trial is given up.
+
+    Returns
+    -------
+    dict[int, str]
+        Worker index -> how its job ended, for the workers resubmitted.
+    """
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if unfinished(study, cfg) <= len(running):
+        return {}  # no trial waits for a worker
+    holding = {str(t.user_attrs.get(attrs.JOB_ID)) for t in running}
+    took = {str(t.user_attrs.get(attrs.JOB_ID)) for t in trials}
+    every = submissions(layout)
+    latest = {sub.worker: sub for sub in every}
+    ends = job_ends([s.job_id for s in latest.values() if s.job_id not in holding])
+    lost: dict[str, str] = {}
+    for sub in latest.values():
+        end = ends.get(sub.job_id)
+        if end is None or end in DELIBERATE:
+            continue
+        # Jobs of this worker since the last one that took a trial: all ended without one.
+        history = [s.job_id for s in every if s.worker == sub.worker]
+        idle = len(history) - max((i + 1 for i, j in enumerate(history) if j in took), default=0)
+        if idle > cfg.executor.max_retries:
+            continue
+        log.warning(
+            "worker %d: job %s ended %s without a trial; resubmitted", sub.worker, sub.job_id, end
+        )
+        lost[sub.job_id] = end
+    replace_ended_workers(cfg, layout, lost)
+    return {sub.worker: lost[sub.job_id] for sub in latest.values() if sub.job_id in lost}
 
 
 def unfinished(study: optuna.Study, cfg: SweepConfig) -> int:
@@ -178,28 +231,28 @@ def unfinished(study: optuna.Study, cfg: SweepConfig) -> int:
 
 def live_workers(layout: SweepLayout) -> list[Submission]:
     """Latest submission of each worker whose job has not ended."""
-    latest: dict[int, Submission] = {}
-    for sub in submissions(layout):
-        latest[sub.worker] = sub
+    latest = latest_submissions(layout)
     ends = job_ends([s.job_id for s in latest.values()])
     return [s for s in latest.values() if s.job_id not in ends]
 
 
 def watch(
     study: optuna.Study, cfg: SweepConfig, layout: SweepLayout, *, poll_s: float = 5.0
-) -> None:
+) -> int:
     """Until every trial has ended: retry dead trials, replace dead workers.
 
-    Returns when no trial is left to run, or when trials are left but no worker lives to
-    run them (``hpcdeconv sweep --resume`` submits new ones).
+    Returns
+    -------
+    int
+        The trials left: 0 once every trial has ended, more when no worker lives to run
+        them and none may be replaced (``hpcdeconv sweep --resume`` submits new ones).
     """
     while True:
         retry_dead(study, cfg, layout)
+        replace_lost_workers(study, cfg, layout)
         left = unfinished(study, cfg)
-        alive = live_workers(layout)
-        if left == 0 and not alive:
-            return
-        if left and not alive:
-            log.warning("%d trial(s) left but no worker is running", left)
-            return
+        if not live_workers(layout):
+            if left:
+                log.warning("%d trial(s) left but no worker is running", left)
+            return left
         time.sleep(poll_s)

@@ -11,6 +11,7 @@ know nothing of the strategy, and the strategy knows nothing of the method.
 from __future__ import annotations
 
 import contextlib
+import gc
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -401,6 +402,10 @@ class DDPStrategy(DistributedStrategy):
     state stay per rank.
     """
 
+    def __init__(self, device: torch.device, precision: str) -> None:
+        super().__init__(device, precision)
+        self._wrapped: list[LocalTrainable] = []
+
     def _wrap_trainable(
         self,
         module: nn.Module,
@@ -411,6 +416,27 @@ class DDPStrategy(DistributedStrategy):
     ) -> Trainable:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(module, device_ids=device_ids)
-        return LocalTrainable(
+        trainable = LocalTrainable(
             module, wrapped, optim, total_steps, fp16=self.precision == "fp16", lr=lr
         )
+        self._wrapped.append(trainable)
+        return trainable
+
+    def close(self) -> None:
+        """Unwrap every group (its ``wrapped`` becomes the bare module again), then leave the
+        process group.
+
+        A DDP module's reducer holds a reference to the gloo process group. Freed after the
+        group is destroyed (when the caller lets go of the trainer), the reducer runs the
+        group's destructor while holding the GIL; that destructor joins gloo's worker threads,
+        one of which may need the GIL to free the tensors of the last ``all_gather_object``:
+        the process hangs for ever (pytorch/pytorch#56297; seen between two trials of a sweep
+        worker). Freed here, while the group is registered, the reducer only drops a
+        reference, and ``destroy_process_group`` releases the GIL for the destructor.
+        """
+        for trainable in self._wrapped:
+            trainable.wrapped = trainable.module
+        self._wrapped.clear()
+        # A DDP module in a reference cycle would be freed by a later collection, too late.
+        gc.collect()
+        super().close()

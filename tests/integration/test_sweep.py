@@ -6,12 +6,15 @@ reported while the others succeed, and a SIGKILLed trial found from sacct and re
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -264,6 +267,9 @@ def test_failing_trial_reported_and_killed_trial_retried(
         sweeping.kill()
     assert sweeping.returncode == 0, err[-3000:]
     trials = study_of(sweep).get_trials()
+    # Every trial ran (a retry gets its parameters when a worker takes it).
+    seen = [(t.number, t.state.name, t.user_attrs) for t in trials]
+    assert all(attrs.PARAMS in t.user_attrs for t in trials), (seen, err[-3000:])
     by_metric: dict[str, list[Any]] = {}
     for t in trials:
         by_metric.setdefault(t.user_attrs[attrs.PARAMS]["train.best_metric"], []).append(t)
@@ -279,6 +285,91 @@ def test_failing_trial_reported_and_killed_trial_retried(
     assert good[1].user_attrs[attrs.RUN_DIR] == good[0].user_attrs[attrs.RUN_DIR]
     rows = table(sweep)
     assert {r["state"] for r in rows} == {"COMPLETE", "FAIL"}
+
+
+@contextmanager
+def holding_ask_lock(sweep: Path, timeout: float = 60) -> Iterator[None]:
+    """Hold the lock workers take a trial under, from the moment the sweep directory exists:
+    a worker started meanwhile can only die holding no trial."""
+    deadline = time.monotonic() + timeout
+    while not (sweep / "optuna.journal").exists():
+        assert time.monotonic() < deadline, "the sweep directory never appeared"
+        time.sleep(0.02)
+    with (sweep / "ask.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def kill_worker_process(sweep: Path, timeout: float = 120) -> None:
+    """SIGKILL the first worker's Python process once it runs (not srun, whose command line
+    names the same module)."""
+    pattern = rf"^\S*python\S* -u -m submitit\.core\._submit {re.escape(str(sweep))}/jobs"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        if pids := found.stdout.split():
+            os.kill(int(pids[0]), signal.SIGKILL)
+            return
+        time.sleep(0.2)
+    raise AssertionError("the worker never started")
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_worker_killed_before_taking_a_trial_is_replaced(
+    slurm_cluster: SlurmCluster, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    # The CI failure this replays: a worker job died holding no trial, so nothing RUNNING
+    # was left for the monitor to retry; the sweep returned 0 with the trial never run.
+    config = sweep_yaml(
+        tmp_path, tiny_dataset, {"optim.lr": {"values": [0.001]}}, executor={"workers": 1}
+    )
+    sweep = tmp_path / "sweep"
+    sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
+    try:
+        with holding_ask_lock(sweep):
+            kill_worker_process(sweep)
+        _out, err = sweeping.communicate(timeout=400)
+    finally:
+        sweeping.kill()
+    assert sweeping.returncode == 0, err[-3000:]
+    assert re.search(r"worker 0: job \S+ ended FAILED without a trial; resubmitted", err), err
+    jobs = yaml.safe_load((sweep / "jobs" / "jobs.json").read_text())
+    assert [j["worker"] for j in jobs] == [0, 0]
+    rows = table(sweep)
+    assert [r["state"] for r in rows] == ["COMPLETE"]
+
+
+def test_sweep_left_unfinished_exits_1_and_names_the_resume(
+    tiny_dataset: Path, tmp_path: Path, launch_env: dict[str, str]
+) -> None:
+    # No retries: the local worker killed before its trial is not replaced, and the command
+    # says so in one line with a non-zero status (it returned 0 with the trial never run).
+    config = sweep_yaml(
+        tmp_path,
+        tiny_dataset,
+        {"optim.lr": {"values": [0.001]}},
+        executor={"kind": "local", "workers": 1, "max_retries": 0},
+    )
+    sweep = tmp_path / "sweep"
+    sweeping = start_sweep(config, launch_env, tmp_path)
+    try:
+        with holding_ask_lock(sweep):
+            kill_worker_process(sweep)
+        _out, err = sweeping.communicate(timeout=300)
+    finally:
+        sweeping.kill()
+    assert sweeping.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"hpcdeconv sweep: error: 1 trial(s) left and no worker running; "
+        f"continue with: hpcdeconv sweep --resume {sweep}"
+    )
+    assert [t.state.name for t in study_of(sweep).get_trials()] == ["WAITING"]
+    assert (sweep / "results" / "table.csv").is_file()
 
 
 @pytest.mark.slurm
