@@ -201,10 +201,13 @@ def run(args: argparse.Namespace) -> int:
             model.channels,
         )
         check_plan(plan, sources)
+        trained = model.config.train
+        tile, overlap = cfg.tiling_for(trained.val_tile, trained.val_overlap, dims)
+        cfg = cfg.model_copy(update={"tile": tile, "overlap": overlap})
         processor = NetworkProcessor.from_model(
             model,
-            cfg.shape_for("tile", dims),
-            cfg.overlap,
+            tile,
+            overlap,
             cfg.blend,
             cfg.batch_size,
             cfg.precision,

@@ -86,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
         if how:
             logging.getLogger(__name__).info("%s: runs %s", args.input, how)
         # The tile must suit the checkpoint's network: checked before any output is written.
-        tile = cfg.shape_for("tile", model.spatial_dims)
-        PredictSettings(tile, cfg.overlap, cfg.blend, size_multiple=model.size_multiple)
+        trained = model.config.train
+        tile, overlap = cfg.tiling_for(trained.val_tile, trained.val_overlap, model.spatial_dims)
+        cfg = cfg.model_copy(update={"tile": tile, "overlap": overlap})
+        PredictSettings(tile, overlap, cfg.blend, size_multiple=model.size_multiple)
         image = source.load()
         check_finite(image, str(args.input))
         dtype = autocast_dtype(cfg.precision)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             inference_network(model.net, device, dtype, cfg.freeze),
             image,
             tile=tile,
-            overlap=cfg.overlap,
+            overlap=overlap,
             blend=cfg.blend,
             batch_size=cfg.batch_size,
             device=device,

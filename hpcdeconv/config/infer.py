@@ -21,7 +21,11 @@ class _TiledInference(StrictModel):
     """Tiled inference through a checkpoint's generator (``predict``, ``deconvolve``).
 
     Sizes are in voxels, with as many axes as the generator has, known once it is loaded
-    (:meth:`shape_for`).
+    (:meth:`shape_for`). ``tile`` and ``overlap`` left unset are the training run's
+    ``train.val_tile`` and ``train.val_overlap`` (:meth:`tiling_for`): the tiling its
+    validation scores were measured with. A generator with instance normalisation (the
+    2D cycleGAN and COMI ResNets) normalises each tile by its own statistics, so its output
+    depends on the tile size.
     """
 
     tile: Shape = (64, 64, 64)
@@ -32,6 +36,24 @@ class _TiledInference(StrictModel):
     #: On the CPU in fp32, run G_Θ through a frozen, optimised TorchScript trace per tile
     #: shape (hpcdeconv.inference.frozen): same output to ~1e-6, ~1.7x faster.
     freeze: bool = True
+
+    def tiling_for(
+        self, val_tile: tuple[int, ...], val_overlap: int, spatial_dims: int
+    ) -> tuple[tuple[int, ...], int]:
+        """``(tile, overlap)`` for a generator of ``spatial_dims`` trained (validated) with
+        tiles ``val_tile`` overlapping by ``val_overlap`` voxels; a value set here wins.
+
+        Raises
+        ------
+        ConfigError
+            ``tile`` was set with a number of axes other than ``spatial_dims``.
+        """
+        if "tile" in self.model_fields_set or len(val_tile) != spatial_dims:
+            tile = self.shape_for("tile", spatial_dims)
+        else:
+            tile = tuple(val_tile)
+        overlap = self.overlap if "overlap" in self.model_fields_set else val_overlap
+        return tile, overlap
 
     def shape_for(self, name: str, spatial_dims: int) -> tuple[int, ...]:
         """``self.<name>`` for a generator of ``spatial_dims`` (2 or 3).

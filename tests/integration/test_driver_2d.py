@@ -21,7 +21,7 @@ from hpcdeconv.inference.model import load_model
 from hpcdeconv.inference.plan import image_plan
 from hpcdeconv.inference.processors import NetworkProcessor
 from hpcdeconv.inference.sources import open_sources
-from tests.unit.test_predict_2d import save_generator
+from tests.unit.test_predict_2d import save_generator, save_validated_run
 
 RADIUS = 9  # receptive-field radius of the depth-1 U-Net of save_generator
 #: One tile per padded block and no blending: blocks can be compared with whole planes.
@@ -108,6 +108,19 @@ def test_2d_image(
     assert "4 block(s) computed" in capsys.readouterr().out
     out = zarr.open_array(str(tmp_path / "o.zarr" / "deconvolved" / "plane" / "0"), mode="r")
     assert np.abs(out[...] - whole_plane(net, plane)).max() <= 1e-5
+
+
+def test_unset_tile_is_the_runs_validation_tiling(scheduler: str, tmp_path: Path) -> None:
+    # As predict: the checkpoint's train.val_tile / val_overlap, recorded in the output.
+    run = tmp_path / "run"
+    save_validated_run(run)
+    plane = np.random.default_rng(8).random((40, 48), dtype=np.float32)
+    zarr.create_array(str(tmp_path / "plane.zarr"), shape=plane.shape, dtype="float32")[:] = plane
+    args = ["deconvolve", "--checkpoint", str(run), "--scheduler", scheduler, "--block", "64"]
+    assert main([*args, str(tmp_path / "plane.zarr"), "--output", str(tmp_path / "o.zarr")]) == 0
+    image = zarr.open_group(str(tmp_path / "o.zarr" / "deconvolved" / "plane"), mode="r")
+    ran = dict(image.attrs)["provenance"]["config"]
+    assert (ran["tile"], ran["overlap"]) == ([48, 48], 8)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

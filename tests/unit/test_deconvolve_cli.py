@@ -35,9 +35,10 @@ from tests.conftest import TINY_TRAINING
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (32, 48, 40)
-# One tile per block and no blending, so outputs can be compared with whole-volume results.
+# One tile per block (the run validated with smaller ones) and no blending, so outputs can
+# be compared with whole-volume results.
 EXACT = ["--block", "24", "--set", "chunks=[8, 8, 8]", "--set", "blend=constant"]
-EXACT += ["--set", "overlap=0"]
+EXACT += ["--set", "overlap=0", "--set", "tile=[64, 64, 64]"]
 
 
 @pytest.fixture(scope="module")

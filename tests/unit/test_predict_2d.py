@@ -218,3 +218,47 @@ def test_legacy_checkpoint_is_a_3d_one_channel_unet(tmp_path: Path) -> None:
     x = torch.rand(1, 1, 8, 16, 16)
     with torch.inference_mode():
         torch.testing.assert_close(model.net(x), net.eval()(x))
+
+
+def save_validated_run(run_dir: Path) -> None:
+    """A 2D instance-norm generator whose run validated with tiles 48² overlapping by 8."""
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        ["data.patch=[64, 64]", "train.val_tile=[48, 48]", "train.val_overlap=8"],
+    )
+    unet = UNetConfig(channels=4, depth=1, norm="instance", final_activation="none")
+    torch.manual_seed(0)
+    net = build_generator(unet, spatial_dims=2, in_channels=1, out_channels=1)
+    record = generator_record(unet, spatial_dims=2, in_channels=1, out_channels=1)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.model_dump(mode="json"),
+        "step": 0,
+        "artefact": {"kind": "image_to_image", "key": "deblur", **record},
+        "deblur": net.state_dict(),
+    }
+    save_checkpoint(run_dir, 0, state)
+
+
+def test_unset_tile_and_overlap_are_the_runs_validation_tiling(tmp_path: Path) -> None:
+    # Instance normalisation: each tile is normalised by its own statistics, so the output
+    # depends on the tile; predict runs the checkpoint as its validation did.
+    run = tmp_path / "run"
+    save_validated_run(run)
+    image = np.random.default_rng(1).random((80, 112), dtype=np.float32) * np.linspace(
+        0, 4, 112, dtype=np.float32
+    )
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    assert predict(run, tmp_path / "in.tif", tmp_path / "default.zarr") == 0
+    assert predict(run, tmp_path / "in.tif", tmp_path / "val.tif",
+                   "--set", "tile=[48, 48]", "--set", "overlap=8") == 0  # fmt: skip
+    assert predict(run, tmp_path / "in.tif", tmp_path / "small.tif",
+                   "--set", "tile=[32, 32]", "--set", "overlap=8") == 0  # fmt: skip
+    group = zarr.open_group(str(tmp_path / "default.zarr"), mode="r")
+    default = group["deconvolved/in/0"][...]
+    np.testing.assert_array_equal(default, tifffile.imread(tmp_path / "val.tif"))
+    assert np.abs(default - tifffile.imread(tmp_path / "small.tif")).max() > 1e-2
+    # What ran is what the output records.
+    recorded = group["deconvolved/in"].attrs["predict"]
+    assert (recorded["tile"], recorded["overlap"]) == ([48, 48], 8)
