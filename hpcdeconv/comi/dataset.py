@@ -170,6 +170,15 @@ def split_fields(fields: Sequence[str], split: COMISplit, seed: int) -> dict[str
             f"{len(names)} field(s) of view leave none for training with split.test "
             f"{split.test} and split.val {split.val}"
         )
+    for name, share, count in (("val", split.val, n_val), ("test", split.test, n_test)):
+        if share > 0 and count == 0:
+            # A training run on this store would report no validation scores, or a
+            # benchmark no test scores: said here, where the split is made.
+            logger.warning(
+                "split.%s %g of %d field(s) of view rounds to no %s field; give more fields "
+                "or a larger share",
+                name, share, len(names), name,
+            )  # fmt: skip
     return {
         "train": sorted(order[n_test + n_val :]),
         "val": sorted(order[n_test : n_test + n_val]),

@@ -157,8 +157,8 @@ def fit_calibration(
     Raises
     ------
     InputError
-        A map of another model, fewer than 2 estimated nodes in all, or an index that is
-        constant over them (no scale can be fitted).
+        A map of another model, fewer than 2 estimated nodes in all, or an index or a known
+        depth that is constant over them (no scale can be fitted).
     """
     if len(maps) != len(tilts):
         raise ValueError(f"{len(maps)} maps but {len(tilts)} tilts")
@@ -176,6 +176,13 @@ def fit_calibration(
         raise InputError(
             "the depth index is the same at every estimated node: no scale can be fitted "
             "(is the calibration sample tilted, and the optics astigmatic?)"
+        )
+    if np.ptp(true) <= 1e-9:
+        # Every node at one known depth: least squares answers alpha = 0, a calibration that
+        # maps every index to that depth.
+        raise InputError(
+            f"the known depth is {float(true[0]):.6g} um at every estimated node: no scale can "
+            "be fitted (give tilted planes, or planes at several z0)"
         )
     design = np.stack([z, np.ones_like(z)], axis=1)
     (alpha, beta), *_ = np.linalg.lstsq(design, true, rcond=None)

@@ -4,6 +4,7 @@ registration, synthetic defocus, the intensity mapping and colour planes."""
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,16 @@ def test_split_fields_is_seeded_and_keeps_a_training_field() -> None:
     assert split != split_fields(names, COMISplit(), seed=4)
     with pytest.raises(InputError, match="none for training"):
         split_fields(["a"], COMISplit(test=0.6), seed=0)
+
+
+def test_a_share_that_rounds_to_no_field_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="hpcdeconv.comi.dataset"):
+        split = split_fields(["a", "b", "c"], COMISplit(test=0.2, val=0.1), seed=0)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [2, 0, 1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "split.val 0.1 of 3 field(s) of view rounds to no val field; give more fields or a "
+        "larger share"
+    ]
 
 
 def test_stored_planes_are_the_mapped_source_planes(bbbc: Path, bbbc_store: Path) -> None:

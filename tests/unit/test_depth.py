@@ -186,6 +186,10 @@ def test_other_models_and_flat_calibrations_are_refused(tmp_path) -> None:  # ty
     flat = zmap(np.full((3, 4, 4), 0.5))
     with pytest.raises(InputError, match="same at every estimated node"):
         fit_calibration([flat], [(0.0, 0.01, 0.0)])
+    # An untilted plane: every node at the same known depth (least squares gave alpha 0).
+    varied = zmap(np.random.default_rng(0).uniform(0.2, 0.8, (3, 4, 4)))
+    with pytest.raises(InputError, match=r"known depth is 1\.5 um at every estimated node"):
+        fit_calibration([varied, varied], [(1.5, 0.0, 0.0), (1.5, 0.0, 0.0)])
     with pytest.raises(InputError, match="not a depth calibration"):
         (tmp_path / "x.json").write_text("{}")
         read_calibration(tmp_path / "x.json")
