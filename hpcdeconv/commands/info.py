@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     if args.path.is_dir():
         print(describe(args.path))
     else:
-        print(describe_image(open_image(args.path, warn=False)))
+        # Every layout some command reads: 2D images and channels too, not only stacks.
+        print(describe_image(open_image(args.path, warn=False, any_rank=True)))
     return 0
 
 

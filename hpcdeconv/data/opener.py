@@ -223,7 +223,12 @@ def read_region(path: Path, region: tuple[slice, ...]) -> np.ndarray:
 
 
 def describe_image(image: Image) -> str:
-    """One line: name, stored axes, (Z, Y, X) shape, dtype and voxel size."""
-    voxel = "x".join("?" if v is None else f"{v:g}" for v in image.voxel_size)
+    """One line: name, stored axes, the axes read (``ZYX``, ``YX``, ``CYX``, ``CZYX``) with
+    their shape, dtype and the voxel size of the spatial axes (µm, ``?`` if unknown)."""
+    by_axis = dict(zip("ZYX", image.voxel_size, strict=True))
+    voxel = "x".join("?" if by_axis[a] is None else f"{by_axis[a]:g}" for a in image.spatial_axes)
     shape = tuple(int(n) for n in image.data.shape)
-    return f"{image.source}: axes {image.axes} -> ZYX {shape} {image.data.dtype} voxel={voxel} um"
+    return (
+        f"{image.source}: axes {image.axes} -> {image.dims} {shape} {image.data.dtype} "
+        f"voxel={voxel} um"
+    )

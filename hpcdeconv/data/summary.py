@@ -112,9 +112,11 @@ def describe(path: str | Path) -> str:
         lines += _describe_volume(node, name)
     if isinstance(root, Mapping):
         split = get_split(node)
-        counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
-        lines.append(f"split: {counts}")
-        lines += [f"  {k}: {_listed(v)}" for k, v in split.items() if v]
+        # A PSF map or an inference output has an empty split: no "split:" line for them.
+        if any(split.values()):
+            counts = ", ".join(f"{k}={len(v)}" for k, v in split.items())
+            lines.append(f"split: {counts}")
+            lines += [f"  {k}: {_listed(v)}" for k, v in split.items() if v]
         extra = {k: v for k, v in root.items() if k != "split"}
         lines.append(f"attributes: {json.dumps(extra, separators=(',', ':'), sort_keys=True)}")
     else:

@@ -173,6 +173,24 @@ def test_ingest_rejects_wrong_dimensions(
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_info_describes_2d_and_channel_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Files predict, rl --psf-map and estimate-psf read: info refused them as "not a stack".
+    plane = np.zeros((40, 50), np.float32)
+    tifffile.imwrite(tmp_path / "plane.tif", plane)
+    np.save(tmp_path / "plane.npy", plane)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((40, 50, 3), np.uint8), photometric="rgb")
+    lines = {}
+    for name in ("plane.tif", "plane.npy", "rgb.tif"):
+        code, out, err = run_cli(["info", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        lines[name] = out.strip()
+    assert lines["plane.tif"].endswith(": axes YX -> YX (40, 50) float32 voxel=?x? um")
+    assert lines["plane.npy"].endswith(" -> YX (40, 50) float32 voxel=?x? um")
+    assert lines["rgb.tif"].endswith(": axes YXS -> CYX (3, 40, 50) uint8 voxel=?x? um")
+
+
 def test_info_on_corrupt_or_missing_zarr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hpcdeconv.config import PSFModelConfig, PSFOptics
+from hpcdeconv.data.summary import describe
 from hpcdeconv.errors import ConfigError, InputError, OutputExistsError
 from hpcdeconv.physics.psf import gaussian
 from hpcdeconv.physics.zernike import astigmatism_coefficients, zernike_psf
@@ -139,6 +140,9 @@ def test_map_store_round_trip_and_checks(tmp_path) -> None:
         (0.325, 0.325),
     )
     write_psf_map(tmp_path / "map.zarr", m)
+    # info lists the map's arrays and attributes, and no empty split (a map has none).
+    summary = describe(tmp_path / "map.zarr")
+    assert "split" not in summary.split("attributes:")[0] and '"kind":"psf_map"' in summary
     back = read_psf_map(tmp_path / "map.zarr")
     np.testing.assert_array_equal(back.params, params)
     assert back.model.record() == model.record()
