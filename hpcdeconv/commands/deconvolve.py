@@ -203,7 +203,6 @@ def run(args: argparse.Namespace) -> int:
         check_plan(plan, sources)
         trained = model.config.train
         tile, overlap = cfg.tiling_for(trained.val_tile, trained.val_overlap, dims)
-        cfg = cfg.model_copy(update={"tile": tile, "overlap": overlap})
         processor = NetworkProcessor.from_model(
             model,
             tile,
@@ -214,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
             cfg.cluster.threads_per_worker,
             freeze=cfg.freeze,
         )
+        # The provenance records the tiles that run (rounded up to the network's multiple).
+        tile = processor.settings.rounded_tile
+        cfg = cfg.model_copy(update={"tile": tile, "overlap": overlap})
+        logging.getLogger(__name__).info("tiles %s, overlap %d", list(tile), overlap)
         provenance = {
             "command": "deconvolve",
             "checkpoint": str(processor.checkpoint),

@@ -88,8 +88,11 @@ def run(args: argparse.Namespace) -> int:
         # The tile must suit the checkpoint's network: checked before any output is written.
         trained = model.config.train
         tile, overlap = cfg.tiling_for(trained.val_tile, trained.val_overlap, model.spatial_dims)
+        settings = PredictSettings(tile, overlap, cfg.blend, size_multiple=model.size_multiple)
+        # The output records the tiles that ran (rounded up to the network's multiple).
+        tile = settings.rounded_tile
         cfg = cfg.model_copy(update={"tile": tile, "overlap": overlap})
-        PredictSettings(tile, overlap, cfg.blend, size_multiple=model.size_multiple)
+        logging.getLogger(__name__).info("tiles %s, overlap %d", list(tile), overlap)
         image = source.load()
         check_finite(image, str(args.input))
         dtype = autocast_dtype(cfg.precision)

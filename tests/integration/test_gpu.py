@@ -236,6 +236,8 @@ def test_dask_driver_with_a_gpu_worker_matches_whole_volume_inference(
         "blend=constant",
         "--set",
         "overlap=0",
+        "--set",
+        "tile=[64, 64, 64]",
         "--workers",
         "1",
     )
