@@ -173,9 +173,7 @@ def latest_submissions(layout: SweepLayout) -> dict[int, Submission]:
     return {sub.worker: sub for sub in submissions(layout)}
 
 
-def replace_lost_workers(
-    study: optuna.Study, cfg: SweepConfig, layout: SweepLayout
-) -> dict[int, str]:
+def replace_lost_workers(study: optuna.Study, cfg: SweepConfig, layout: SweepLayout) -> None:
     """Resubmit the workers whose job ended abnormally while holding no trial.
 
     :func:`retry_dead` replaces a worker whose trial died with it. A worker that dies while
@@ -184,18 +182,13 @@ def replace_lost_workers(
     or, if it was the last, to nobody. Replaced only while some trial waits for a worker;
     a worker whose last ``executor.max_retries + 1`` jobs all ended without ever taking a
     trial is given up.
-
-    Returns
-    -------
-    dict[int, str]
-        Worker index -> how its job ended, for the workers resubmitted.
     """
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if unfinished(study, cfg) <= len(running):
-        return {}  # no trial waits for a worker
+        return  # no trial waits for a worker
     holding = {str(t.user_attrs.get(attrs.JOB_ID)) for t in running}
     took = {str(t.user_attrs.get(attrs.JOB_ID)) for t in trials}
     every = submissions(layout)
@@ -216,7 +209,6 @@ def replace_lost_workers(
         )
         lost[sub.job_id] = end
     replace_ended_workers(cfg, layout, lost)
-    return {sub.worker: lost[sub.job_id] for sub in latest.values() if sub.job_id in lost}
 
 
 def unfinished(study: optuna.Study, cfg: SweepConfig) -> int:

@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,9 +84,12 @@ def run_sweep(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 
     )
 
 
-def start_sweep(config: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    """``hpcdeconv sweep --config`` running in the background (the test acts meanwhile)."""
-    return subprocess.Popen(
+def sweep_while(
+    config: Path, env: dict[str, str], cwd: Path, act: Callable[[], None], timeout: float = 400
+) -> tuple[int, str]:
+    """Run ``hpcdeconv sweep --config`` in the background, ``act`` meanwhile, then wait for
+    the sweep; returns its exit status and standard error (it is killed if anything fails)."""
+    sweeping = subprocess.Popen(
         [*hpcdeconv(), "sweep", "--config", str(config), "--poll", "1"],
         env=env | {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
         cwd=cwd,
@@ -93,6 +97,12 @@ def start_sweep(config: Path, env: dict[str, str], cwd: Path) -> subprocess.Pope
         stderr=subprocess.PIPE,
         text=True,
     )
+    try:
+        act()
+        _out, err = sweeping.communicate(timeout=timeout)
+    finally:
+        sweeping.kill()
+    return sweeping.returncode, err
 
 
 def table(sweep: Path) -> list[dict[str, str]]:
@@ -199,16 +209,15 @@ def test_preempted_trial_is_requeued_by_submitit_and_finishes_from_its_checkpoin
         extra=["train.val_every=200"],
     )
     sweep = tmp_path / "sweep"
-    sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
-    try:
+
+    def preempt() -> None:
         job = wait_for_training(sweep, min_step=5)
         # What the time limit does: submitit's USR2 to the job's tasks.
         slurm_cluster.run("scancel", "--signal=USR2", job)
         slurm_cluster.wait_until_gone(job)
-        _out, err = sweeping.communicate(timeout=400)
-    finally:
-        sweeping.kill()
-    assert sweeping.returncode == 0, err[-3000:]
+
+    code, err = sweep_while(config, slurm_cluster.env, tmp_path, preempt)
+    assert code == 0, err[-3000:]
     rows = table(sweep)
     assert [r["state"] for r in rows] == ["COMPLETE"] and int(rows[0]["steps"]) == steps
     log = "".join(p.read_text() for p in (sweep / "jobs").rglob("*_log.err"))
@@ -256,16 +265,15 @@ def test_failing_trial_reported_and_killed_trial_retried(
         extra=["train.val_every=200"],
     )
     sweep = tmp_path / "sweep"
-    sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
-    try:
+
+    def kill_the_training_trial() -> None:
         wait_for_training(sweep, min_step=3)
         victim = next(t for t in study_of(sweep).get_trials() if t.state.name == "RUNNING")
         # The out-of-memory killer's way: SIGKILL, no chance to report.
         os.kill(int(victim.user_attrs["pid"]), signal.SIGKILL)
-        _out, err = sweeping.communicate(timeout=400)
-    finally:
-        sweeping.kill()
-    assert sweeping.returncode == 0, err[-3000:]
+
+    code, err = sweep_while(config, slurm_cluster.env, tmp_path, kill_the_training_trial)
+    assert code == 0, err[-3000:]
     trials = study_of(sweep).get_trials()
     # Every trial ran (a retry gets its parameters when a worker takes it).
     seen = [(t.number, t.state.name, t.user_attrs) for t in trials]
@@ -303,9 +311,15 @@ def holding_ask_lock(sweep: Path, timeout: float = 60) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def kill_worker_process(sweep: Path, timeout: float = 120) -> None:
-    """SIGKILL the first worker's Python process once it runs (not srun, whose command line
-    names the same module)."""
+def kill_worker_before_its_trial(sweep: Path, timeout: float = 120) -> None:
+    """SIGKILL the first worker's Python process (not srun, whose command line names the
+    same module) once it runs, while :func:`holding_ask_lock` keeps it from any trial."""
+    with holding_ask_lock(sweep):
+        kill_worker_process(sweep, timeout)
+
+
+def kill_worker_process(sweep: Path, timeout: float) -> None:
+    """SIGKILL the first worker's Python process once it runs."""
     pattern = rf"^\S*python\S* -u -m submitit\.core\._submit {re.escape(str(sweep))}/jobs"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -328,14 +342,9 @@ def test_worker_killed_before_taking_a_trial_is_replaced(
         tmp_path, tiny_dataset, {"optim.lr": {"values": [0.001]}}, executor={"workers": 1}
     )
     sweep = tmp_path / "sweep"
-    sweeping = start_sweep(config, slurm_cluster.env, tmp_path)
-    try:
-        with holding_ask_lock(sweep):
-            kill_worker_process(sweep)
-        _out, err = sweeping.communicate(timeout=400)
-    finally:
-        sweeping.kill()
-    assert sweeping.returncode == 0, err[-3000:]
+    act = partial(kill_worker_before_its_trial, sweep)
+    code, err = sweep_while(config, slurm_cluster.env, tmp_path, act)
+    assert code == 0, err[-3000:]
     assert re.search(r"worker 0: job \S+ ended FAILED without a trial; resubmitted", err), err
     jobs = yaml.safe_load((sweep / "jobs" / "jobs.json").read_text())
     assert [j["worker"] for j in jobs] == [0, 0]
@@ -355,14 +364,9 @@ def test_sweep_left_unfinished_exits_1_and_names_the_resume(
         executor={"kind": "local", "workers": 1, "max_retries": 0},
     )
     sweep = tmp_path / "sweep"
-    sweeping = start_sweep(config, launch_env, tmp_path)
-    try:
-        with holding_ask_lock(sweep):
-            kill_worker_process(sweep)
-        _out, err = sweeping.communicate(timeout=300)
-    finally:
-        sweeping.kill()
-    assert sweeping.returncode == 1, err[-3000:]
+    act = partial(kill_worker_before_its_trial, sweep)
+    code, err = sweep_while(config, launch_env, tmp_path, act, timeout=300)
+    assert code == 1, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last == (
         f"hpcdeconv sweep: error: 1 trial(s) left and no worker running; "
